@@ -1,0 +1,349 @@
+"""`hvae-fast memory`: the paper's Table 6, peak memory of one training step per model.
+
+Default setting (each a flag): CIFAR-10 shapes (3x32x32, discretized logistic likelihood), batch 64,
+5 OU or IWAE samples; VAE, IWAE and HVAE at 4 and 6 stochastic layers (the cifar10-resnet-4
+preset's nets, 100 maps, 6 blocks per net, with the depth set), LVAE and BIVA at 15 (the
+cifar10-lvae-15 / cifar10-biva-15 presets). Inputs are synthetic (uniform random 8-bit images), so
+no dataset is needed; memory does not depend on the pixel values.
+
+What is measured: one full training step (forward, backward, optimizer step with the preset's
+optimizer, Adamax for CIFAR-10) after one warm-up step, so the optimizer state exists.
+  vae   HierarchicalVAE, training_loss(method="vae")
+  iwae  HierarchicalVAE, training_loss(method="iwae", iw_k=samples)
+  hvae  HierarchicalVAE with OUSmoothing(rho=0.9, samples, backend=get_backend(--backend, device))
+  lvae / biva  their models (hvae_fast.baselines), ELBO
+
+The memory figure:
+  CUDA  torch.cuda.max_memory_allocated() over the measured step, after reset_peak_memory_stats()
+        (what the caching allocator handed to tensors; the paper's number is of this kind).
+  CPU   an allocator-independent count, in bytes:
+            saved   tensors autograd saves for backward in the forward pass, counted with
+                    torch.autograd.graph.saved_tensors_hooks, each storage once (deduplicated by
+                    its data_ptr; storages of parameters are left out, they are counted below)
+          + params + grads + optimizer state (every tensor in optimizer.state)
+        i.e. the memory that must be live at the start of backward plus the persistent training
+        state. Temporaries of the forward that autograd does not keep, and the transient buffers
+        of backward, are not in it. Next to it: the process peak RSS (resource.getrusage
+        ru_maxrss), which is monotone over the process, so for every model after the first it is
+        "the peak so far", not a per-model figure.
+  On CUDA the count above is reported too (column ``counted_bytes``), so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import HVAEError
+
+log = logging.getLogger("hvae_fast.memory")
+
+MODELS = ("vae", "iwae", "hvae", "lvae", "biva")
+# Table 6 of the paper: (model, layers) -> (memory in G, parameters).
+PAPER = {("vae", 4): (2.12, 12.4e6), ("vae", 6): (2.45, 16.8e6), ("iwae", 4): (8.59, 12.4e6),
+         ("iwae", 6): (10.5, 16.8e6), ("lvae", 15): (6.4, 59.5e6), ("biva", 15): (10.3, 103e6),
+         ("hvae", 4): (3.74, 12.4e6), ("hvae", 6): (4.6, 16.8e6)}
+IMAGE_SHAPE = (3, 32, 32)
+COLUMNS = ["model", "layers", "parameters", "memory_bytes", "memory_kind", "ratio_to_vae", "saved_bytes",
+           "param_bytes", "grad_bytes", "optimizer_bytes", "counted_bytes", "rss_peak_bytes", "step_seconds",
+           "paper_memory_gb", "paper_parameters", "batch_size", "samples", "backend", "device"]
+CPU_MEASURE = ("saved-for-backward tensors (deduplicated by storage) + parameters + gradients + optimizer state")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+class SavedTensorCounter:
+    """Context manager: bytes of the distinct storages autograd saves for backward inside it.
+
+    Storages in ``exclude`` (data_ptrs, e.g. the parameters') are not counted.
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = set(exclude)
+        self.seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.exclude and ptr not in self.seen:
+            self.seen[ptr] = _nbytes(t)
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.seen.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def _storages_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen.setdefault(t.untyped_storage().data_ptr(), _nbytes(t))
+    return sum(seen.values())
+
+
+def step_memory(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, device) -> dict:
+    """Memory of one training step ``loss_fn(model).backward(); optimizer.step()``, after a warm-up step.
+
+    Returns bytes: ``saved``, ``params``, ``grads``, ``optimizer``, ``counted`` (their sum, the CPU
+    measure), ``cuda_peak`` (CUDA only, else None), ``rss_peak`` (process, monotone), and ``seconds``.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+
+    def step(counter=None):
+        optimizer.zero_grad(set_to_none=True)
+        if counter is None:
+            loss = loss_fn(model)
+        else:
+            with counter:
+                loss = loss_fn(model)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: creates the optimizer state, compiles / autotunes kernels
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    params = list(model.parameters())
+    counter = SavedTensorCounter(exclude={p.untyped_storage().data_ptr() for p in params})
+    t0 = time.perf_counter()
+    step(counter)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    cuda_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    out = {"saved": counter.bytes, "params": _storages_bytes(params),
+           "grads": _storages_bytes(p.grad for p in params if p.grad is not None),
+           "optimizer": _storages_bytes(state), "cuda_peak": cuda_peak,
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+           "seconds": seconds}
+    out["counted"] = out["saved"] + out["params"] + out["grads"] + out["optimizer"]
+    return out
+
+
+def model_config(model: str, layers: int, channels: int | None = None, blocks: int | None = None,
+                 data_blocks: int | None = None):
+    """The RunConfig measured for ``model`` at ``layers`` stochastic layers (with optional shrinking)."""
+    from .config import preset_config
+
+    name = {"lvae": "cifar10-lvae-15", "biva": "cifar10-biva-15"}.get(model, "cifar10-resnet-4")
+    cfg = preset_config(name)
+    cfg.method = model
+    m = cfg.model
+    m.num_layers = layers
+    if channels is not None:
+        m.channels = channels
+    if blocks is not None:
+        m.blocks = blocks
+        m.data_blocks = blocks
+    if data_blocks is not None:
+        m.data_blocks = data_blocks
+    return cfg
+
+
+def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, device="cpu", backend: str = "auto",
+            channels: int | None = None, blocks: int | None = None, data_blocks: int | None = None,
+            rho: float = 0.9, seed: int = 0) -> dict:
+    """One row of the table: the memory of one training step of ``model`` (see the module docstring)."""
+    from .model import OUSmoothing, build_model, count_parameters
+    from .objectives import training_loss
+    from .ou import get_backend
+
+    if model not in MODELS:
+        raise HVAEError(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
+    if batch_size < 1 or samples < 1 or layers < 1:
+        raise HVAEError("--batch-size, --samples and the depths must be >= 1")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    cfg = model_config(model, layers, channels, blocks, data_blocks)
+    net = build_model(model, cfg.model, IMAGE_SHAPE).to(device)
+    net.train()
+    n_params = count_parameters(net)
+    opt_cls = torch.optim.Adamax if cfg.train.optimizer == "adamax" else torch.optim.Adam
+    opt = opt_cls(net.parameters(), lr=cfg.train.lr)
+    ou, backend_name = None, "-"
+    if model == "hvae":
+        b = get_backend(backend, device)
+        ou, backend_name = OUSmoothing(rho=rho, samples=samples, backend=b), b.name
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randint(0, 256, (batch_size, *IMAGE_SHAPE), generator=gen).float() / 127.5 - 1.0).to(device)
+
+    def loss_fn(m):
+        return training_loss(m, x, model, ou, beta=1.0, free_bits=0.0, iw_k=samples)[0]
+
+    r = step_memory(net, loss_fn, opt, device)
+    cuda = device.type == "cuda"
+    paper = PAPER.get((model, layers), (None, None))
+    row = {"model": model, "layers": layers, "parameters": n_params,
+           "memory_bytes": r["cuda_peak"] if cuda else r["counted"],
+           "memory_kind": "cuda max_memory_allocated" if cuda else "cpu saved+params+grads+optimizer",
+           "ratio_to_vae": None, "saved_bytes": r["saved"], "param_bytes": r["params"], "grad_bytes": r["grads"],
+           "optimizer_bytes": r["optimizer"], "counted_bytes": r["counted"], "rss_peak_bytes": r["rss_peak"],
+           "step_seconds": round(r["seconds"], 4), "paper_memory_gb": paper[0], "paper_parameters": paper[1],
+           "batch_size": batch_size, "samples": samples, "backend": backend_name, "device": str(device)}
+    del net, opt, x
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_table(models=("vae", "iwae", "hvae", "lvae", "biva"), depths=(4, 6), baseline_depths=(15,), **kw) -> list:
+    """Rows for every model and depth (vae/iwae/hvae at ``depths``, lvae/biva at ``baseline_depths``),
+    with ``ratio_to_vae`` filled where the VAE of the same depth was measured."""
+    rows = []
+    for m in models:
+        for d in (baseline_depths if m in ("lvae", "biva") else depths):
+            log.info("measuring %s with %d stochastic layers", m, d)
+            rows.append(measure(m, d, **kw))
+    vae = {r["layers"]: r["memory_bytes"] for r in rows if r["model"] == "vae"}
+    for r in rows:
+        if r["layers"] in vae:
+            r["ratio_to_vae"] = round(r["memory_bytes"] / vae[r["layers"]], 3)
+    return rows
+
+
+def _gib(b):
+    return "-" if b is None else f"{b / 2**30:.3f}G"
+
+
+def format_table(rows: list) -> str:
+    head = ["model", "layers", "params", "memory", "x VAE", "saved", "peak RSS", "paper mem", "paper x VAE", "paper params"]
+    paper_vae = {d: v[0] for (m, d), v in PAPER.items() if m == "vae"}
+    out = []
+    for r in rows:
+        pm = r["paper_memory_gb"]
+        pr = f"{pm / paper_vae[r['layers']]:.2f}" if pm is not None and r["layers"] in paper_vae else "-"
+        out.append([r["model"].upper(), str(r["layers"]), f"{r['parameters'] / 1e6:.2f}M", _gib(r["memory_bytes"]),
+                    "-" if r["ratio_to_vae"] is None else f"{r['ratio_to_vae']:.2f}", _gib(r["saved_bytes"]),
+                    _gib(r["rss_peak_bytes"]), "-" if pm is None else f"{pm}G", pr,
+                    "-" if r["paper_parameters"] is None else f"{r['paper_parameters'] / 1e6:.1f}M"])
+    w = [max(len(x[i]) for x in out + [head]) for i in range(len(head))]
+    lines = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head))]
+    lines += ["  ".join(c.rjust(w[i]) for i, c in enumerate(x)) for x in out]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=COLUMNS)
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+
+
+def write_plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model'].upper()}-{r['layers']}" for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(rows) + 4), 4))
+    a1.bar(labels, [r["memory_bytes"] / 2**30 for r in rows], color="tab:blue")
+    a1.set_ylabel(f"GiB ({rows[0]['memory_kind']})" if rows else "GiB")
+    a1.set_title("memory of one training step")
+    paper_vae = {d: v[0] for (m, d), v in PAPER.items() if m == "vae"}
+    xs = range(len(rows))
+    a2.bar([i - 0.2 for i in xs], [r["ratio_to_vae"] or 0 for r in rows], 0.4, label="measured")
+    a2.bar([i + 0.2 for i in xs], [(r["paper_memory_gb"] / paper_vae[r["layers"]])
+                                   if r["paper_memory_gb"] is not None and r["layers"] in paper_vae else 0
+                                   for r in rows], 0.4, label="paper (Table 6)")
+    a2.set_xticks(list(xs), labels)
+    a2.set_title("ratio to the VAE of the same depth")
+    a2.legend()
+    for a in (a1, a2):
+        a.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _ints(s: str):
+    try:
+        return tuple(int(v) for v in s.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def _models(s: str):
+    ms = tuple(v for v in s.split(",") if v)
+    bad = [m for m in ms if m not in MODELS]
+    if bad or not ms:
+        raise argparse.ArgumentTypeError(f"unknown models {bad}: choose from {','.join(MODELS)}")
+    return ms
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .ou import BACKEND_NAMES
+
+    p = subparsers.add_parser(
+        "memory", help="peak memory of one training step per model (the paper's Table 6)",
+        description=("Reproduce Table 6: memory of one training step (forward, backward, optimizer step, after a "
+                     "warm-up step) on synthetic CIFAR-10-shaped inputs. On CUDA: torch.cuda.max_memory_allocated. "
+                     f"On CPU: {CPU_MEASURE}, counted with saved_tensors_hooks (allocator-independent), "
+                     "next to the process peak RSS (monotone over the process)."))
+    p.add_argument("--models", type=_models, default=MODELS, help="comma-separated subset of vae,iwae,hvae,lvae,biva")
+    p.add_argument("--depths", type=_ints, default=(4, 6), help="stochastic layers of vae/iwae/hvae (default 4,6)")
+    p.add_argument("--baseline-depths", type=_ints, default=(15,), help="stochastic layers of lvae/biva (default 15)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--samples", type=int, default=5, help="OU samples K (hvae) and IWAE samples k (iwae)")
+    p.add_argument("--rho", type=float, default=0.9, help="OU correlation of hvae")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="OU backend of hvae (compare eager torch vs fused)")
+    p.add_argument("--channels", type=int, help="feature maps of every net (shrink for quick runs)")
+    p.add_argument("--blocks", type=int, help="ResNet blocks per net, also the nets next to x unless --data-blocks")
+    p.add_argument("--data-blocks", type=int, help="ResNet blocks of the nets next to x")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="write the rows as CSV")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="bar chart of memory and ratio to VAE")
+    p.set_defaults(func=cmd_memory)
+    return p
+
+
+def cmd_memory(args) -> int:
+    from .trainer import resolve_device
+
+    device = resolve_device(args.device)
+    rows = run_table(args.models, args.depths, args.baseline_depths, batch_size=args.batch_size,
+                     samples=args.samples, device=device, backend=args.backend, channels=args.channels,
+                     blocks=args.blocks, data_blocks=args.data_blocks, rho=args.rho, seed=args.seed)
+    kind = rows[0]["memory_kind"] if rows else ""
+    print(f"memory of one training step on {device} ({kind}), batch {args.batch_size}, "
+          f"{args.samples} OU / IWAE samples, synthetic CIFAR-10-shaped inputs (3x32x32, logistic likelihood)")
+    if device.type == "cpu":
+        print(f"CPU measure: {CPU_MEASURE}; peak RSS is the process's, monotone (not per model)")
+    print(format_table(rows))
+    print("paper: CUDA peak memory (Table 6); compare ratios, not absolute numbers, across measures")
+    meta = {"device": str(device), "memory_kind": kind, "batch_size": args.batch_size, "samples": args.samples,
+            "inputs": "synthetic uniform 8-bit images, 3x32x32", "torch": torch.__version__}
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        write_plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

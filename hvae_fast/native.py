@@ -1,0 +1,336 @@
+"""The C++ (CPU, OpenMP) and CUDA backends of the two OU ops, built on first use.
+
+The extensions are compiled with ``torch.utils.cpp_extension.load`` the first time a backend is
+probed or used (once per process; later processes reuse the build from the cache directory):
+
+* cache: ``$HVAE_BUILD_DIR`` if set, else
+  ``platformdirs.user_cache_dir("hvae-fast")/build/<torch version>-<python tag>``; one
+  sub-directory per extension. Torch's extension versioning rebuilds when a source or a flag
+  changes, and a file lock makes concurrent first builds safe.
+* flags: ``-O3 -fopenmp`` only (no ``-march=native``: the cache directory may be shared between
+  machines with different CPUs); the inner loops are written for auto-vectorisation.
+* sources: ``csrc/`` next to this package (installed layout) or at the repository root (checkout).
+* the CUDA extension is built only when torch has CUDA (``torch.version.cuda``) and a device is
+  present.
+
+A build that fails (no compiler, no ninja, a compile error) never raises: it is logged once on
+``hvae_fast.native`` with the first lines of the compiler's message, and the backend's ``probe``
+answers ``(False, reason)``. ``build_all(verbose)`` builds everything eagerly (``hvae-fast build``).
+
+Noise: element (k, j) of the [K, *S] noise is Triton's ``tl.randn(seed, k * N + j)``
+(Philox4x32-10, csrc/philox.h), so the C++, CUDA and Triton backends draw the same eps for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from .errors import HVAEError
+from .ou import OU_TARGETS, Backend, check_ou_args
+
+log = logging.getLogger("hvae_fast.native")
+
+_MASK64 = (1 << 64) - 1
+_MAX_OFFSET = 1 << 62
+_ERROR_LINES = 12  # lines of compiler output kept in the warning and the probe's reason
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating sources and the cache
+# ----------------------------------------------------------------------------------------------
+
+def csrc_dir() -> Path | None:
+    """The directory that holds philox.h and the kernels (installed package first, then checkout)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "csrc", here.parent / "csrc"):
+        if (cand / "philox.h").is_file():
+            return cand
+    return None
+
+
+def build_root() -> Path:
+    """Per-user build cache: $HVAE_BUILD_DIR, else <user cache>/hvae-fast/build/<torch>-<python>."""
+    env = os.environ.get("HVAE_BUILD_DIR")
+    if env:
+        return Path(env).expanduser()
+    try:
+        import platformdirs
+
+        base = Path(platformdirs.user_cache_dir("hvae-fast"))
+    except Exception:  # platformdirs is a dependency, but never let the cache path crash a run
+        base = Path.home() / ".cache" / "hvae-fast"
+    tag = f"{torch.__version__}-cp{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    return base / "build" / tag
+
+
+def _summarise(exc: BaseException) -> str:
+    """The first lines of a build failure worth reading (compiler errors first)."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.lstrip().startswith("[")]
+    picked = errors[:_ERROR_LINES] if errors else lines[:_ERROR_LINES]
+    return "\n".join(picked)
+
+
+class NativeExtension:
+    """One lazily built extension. ``get()`` returns the module or None; ``reason`` says why not."""
+
+    def __init__(self, name: str, sources: tuple[str, ...], cuda: bool = False, src_dir: Path | None = None,
+                 build_dir: Path | None = None):
+        self.name = name
+        self.sources = sources
+        self.cuda = cuda
+        self._src_dir = src_dir
+        self._build_dir = build_dir
+        self._lock = threading.Lock()
+        self._tried = False
+        self.module = None
+        self.reason = "not built yet"
+
+    def _precheck(self) -> str | None:
+        if self.cuda:
+            if not torch.version.cuda:
+                return "this torch build has no CUDA support"
+            if not torch.cuda.is_available():
+                return "no CUDA device available"
+        return None
+
+    def get(self, verbose: bool = False):
+        if self._tried:
+            return self.module
+        with self._lock:
+            if not self._tried:
+                self._build(verbose)
+                self._tried = True
+        return self.module
+
+    def _build(self, verbose: bool) -> None:
+        why = self._precheck()
+        if why is not None:
+            self.reason = why
+            return
+        src = self._src_dir or csrc_dir()
+        if src is None:
+            self.reason = "C++ sources (csrc/) not found next to the hvae_fast package"
+            log.warning("hvae-fast %s extension unavailable: %s", self.name, self.reason)
+            return
+        paths = [src / s for s in self.sources]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            self.reason = f"missing sources: {', '.join(missing)}"
+            log.warning("hvae-fast %s extension unavailable: %s", self.name, self.reason)
+            return
+        build_dir = self._build_dir or (build_root() / self.name)
+        try:
+            from torch.utils import cpp_extension
+
+            build_dir.mkdir(parents=True, exist_ok=True)
+            kwargs = dict(
+                name=self.name,
+                sources=[str(p) for p in paths],
+                extra_cflags=["-O3"] + ([] if self.cuda else ["-fopenmp"]),
+                extra_ldflags=[] if self.cuda else ["-fopenmp"],
+                extra_include_paths=[str(src)],
+                build_directory=str(build_dir),
+                verbose=verbose,
+            )
+            if self.cuda:
+                kwargs["extra_cuda_cflags"] = ["-O3"]
+            self.module = cpp_extension.load(**kwargs)
+            self.reason = f"built in {build_dir}"
+        except BaseException as exc:  # compile errors, missing ninja/compiler, SystemExit from a tool
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            msg = _summarise(exc)
+            self.module = None
+            self.reason = f"build of the {self.name} extension failed: {msg.splitlines()[0] if msg else exc!r}"
+            log.warning("hvae-fast %s extension could not be built (falling back to other backends):\n%s",
+                        self.name, msg)
+
+    def probe(self) -> tuple[bool, str]:
+        mod = self.get()
+        if mod is None:
+            return False, self.reason
+        return True, self.reason
+
+
+CPU_EXT = NativeExtension("hvae_fast_ou_cpu", ("ou_cpu.cpp",))
+CUDA_EXT = NativeExtension("hvae_fast_ou_cuda", ("ou_cuda.cpp", "ou_cuda_kernels.cu"), cuda=True)
+
+
+def build_all(verbose: bool = False) -> dict[str, tuple[bool, str]]:
+    """Build (or load from the cache) every extension this machine can run; {name: (ok, reason)}."""
+    out = {}
+    for key, ext in (("cpp", CPU_EXT), ("cuda", CUDA_EXT)):
+        ext.get(verbose=verbose)
+        out[key] = ext.probe()
+    return out
+
+
+def _module(ext: NativeExtension):
+    mod = ext.get()
+    if mod is None:
+        raise HVAEError(f"the {ext.name} extension is not available: {ext.reason}. Pass --backend torch")
+    return mod
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument handling
+# ----------------------------------------------------------------------------------------------
+
+def _seed64(seed) -> int:
+    """Any integer seed -> the int64 whose bits are the uint64 seed Triton's philox uses."""
+    s = int(seed) & _MASK64
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
+def _check_offsets(K: int, N: int) -> None:
+    if K * N >= _MAX_OFFSET:
+        raise HVAEError(f"K * numel = {K * N} is too large for the 64-bit noise offsets (limit 2**62)")
+
+
+def _compute_dtype(ext: NativeExtension, dtype: torch.dtype) -> torch.dtype:
+    if ext.cuda:
+        return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_device(ext: NativeExtension, *tensors) -> None:
+    want = "cuda" if ext.cuda else "cpu"
+    for t in tensors:
+        if t.device.type != want:
+            raise HVAEError(f"the {'cuda' if ext.cuda else 'cpp'} OU backend runs on {want} tensors, got {t.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd functions (one pair, parameterised by the extension module)
+# ----------------------------------------------------------------------------------------------
+
+class CorrelatedSampleFn(torch.autograd.Function):
+    """z' = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps_k; eps regenerated in the backward."""
+
+    @staticmethod
+    def forward(ctx, z, mu, sigma, rho, K, seed, mod):
+        ctx.rho, ctx.K, ctx.seed, ctx.mod = rho, K, seed, mod
+        return mod.correlated_samples_fwd(z, mu, sigma, rho, K, seed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        need_sigma = ctx.needs_input_grad[2]
+        dz, dmu, dsigma = ctx.mod.correlated_samples_bwd(g.contiguous(), ctx.rho, ctx.K, ctx.seed, need_sigma)
+        return (
+            dz if ctx.needs_input_grad[0] else None,
+            dmu if ctx.needs_input_grad[1] else None,
+            dsigma if need_sigma else None,
+            None, None, None, None,
+        )
+
+
+class GaussianHeadFn(torch.autograd.Function):
+    """Averaged Gaussian head log-density; saves only the [B, *S] averages besides the inputs."""
+
+    @staticmethod
+    def forward(ctx, mean_raw, scale_raw, target, ratio, min_scale, mod):
+        out, mbar, sbar = mod.gaussian_head_fwd(mean_raw, scale_raw, target, ratio, min_scale)
+        ctx.save_for_backward(mean_raw, scale_raw, target, mbar, sbar)
+        ctx.ratio, ctx.min_scale, ctx.mod = ratio, min_scale, mod
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        mean_raw, scale_raw, target, mbar, sbar = ctx.saved_tensors
+        g = g.to(target.dtype if not mean_raw.is_cuda else torch.float32).contiguous()
+        dmr, dsr, dt = ctx.mod.gaussian_head_bwd(g, mean_raw, scale_raw, target, mbar, sbar, ctx.ratio, ctx.min_scale)
+        return (
+            dmr if ctx.needs_input_grad[0] else None,
+            dsr if ctx.needs_input_grad[1] else None,
+            dt if ctx.needs_input_grad[2] else None,
+            None, None, None,
+        )
+
+
+# Names the brief's callers may look for.
+CorrelatedSampleCpp = CorrelatedSampleFn
+GaussianHeadCpp = GaussianHeadFn
+
+
+def _make_ops(ext: NativeExtension):
+    def correlated_samples(z, mu, sigma, rho, K, seed):
+        check_ou_args(rho, K)
+        _check_device(ext, z, mu, sigma)
+        z, mu, sigma = torch.broadcast_tensors(z, mu, sigma)
+        _check_offsets(K, z.numel())
+        dtype = _compute_dtype(ext, torch.promote_types(torch.promote_types(z.dtype, mu.dtype), sigma.dtype))
+        orig = z.dtype
+        z, mu, sigma = (t.to(dtype).contiguous() for t in (z, mu, sigma))
+        out = CorrelatedSampleFn.apply(z, mu, sigma, float(rho), int(K), _seed64(seed), _module(ext))
+        return out if out.dtype == orig else out.to(orig)
+
+    def gaussian_head_logprob(mean_raw, scale_raw, target, mode="mean-std", min_scale=1e-3):
+        if mode not in OU_TARGETS:
+            raise HVAEError(f"unknown OU target {mode!r}: choose one of {', '.join(OU_TARGETS)}")
+        _check_device(ext, mean_raw, scale_raw, target)
+        if target.dim() < 1:
+            raise HVAEError("gaussian_head_logprob: target needs a batch dimension")
+        if mean_raw.shape != scale_raw.shape or mean_raw.dim() != target.dim() + 1 \
+                or mean_raw.shape[1:] != target.shape or mean_raw.shape[0] < 1:
+            raise HVAEError(
+                f"gaussian_head_logprob: mean_raw and scale_raw must have shape [K, *target.shape] with K >= 1, "
+                f"got {tuple(mean_raw.shape)}, {tuple(scale_raw.shape)} for target {tuple(target.shape)}"
+            )
+        dtype = _compute_dtype(ext, torch.promote_types(torch.promote_types(mean_raw.dtype, scale_raw.dtype),
+                                                        target.dtype))
+        mean_raw, scale_raw, target = (t.to(dtype).contiguous() for t in (mean_raw, scale_raw, target))
+        # float32 and float64 inputs give a [B] of their own dtype; float16 / bfloat16 give float32
+        return GaussianHeadFn.apply(mean_raw, scale_raw, target, mode == "ratio", float(min_scale), _module(ext))
+
+    def correlated_noise(seed, K, shape, device=None):
+        shape = tuple(int(s) for s in (shape if not isinstance(shape, int) else (shape,)))
+        n = 1
+        for s in shape:
+            n *= s
+        K = int(K)
+        if K < 0:
+            raise HVAEError(f"K must be >= 0, got {K}")
+        _check_offsets(K, n)
+        mod = _module(ext)
+        if ext.cuda:
+            dev = torch.device(device) if device is not None else torch.device("cuda")
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            flat = mod.noise(_seed64(seed), K, n, index)
+        else:
+            flat = mod.noise(_seed64(seed), K, n)
+        return flat.view(K, *shape)
+
+    def probe(device):
+        device = torch.device(device)
+        if device.type != ("cuda" if ext.cuda else "cpu"):
+            return False, f"does not run on {device.type}"
+        ok, why = ext.probe()
+        if ok and not ext.cuda:
+            why = f"C++/OpenMP extension, {ext.module.num_threads()} threads ({why})"
+        elif ok:
+            why = f"CUDA extension ({why})"
+        return ok, why
+
+    return correlated_samples, gaussian_head_logprob, correlated_noise, probe
+
+
+def _backend(name: str, ext: NativeExtension, devices: tuple) -> Backend:
+    cs, gh, noise, probe = _make_ops(ext)
+    return Backend(name=name, correlated_samples=cs, gaussian_head_logprob=gh, correlated_noise=noise, probe=probe,
+                   devices=devices)
+
+
+BACKENDS = [
+    _backend("cpp", CPU_EXT, ("cpu",)),
+    _backend("cuda", CUDA_EXT, ("cuda",)),
+]

@@ -1,0 +1,180 @@
+"""Ornstein-Uhlenbeck smoothing: the two ops the Hermite VAE needs, behind one backend switch.
+
+The two ops (shapes: ``S`` is any per-example shape, ``[D]`` for MLP latents, ``[C, H, W]`` for
+convolutional ones):
+
+``correlated_samples(z, mu, sigma, rho, K, seed) -> [K, B, *S]``
+    z'_k = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps_k, eps_k ~ N(0, I): K samples of the
+    OU semigroup around the posterior sample z = mu + sigma e1 (method.md, eq. 4). Each backend
+    draws eps from ``seed`` with its own generator; ``correlated_noise`` materialises exactly the
+    eps a backend uses, so every backend can be checked against a float64 reference.
+
+``gaussian_head_logprob(mean_raw, scale_raw, target, mode, min_scale) -> [B]``
+    The Monte Carlo average over the K samples of a generator layer's Gaussian head, then
+    log N(target | mu_bar, sigma_bar) summed over S. With sigma_k = softplus(scale_raw_k) + min_scale:
+      mode "mean-std": mu_bar = mean_k mean_raw_k,            sigma_bar = mean_k sigma_k
+      mode "ratio":    mu_bar = sigma_bar * mean_k (mean_raw_k / sigma_k), sigma_bar = mean_k sigma_k
+    (the ratio mode smooths mu/sigma, the paper's alternative parameterisation).
+
+The ``torch`` backend here is the ground truth; fused backends (``triton``, ``cpp``, ``cuda``)
+register themselves in ``BACKENDS`` and are tested against it. The model never knows which one
+runs: it calls ``get_backend(name, device)`` once and uses the returned object.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import HVAEError
+
+log = logging.getLogger("hvae_fast.ou")
+
+OU_TARGETS = ("mean-std", "ratio")
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpp", "torch")
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def check_ou_args(rho: float, K: int) -> None:
+    """Raise HVAEError for rho outside [0, 1] or K < 1 (the CLI turns it into one line)."""
+    if not (isinstance(rho, (int, float)) and 0.0 <= float(rho) <= 1.0) or math.isnan(float(rho)):
+        raise HVAEError(f"rho must lie in [0, 1], got {rho!r}: pass --rho between 0 and 1 (1 = no smoothing)")
+    if not (isinstance(K, int) and K >= 1):
+        raise HVAEError(f"the number of OU samples K must be an integer >= 1, got {K!r}: pass --ou-samples 1 or more")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure-PyTorch reference (backend "torch")
+# ----------------------------------------------------------------------------------------------
+
+def torch_correlated_noise(seed: int, K: int, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+    """eps of shape [K, *shape] that the torch backend uses for ``seed``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.randn((K, *shape), generator=gen, device=device, dtype=dtype)
+
+
+def correlated_samples_reference(z, mu, sigma, rho: float, eps: torch.Tensor) -> torch.Tensor:
+    """z' = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps; z, mu, sigma [B, *S], eps [K, B, *S]."""
+    return rho * z + (1.0 - rho) * mu + sigma * math.sqrt(max(0.0, 1.0 - rho * rho)) * eps
+
+
+def gaussian_head_reference(mean_raw, scale_raw, target, mode: str = "mean-std", min_scale: float = 1e-3):
+    """Averaged Gaussian head log-density, [B]. mean_raw, scale_raw [K, B, *S]; target [B, *S]."""
+    sigma = F.softplus(scale_raw) + min_scale
+    sigma_bar = sigma.mean(0)
+    if mode == "mean-std":
+        mu_bar = mean_raw.mean(0)
+    elif mode == "ratio":
+        mu_bar = sigma_bar * (mean_raw / sigma).mean(0)
+    else:
+        raise HVAEError(f"unknown OU target {mode!r}: choose one of {', '.join(OU_TARGETS)}")
+    return gaussian_logprob(target, mu_bar, sigma_bar)
+
+
+def gaussian_logprob(x, mu, sigma):
+    """log N(x | mu, sigma^2) summed over all but the batch dimension: [B]."""
+    lp = -0.5 * LOG_2PI - torch.log(sigma) - 0.5 * ((x - mu) / sigma) ** 2
+    return lp.flatten(1).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend registry
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the two OU ops. ``probe(device)`` returns (available, reason)."""
+
+    name: str
+    correlated_samples: Callable  # (z, mu, sigma, rho, K, seed) -> [K, B, *S]
+    gaussian_head_logprob: Callable  # (mean_raw, scale_raw, target, mode, min_scale) -> [B]
+    correlated_noise: Callable  # (seed, K, shape, device) -> [K, *shape] float32
+    probe: Callable  # (device: torch.device) -> (bool, str)
+    devices: tuple = ("cpu", "cuda")
+
+
+def _torch_correlated_samples(z, mu, sigma, rho, K, seed):
+    eps = torch_correlated_noise(seed, K, z.shape, z.device, dtype=z.dtype)
+    return correlated_samples_reference(z, mu, sigma, rho, eps)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend(
+        name="torch",
+        correlated_samples=_torch_correlated_samples,
+        gaussian_head_logprob=gaussian_head_reference,
+        correlated_noise=torch_correlated_noise,
+        probe=lambda device: (True, "pure PyTorch reference"),
+    )
+}
+
+# Measured preference order for `auto` (bench/ results: see README). The first available wins.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+_registered = False
+
+
+def _register_fused_backends() -> None:
+    """Import the optional backends lazily so that `import hvae_fast` stays cheap."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for modname in ("hvae_fast.kernels.backend", "hvae_fast.native"):
+        try:
+            mod = __import__(modname, fromlist=["BACKENDS"])
+        except Exception as exc:  # an import failure is reported by `info`, never hidden
+            log.warning("OU backends from %s unavailable: %s", modname, exc)
+            continue
+        for b in getattr(mod, "BACKENDS", ()):
+            BACKENDS[b.name] = b
+
+
+def backend_status(device) -> dict[str, tuple[bool, str]]:
+    """{name: (available, reason)} for every known backend on ``device``."""
+    _register_fused_backends()
+    device = torch.device(device)
+    out = {}
+    for name in ("triton", "cuda", "cpp", "torch"):
+        b = BACKENDS.get(name)
+        if b is None:
+            out[name] = (False, "not installed (module failed to import; see the log)")
+        elif device.type not in b.devices:
+            out[name] = (False, f"does not run on {device.type}")
+        else:
+            try:
+                out[name] = b.probe(device)
+            except Exception as exc:
+                out[name] = (False, f"probe failed: {exc}")
+    return out
+
+
+def get_backend(name: str, device) -> Backend:
+    """Resolve ``name`` (or ``auto``) to an available backend for ``device``; logs the choice."""
+    if name not in BACKEND_NAMES:
+        raise HVAEError(f"unknown OU backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")
+    device = torch.device(device)
+    status = backend_status(device)
+    if name == "auto":
+        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+            ok, why = status[cand]
+            if ok:
+                log.info("OU backend: auto chose %r on %s (%s)", cand, device.type, why)
+                return BACKENDS[cand]
+            log.warning("OU backend %r unavailable on %s: %s", cand, device.type, why)
+        return BACKENDS["torch"]
+    ok, why = status[name]
+    if not ok:
+        raise HVAEError(
+            f"OU backend {name!r} is not available on {device.type}: {why}. "
+            f"Run `hvae-fast info` for details, or pass --backend torch"
+        )
+    log.info("OU backend: %r on %s (%s)", name, device.type, why)
+    return BACKENDS[name]

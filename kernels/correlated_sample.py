@@ -1,0 +1,230 @@
+"""Op 1, the OU-correlated samples, as fused Triton kernels.
+
+    z'_k = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps_k,   k = 0 .. K-1
+
+z, mu, sigma: [B, *S] (any shape; non-contiguous inputs are made contiguous); output [K, B, *S]
+in the input dtype. eps_k is drawn INSIDE the kernel with Triton's Philox ``tl.randn(seed, offset)``
+at the int64 offset ``offset_base + k * N + j`` (N = z.numel(), j = flat row-major index), so the
+offsets never wrap for large K * N. The noise is never stored: the backward kernel regenerates it
+and reduces over k in one pass over the N elements:
+
+    dz = rho sum_k g_k,   dmu = (1 - rho) sum_k g_k,   dsigma = sqrt(1 - rho^2) sum_k g_k eps_k
+
+``correlated_noise(seed, K, shape, device)`` materialises exactly the eps the kernels use (float32
+[K, *shape]) so tests can compare against the float64 reference in ``hvae_fast.ou``.
+
+Precision: float16 / bfloat16 / float32 inputs compute and accumulate in float32; float64 inputs
+compute in float64 (Philox noise is float32 and is cast up: it is the same noise, only the
+arithmetic around it is float64, which is what gradcheck needs). The coefficients rho, 1 - rho and
+sqrt(1 - rho^2) are computed in Python double precision and passed through a tiny tensor in the
+compute dtype, so rho = 1 gives z' = z exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hvae_fast.errors import HVAEError
+from hvae_fast.ou import check_ou_args
+
+from .utils import (
+    check_float_dtype,
+    check_philox_range,
+    check_same,
+    compute_dtype,
+    elementwise_block,
+    ensure_contiguous,
+    num_warps_for,
+)
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+# CUDA caps grid dimension 1 at 65535; K runs on that axis in the forward and noise kernels.
+MAX_K = 65535
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["seed", "offset_base"])
+def _ou_noise_kernel(out_ptr, N, seed, offset_base, BLOCK: tl.constexpr):
+    """out[k, j] = randn(seed, offset_base + k * N + j), float32; grid (cdiv(N, BLOCK), K)."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = j < N
+    row = k * N
+    eps = tl.randn(seed, offset_base + row + j)
+    tl.store(out_ptr + row + j, eps, mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset_base"])
+def _ou_fwd_kernel(
+    z_ptr, mu_ptr, sigma_ptr, out_ptr, coef_ptr, N, seed, offset_base,
+    BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """out[k, j] = a z[j] + b mu[j] + c sigma[j] eps_k[j]; grid (cdiv(N, BLOCK), K)."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = j < N
+    a = tl.load(coef_ptr)  # rho
+    b = tl.load(coef_ptr + 1)  # 1 - rho
+    c = tl.load(coef_ptr + 2)  # sqrt(1 - rho^2)
+    z = tl.load(z_ptr + j, mask=mask, other=0.0).to(ACC_DTYPE)
+    mu = tl.load(mu_ptr + j, mask=mask, other=0.0).to(ACC_DTYPE)
+    sigma = tl.load(sigma_ptr + j, mask=mask, other=0.0).to(ACC_DTYPE)
+    row = k * N
+    eps = tl.randn(seed, offset_base + row + j).to(ACC_DTYPE)
+    out = a * z + b * mu + c * sigma * eps
+    tl.store(out_ptr + row + j, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset_base"])
+def _ou_bwd_kernel(
+    g_ptr, dz_ptr, dmu_ptr, dsigma_ptr, coef_ptr, N, K, seed, offset_base,
+    BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """One pass over N elements, loop over k: regenerate eps_k, reduce g_k and g_k eps_k."""
+    pid = tl.program_id(0)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = j < N
+    a = tl.load(coef_ptr)
+    b = tl.load(coef_ptr + 1)
+    c = tl.load(coef_ptr + 2)
+    acc_g = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    acc_ge = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    idx = j  # int64 position of element j in row k: k * N + j
+    for _k in range(0, K):
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
+        eps = tl.randn(seed, offset_base + idx).to(ACC_DTYPE)
+        acc_g += g
+        acc_ge += g * eps
+        idx += N
+    tl.store(dz_ptr + j, (a * acc_g).to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dmu_ptr + j, (b * acc_g).to(dmu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dsigma_ptr + j, (c * acc_ge).to(dsigma_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            raise HVAEError(f"seed must be an integer, got {seed!r}") from None
+    if not (0 <= seed < 2**63):
+        raise HVAEError(f"seed must lie in [0, 2**63), got {seed}")
+    return seed
+
+
+def _check_k(K: int) -> None:
+    if K > MAX_K:
+        raise HVAEError(f"the Triton OU kernels support K <= {MAX_K} samples, got {K}: reduce --ou-samples")
+
+
+def _coefs(rho: float, dtype: torch.dtype, device) -> torch.Tensor:
+    rho = float(rho)
+    return torch.tensor([rho, 1.0 - rho, math.sqrt(max(0.0, 1.0 - rho * rho))], dtype=dtype, device=device)
+
+
+def correlated_noise(seed: int, K: int, shape, device=None, *, offset_base: int = 0) -> torch.Tensor:
+    """The eps [K, *shape] (float32) the Triton kernels draw for ``seed``: randn(seed, base + k*N + j)."""
+    check_ou_args(0.5, K)
+    _check_k(K)
+    seed = _check_seed(seed)
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    n = math.prod(shape)
+    check_philox_range(K, n, offset_base)
+    out = torch.empty((K, *shape), dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    block = elementwise_block(n)
+    _ou_noise_kernel[(triton.cdiv(n, block), K)](
+        out, n, seed, int(offset_base), BLOCK=block, num_warps=num_warps_for(block)
+    )
+    return out
+
+
+def correlated_samples_forward(z, mu, sigma, rho: float, K: int, seed: int, offset_base: int = 0):
+    """Launch the forward kernel on contiguous inputs; returns [K, *z.shape] in z's dtype."""
+    n = z.numel()
+    out = torch.empty((K, *z.shape), dtype=z.dtype, device=z.device)
+    if n == 0:
+        return out
+    acc = compute_dtype(z.dtype)
+    coef = _coefs(rho, acc, z.device)
+    block = elementwise_block(n)
+    _ou_fwd_kernel[(triton.cdiv(n, block), K)](
+        z, mu, sigma, out, coef, n, seed, int(offset_base),
+        BLOCK=block, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
+    )
+    return out
+
+
+def correlated_samples_backward(grad_out, shape, dtypes, rho: float, K: int, seed: int, offset_base: int = 0):
+    """Launch the backward kernel; grad_out [K, *shape] contiguous. Returns (dz, dmu, dsigma)."""
+    device = grad_out.device
+    dz, dmu, dsigma = (torch.empty(shape, dtype=dt, device=device) for dt in dtypes)
+    n = dz.numel()
+    if n == 0:
+        return dz, dmu, dsigma
+    acc = compute_dtype(dtypes[0]) if torch.float64 not in dtypes else torch.float64
+    coef = _coefs(rho, acc, device)
+    block = elementwise_block(n)
+    _ou_bwd_kernel[(triton.cdiv(n, block),)](
+        grad_out, dz, dmu, dsigma, coef, n, K, seed, int(offset_base),
+        BLOCK=block, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
+    )
+    return dz, dmu, dsigma
+
+
+class CorrelatedSampleFunction(torch.autograd.Function):
+    """autograd wrapper: saves no tensors (the backward needs only rho, K, seed and the shape)."""
+
+    @staticmethod
+    @ensure_contiguous
+    def forward(ctx, z, mu, sigma, rho, K, seed, offset_base=0):
+        out = correlated_samples_forward(z, mu, sigma, rho, K, seed, offset_base)
+        ctx.rho, ctx.K, ctx.seed, ctx.offset_base = rho, K, seed, offset_base
+        ctx.shape = z.shape
+        ctx.dtypes = (z.dtype, mu.dtype, sigma.dtype)
+        return out
+
+    @staticmethod
+    @ensure_contiguous
+    def backward(ctx, grad_out):
+        dz, dmu, dsigma = correlated_samples_backward(
+            grad_out, ctx.shape, ctx.dtypes, ctx.rho, ctx.K, ctx.seed, ctx.offset_base
+        )
+        need = ctx.needs_input_grad
+        return (
+            dz if need[0] else None,
+            dmu if need[1] else None,
+            dsigma if need[2] else None,
+            None, None, None, None,
+        )
+
+
+def correlated_samples(z, mu, sigma, rho: float, K: int, seed: int, *, offset_base: int = 0):
+    """z' [K, *z.shape] = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps, eps drawn in-kernel."""
+    check_ou_args(rho, K)
+    _check_k(K)
+    seed = _check_seed(seed)
+    names = ("z", "mu", "sigma")
+    tensors = (z, mu, sigma)
+    for n_, t in zip(names, tensors):
+        check_float_dtype(n_, t)
+    check_same(names, tensors, "shape")
+    check_same(names, tensors, "dtype")
+    check_same(names, tensors, "device")
+    check_philox_range(K, z.numel(), offset_base)
+    return CorrelatedSampleFunction.apply(z, mu, sigma, float(rho), int(K), seed, int(offset_base))

@@ -1,0 +1,26 @@
+"""Shared test settings: where the offline datasets are, and a parse cache per test session."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# CI and the README point HVAE_DATA_DIR at ../shared/data; fall back to that path beside the repo.
+SHARED_DATA = Path(os.environ.get("HVAE_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_parse_cache(tmp_path_factory):
+    """Parsed-dataset cache in a session temp dir, unless the caller chose one (HVAE_CACHE_DIR)."""
+    if "HVAE_CACHE_DIR" not in os.environ:
+        os.environ["HVAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("parsed"))
+    yield
+
+
+@pytest.fixture
+def shared_data():
+    """The offline dataset copies; skips with the reason when they are absent."""
+    if not (SHARED_DATA / "binarized_mnist").is_dir():
+        pytest.skip(f"offline datasets not found at {SHARED_DATA}: set HVAE_DATA_DIR")
+    return SHARED_DATA

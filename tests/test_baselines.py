@@ -1,0 +1,226 @@
+"""Baselines (LVAE, BIVA) and every training method on tiny models, on CPU.
+
+Tiny models: 1x8x8 binary images; MLP latents (4, 3) with 16 hidden units; ResNet 8 maps, 1 block,
+2-channel latents at 4x4. Whole file: a few seconds on 2 cores.
+"""
+
+import math
+
+import pytest
+import torch
+
+from hvae_fast.baselines import BIVA, LadderVAE, precision_weighted
+from hvae_fast.config import PRESETS, ModelConfig, preset_config
+from hvae_fast.errors import HVAEError
+from hvae_fast.evaluate import evaluate
+from hvae_fast.model import OUSmoothing, build_model, count_parameters, split_gaussian
+from hvae_fast.objectives import (elbo, free_bits_kl, iw_bound, iw_log_weights, iwae_loss, kl_weight, log_mean_exp,
+                                  training_loss)
+from hvae_fast.ou import BACKENDS, gaussian_logprob
+
+IMG = (1, 8, 8)
+ARCHS = {
+    "mlp": ModelConfig(arch="mlp", latent_sizes=(4, 3), hidden_sizes=(16, 16)),
+    "resnet": ModelConfig(arch="resnet", num_layers=2, channels=8, blocks=1, data_blocks=1, latent_channels=2,
+                          latent_stride=1),
+}
+METHODS = ("vae", "hvae", "iwae", "lvae", "biva")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: one intra-op thread is several times faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand((n, *IMG), generator=g) < 0.3).float()
+
+
+def tiny(method, arch, seed=0):
+    torch.manual_seed(seed)
+    return build_model(method, ARCHS[arch], IMG)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_training_steps_reduce_loss(method, arch):
+    model = tiny(method, arch)
+    x = data()
+    ou = OUSmoothing(rho=0.9, samples=3, backend=BACKENDS["torch"]) if method == "hvae" else None
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss, bound = training_loss(model, x, method, ou, beta=1.0, free_bits=0.0, iw_k=3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss) and torch.isfinite(bound).all()
+        losses.append(loss.item())
+    # Fitting one fixed batch: the loss (~45 nats at init) falls by far more than its noise.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ("lvae", "biva"))
+def test_baseline_terms_shapes_and_sampling(method, arch):
+    model = tiny(method, arch)
+    B = 5
+    t = model(data(B))
+    assert model.depth == 2 and t.log_px.shape == (B,)
+    assert len(t.log_q) == len(t.log_p) == len(t.q_mean) == 2
+    for lq, lp, m, s in zip(t.log_q, t.log_p, t.q_mean, model.latent_shapes):
+        assert lq.shape == lp.shape == (B,) and m.shape == (B, *s)
+    # BIVA: the layer below the top holds (BU, TD), twice the channels of the top.
+    z0 = ARCHS[arch].latent_sizes[0] if arch == "mlp" else ARCHS[arch].latent_channels
+    assert model.latent_shapes[0][0] == (2 * z0 if method == "biva" else z0)
+    g = torch.Generator().manual_seed(0)
+    assert model.sample(3, generator=g).shape == (3, *IMG)
+    assert model.sample(3, generator=g, mean=False).shape == (3, *IMG)
+    with pytest.raises(HVAEError):
+        model(data(B), OUSmoothing(0.9, 2, BACKENDS["torch"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_iwae_k1_equals_elbo_of_same_sample(method):
+    """k = 1: repeat_batch is the identity and the same RNG draws give the same sample, so the
+    IWAE bound and the ELBO agree to float32 rounding (tolerance 1e-4 nats)."""
+    model = tiny(method, "mlp")
+    x = data(6)
+    torch.manual_seed(123)
+    _, bound = iwae_loss(model, x, 1)
+    torch.manual_seed(123)
+    ref = elbo(model(x))
+    torch.testing.assert_close(bound, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ("vae", "lvae", "biva"))
+def test_evaluation_pieces_run(method):
+    model = tiny(method, "resnet")
+    x = data(4)
+    lw = iw_log_weights(model, x, 7)
+    assert lw.shape == (7, 4)
+    assert (log_mean_exp(lw, 0) >= lw.mean(0) - 1e-5).all()  # Jensen, on the same samples
+    b = iw_bound(model, x, 10, chunk=4)
+    assert b.shape == (4,) and torch.isfinite(b).all()
+    res = evaluate(model, lambda: iter([x, data(4, seed=1)]), "cpu", iw_samples=5, au_samples=2)
+    assert res["num_examples"] == 8 and len(res["kl_per_layer"]) == len(res["active_units"]) == 2
+    assert math.isfinite(res["iw_bound"]) and math.isfinite(res["elbo"])
+
+
+# ---------------------------------------------------------------------------------------------
+# LVAE's precision weighting
+
+def test_precision_weighting_is_the_gaussian_product():
+    g = torch.Generator().manual_seed(0)
+    mh, mp = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    sh, sp = torch.rand(2, 5, generator=g, dtype=torch.float64) + 0.2
+    mu, sigma = precision_weighted(mh, sh, mp, sp)
+    # direct formula
+    var = 1 / (1 / sh**2 + 1 / sp**2)
+    torch.testing.assert_close(sigma, var.sqrt())
+    torch.testing.assert_close(mu, (mh / sh**2 + mp / sp**2) * var)
+    # and it is the normalised product N(z|mh,sh) N(z|mp,sp) / N(mh|mp, sh^2+sp^2), for any z
+    for z in torch.randn(3, 1, 5, generator=g, dtype=torch.float64):
+        lhs = gaussian_logprob(z, mh[None], sh[None]) + gaussian_logprob(z, mp[None], sp[None])
+        rhs = gaussian_logprob(z, mu[None], sigma[None]) + gaussian_logprob(mh[None], mp[None], (sh**2 + sp**2).sqrt()[None])
+        torch.testing.assert_close(lhs, rhs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lvae_forward_uses_the_merged_posterior(arch):
+    """Re-run LVAE's forward by hand (same RNG draws) and check log q, log p and q_mean."""
+    model = tiny("lvae", arch).double()
+    x = data(4).double()
+    torch.manual_seed(7)
+    t = model(x)
+    ms = model.cfg.min_scale
+    torch.manual_seed(7)
+    out0, h0 = model.enc[0](x)
+    out1, _ = model.enc[1](h0)
+    mh0, sh0 = split_gaussian(out0, ms)
+    mu2, s2 = split_gaussian(out1, ms)
+    z2 = mu2 + s2 * torch.randn_like(mu2)
+    mp, sp = split_gaussian(model.gen[0](z2)[0], ms)
+    var = 1 / (sh0.pow(-2) + sp.pow(-2))
+    mq = (mh0 / sh0**2 + mp / sp**2) * var
+    z1 = mq + var.sqrt() * torch.randn_like(mq)
+    torch.testing.assert_close(t.q_mean[0], mq)
+    torch.testing.assert_close(t.q_mean[1], mu2)
+    torch.testing.assert_close(t.log_q[0], gaussian_logprob(z1, mq, var.sqrt()))
+    torch.testing.assert_close(t.log_p[0], gaussian_logprob(z1, mp, sp))
+    torch.testing.assert_close(t.log_q[1], gaussian_logprob(z2, mu2, s2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+
+def mlp_params(i, h, o):
+    """nets.MLP: Linear(i, h), Linear(h, h), Linear(h, o)."""
+    return i * h + h + h * h + h + h * o + o
+
+
+def test_parameter_counts_tiny_mlp():
+    D, h = 64, 16  # 1x8x8 Bernoulli: one logit per pixel
+    lvae = mlp_params(D, h, 8) + mlp_params(h, h, 6) + mlp_params(3, h, 8) + mlp_params(4, h, D)
+    biva = (mlp_params(D, h, 8) + mlp_params(h + 4, h, 6)  # bottom-up: q(z1_BU|x), q(z2|d1, z1_BU)
+            + mlp_params(h + h, h, 8)  # top-down q(z1_TD | h1, d1)
+            + mlp_params(3, h, 16)  # p(z1_BU, z1_TD | z2)
+            + mlp_params(8 + h, h, D))  # p(x | z1, h1)
+    assert count_parameters(tiny("lvae", "mlp")) == lvae
+    assert count_parameters(tiny("biva", "mlp")) == biva
+    assert isinstance(tiny("lvae", "mlp"), LadderVAE) and isinstance(tiny("biva", "mlp"), BIVA)
+
+
+# The CIFAR-10 baseline presets land within this fraction of the paper's counts (Table 6).
+PARAM_TOLERANCE = 0.15
+
+
+@pytest.mark.parametrize("name", ["cifar10-lvae-15", "cifar10-biva-15"])
+def test_cifar_baseline_presets_match_paper_counts(name):
+    p = PRESETS[name]
+    cfg = preset_config(name)
+    assert cfg.method == p.method in ("lvae", "biva") and cfg.model.depth == 15
+    with torch.device("meta"):  # 60-100M parameters, no memory
+        n = count_parameters(build_model(cfg.method, cfg.model, (3, 32, 32)))
+    assert abs(n / p.paper_params - 1) < PARAM_TOLERANCE, (n, p.paper_params)
+
+
+def test_mnist_baseline_presets_build():
+    for name in ("mnist-mlp-lvae-5", "mnist-mlp-biva-5"):
+        cfg = preset_config(name)
+        model = build_model(cfg.method, cfg.model, (1, 28, 28))
+        assert model.depth == 5
+        t = model((torch.rand(2, 1, 28, 28) < 0.5).float())
+        assert torch.isfinite(t.log_weight).all()
+
+
+def test_unknown_baseline_and_skip_rejected():
+    from hvae_fast import baselines
+
+    with pytest.raises(HVAEError):
+        baselines.build("ladder", ARCHS["mlp"], IMG)
+    with pytest.raises(HVAEError):
+        build_model("lvae", ModelConfig(arch="resnet", num_layers=2, channels=8, blocks=1, data_blocks=1,
+                                        skip=True), IMG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Annealing and free bits (the pieces the baselines train with)
+
+def test_kl_weight_schedule():
+    assert [kl_weight(s, 10_000, 500_000) for s in (0, 9_999, 10_000, 260_000, 510_000, 10**7)] == [0, 0, 0, 0.5, 1, 1]
+    assert kl_weight(0, 0, 0) == 1.0 and kl_weight(5, 10, 0) == 0.0 and kl_weight(10, 10, 0) == 1.0
+
+
+def test_free_bits_clamp_gradient():
+    kl = torch.tensor([0.2, 0.4], requires_grad=True)  # mean 0.3, below a floor of 0.5
+    (g,) = torch.autograd.grad(free_bits_kl([kl], 0.5)[0], kl)
+    assert torch.equal(g, torch.zeros(2))
+    kl2 = torch.tensor([1.0, 2.0], requires_grad=True)  # mean 1.5, above: d mean / d kl_b = 1/B
+    (g2,) = torch.autograd.grad(free_bits_kl([kl2], 0.5)[0], kl2)
+    torch.testing.assert_close(g2, torch.full((2,), 0.5))
