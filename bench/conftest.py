@@ -95,7 +95,8 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_collection_modifyitems(session, config, items):
     # Explicitly named bench_*.py files are collected by pytest's python plugin; nothing to do.
-    _install_default_json(config)
+    if not config.option.collectonly:
+        _install_default_json(config)
 
 
 FUSED = ("triton", "cuda", "cpp")
@@ -168,6 +169,11 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def bench_device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def bench_scale() -> float:
+    return SCALE
 
 
 @pytest.fixture(autouse=True)
@@ -283,7 +289,7 @@ def _install_default_json(config) -> None:
 
 def pytest_configure(config):
     # Runs before pytest-benchmark's (trylast) pytest_configure reads the option.
-    if config.pluginmanager.hasplugin("benchmark"):
+    if config.pluginmanager.hasplugin("benchmark") and not config.option.collectonly:
         _install_default_json(config)
     SESSION_INFO["loadavg_start"] = _loadavg()
     SESSION_INFO["t_start"] = time.time()
@@ -349,8 +355,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bs = getattr(config, "_benchmarksession", None)
     la = _loadavg()
-    if la and os.cpu_count() and la[0] > os.cpu_count() * 1.25 and DEVICE.type == "cpu":
+    if bs is not None and bs.benchmarks and la and os.cpu_count() and la[0] > os.cpu_count() * 1.25 and DEVICE.type == "cpu":
         terminalreporter.write_line(
             f"hvae bench: load average {la} on {os.cpu_count()} cores while benchmarking: CPU timings are noisy",
             yellow=True)

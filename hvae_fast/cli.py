@@ -176,7 +176,7 @@ def cmd_presets(args) -> int:
 
     rows = []
     for name, p in PRESETS.items():
-        n = count_parameters(build_model("hvae", p.model, image_shape(p.dataset)))
+        n = count_parameters(build_model(p.method or "hvae", p.model, image_shape(p.dataset)))
         paper = f"{p.paper_params / 1e6:.2f}M" if p.paper_params else "-"
         default = " (default)" if DEFAULT_PRESET.get(p.dataset) == name else ""
         rows.append((name, p.dataset + default, f"{n / 1e6:.2f}M", paper, p.description))

@@ -369,7 +369,7 @@ def eval_batches(dataset: ImageDataset, batch_size: int, seed: int = 0, limit: i
     the last one partial; binarisation draws are fixed by (seed, batch index), so two evaluations
     with the same seed see the same inputs."""
     n = min(limit, len(dataset)) if limit > 0 else len(dataset)
-    bs = _check_batch_size(dataset, min(batch_size, n))
+    bs = min(_check_batch_size(dataset, batch_size), n)
 
     def _gen() -> Iterator[torch.Tensor]:
         for i, start in enumerate(range(0, n, bs)):

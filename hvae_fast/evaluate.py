@@ -3,8 +3,6 @@ active units, bits/dim; the ``eval-<split>.json`` report."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .likelihoods import bits_per_dim

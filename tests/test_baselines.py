@@ -14,8 +14,7 @@ from hvae_fast.config import PRESETS, ModelConfig, preset_config
 from hvae_fast.errors import HVAEError
 from hvae_fast.evaluate import evaluate
 from hvae_fast.model import OUSmoothing, build_model, count_parameters, split_gaussian
-from hvae_fast.objectives import (elbo, free_bits_kl, iw_bound, iw_log_weights, iwae_loss, kl_weight, log_mean_exp,
-                                  training_loss)
+from hvae_fast.objectives import elbo, iw_bound, iw_log_weights, iwae_loss, log_mean_exp, training_loss
 from hvae_fast.ou import BACKENDS, gaussian_logprob
 
 IMG = (1, 8, 8)
@@ -207,20 +206,3 @@ def test_unknown_baseline_and_skip_rejected():
     with pytest.raises(HVAEError):
         build_model("lvae", ModelConfig(arch="resnet", num_layers=2, channels=8, blocks=1, data_blocks=1,
                                         skip=True), IMG)
-
-
-# ---------------------------------------------------------------------------------------------
-# Annealing and free bits (the pieces the baselines train with)
-
-def test_kl_weight_schedule():
-    assert [kl_weight(s, 10_000, 500_000) for s in (0, 9_999, 10_000, 260_000, 510_000, 10**7)] == [0, 0, 0, 0.5, 1, 1]
-    assert kl_weight(0, 0, 0) == 1.0 and kl_weight(5, 10, 0) == 0.0 and kl_weight(10, 10, 0) == 1.0
-
-
-def test_free_bits_clamp_gradient():
-    kl = torch.tensor([0.2, 0.4], requires_grad=True)  # mean 0.3, below a floor of 0.5
-    (g,) = torch.autograd.grad(free_bits_kl([kl], 0.5)[0], kl)
-    assert torch.equal(g, torch.zeros(2))
-    kl2 = torch.tensor([1.0, 2.0], requires_grad=True)  # mean 1.5, above: d mean / d kl_b = 1/B
-    (g2,) = torch.autograd.grad(free_bits_kl([kl2], 0.5)[0], kl2)
-    torch.testing.assert_close(g2, torch.full((2,), 0.5))

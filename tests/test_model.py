@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hvae_fast.config import PRESETS, ModelConfig, preset_config
+from hvae_fast.config import PRESETS, ModelConfig
 from hvae_fast.model import HierarchicalVAE, OUSmoothing, Terms, build_model, count_parameters, std_normal_logprob
 from hvae_fast.objectives import elbo_loss, iw_bound, training_loss
 from hvae_fast.ou import BACKENDS, gaussian_logprob

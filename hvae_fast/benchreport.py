@@ -1,0 +1,238 @@
+"""Markdown summary of a bench/ results JSON: ``python -m hvae_fast.benchreport bench/results/cpu-latest.json``.
+
+One table per benchmark group (``step-<preset>``: baseline ``vae``; ``op-<op>-<mode>-<size>``:
+baseline ``torch``, eager PyTorch) with the median time, the ratio to the baseline measured in the
+same run, peak memory and its ratio (steps), and achieved bandwidth (ops, GPU runs). Then the
+project's performance targets, each printed as met / not met / not measured (never asserted):
+
+* CPU: the fused HVAE (K=5) training step <= 0.8x the torch-backend HVAE step (mnist-mlp-40x4).
+* GPU: the fused ops reach >= 70% of the GPU's memory bandwidth at the large sizes.
+* GPU: the CIFAR-10 4-layer HVAE step <= 1.3x the VAE step in time and <= 1.25x in peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+FUSED = ("triton", "cuda", "cpp")
+CPU_STEP_TARGET = 0.8
+GPU_BW_TARGET = 0.70
+GPU_STEP_TIME_TARGET = 1.3
+GPU_STEP_MEM_TARGET = 1.25
+CIFAR_GROUP = "step-cifar10-resnet-4"
+MNIST_GROUP = "step-mnist-mlp-40x4"
+
+
+def _median(b) -> float:
+    return float(b["stats"]["median"])
+
+
+def _fmt_ms(s: float) -> str:
+    ms = s * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _fmt_ratio(r) -> str:
+    return "" if r is None else f"{r:.2f}x"
+
+
+def _mib(n) -> str:
+    return "" if n is None else f"{n / 2**20:.1f}"
+
+
+def _baseline_name(group: str) -> str:
+    return "vae" if group.startswith("step-") else "torch"
+
+
+def _order(name: str) -> tuple:
+    pref = ["vae", "hvae-torch", "torch", "torch-compile"]
+    return (pref.index(name) if name in pref else len(pref), name)
+
+
+def load(path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def groups(data: dict) -> dict:
+    out: dict = {}
+    for b in data.get("benchmarks", []):
+        out.setdefault(b.get("group") or "(no group)", {})[b["name"]] = b
+    return out
+
+
+def _is_gpu(data: dict) -> bool:
+    return str(data.get("hvae_fast", {}).get("device", "cpu")).startswith("cuda")
+
+
+def _group_sort_key(g: str) -> tuple:
+    return (0 if g.startswith("step-") else 1, g)
+
+
+def table(group: str, benches: dict, gpu: bool) -> list:
+    base = benches.get(_baseline_name(group))
+    step = group.startswith("step-")
+    head = ["name", "median ms", f"x {_baseline_name(group)}"]
+    if step:
+        head += ["peak mem MiB", "mem x vae", "batch"]
+        if not gpu:
+            head += ["peak RSS MiB"]
+    elif gpu:
+        head += ["MB moved", "GB/s", "% of BW"]
+    lines = [f"#### {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in sorted(benches, key=_order):
+        b = benches[name]
+        ei = b.get("extra_info", {})
+        t = _median(b)
+        row = [f"`{name}`", _fmt_ms(t), _fmt_ratio(t / _median(base) if base else None)]
+        if step:
+            mem, bmem = ei.get("peak_mem_bytes"), (base or {}).get("extra_info", {}).get("peak_mem_bytes")
+            row += [_mib(mem), _fmt_ratio(mem / bmem if mem and bmem else None), str(ei.get("batch", ""))]
+            if not gpu:
+                row += [_mib(ei.get("peak_rss_bytes"))]
+        elif gpu:
+            bw, frac = ei.get("bandwidth_Bps"), ei.get("bandwidth_frac")
+            row += [f"{ei['bytes'] / 1e6:.1f}" if ei.get("bytes") else "", f"{bw / 1e9:.0f}" if bw else "",
+                    f"{100 * frac:.0f}%" if frac else ""]
+        lines.append("| " + " | ".join(row) + " |")
+    notes = {b.get("extra_info", {}).get("batch_note") for b in benches.values()} - {None, ""}
+    for n in sorted(notes):
+        lines += ["", f"_{n}_"]
+    return lines + [""]
+
+
+def _status(ok) -> str:
+    return "**MET**" if ok else "**NOT MET**"
+
+
+def targets(data: dict) -> list:
+    gpu = _is_gpu(data)
+    g = groups(data)
+    status = data.get("hvae_fast", {}).get("backend_status", {})
+    out = ["### Targets", ""]
+
+    def unavailable():
+        why = [f"{n}: {status[n][1]}" for n in FUSED if n in status and not status[n][0]]
+        return "; ".join(why) or "no fused backend in this run"
+
+    # CPU: fused HVAE step <= 0.8x the torch-backend HVAE step, MLP preset.
+    label = f"CPU: fused HVAE step (K=5) <= {CPU_STEP_TARGET}x the torch-backend HVAE step ({MNIST_GROUP.removeprefix('step-')})"
+    if gpu:
+        out.append(f"- {label}: not applicable (GPU run)")
+    else:
+        steps = g.get(MNIST_GROUP, {})
+        ref = steps.get("hvae-torch")
+        fused = [n for n in steps if n.removeprefix("hvae-") in FUSED]
+        if not ref or not fused:
+            out.append(f"- {label}: not measured ({'no hvae-torch result' if not ref else unavailable()})")
+        for n in sorted(fused):
+            r = _median(steps[n]) / _median(ref)
+            out.append(f"- {label}: `{n}` at {r:.2f}x of `hvae-torch` "
+                       f"({_fmt_ms(_median(steps[n]))} vs {_fmt_ms(_median(ref))} ms): {_status(r <= CPU_STEP_TARGET)}")
+
+    # GPU: fused ops >= 70% of memory bandwidth at the large sizes.
+    label = f"GPU: fused ops >= {GPU_BW_TARGET:.0%} of memory bandwidth at large sizes"
+    if not gpu:
+        out.append(f"- {label}: not applicable (CPU run)")
+    else:
+        bwi = data.get("hvae_fast", {}).get("gpu_bandwidth") or {}
+        ref_txt = ""
+        if bwi:
+            ref_txt = (f" (reference: {bwi.get('reference')}, {bwi.get('reference_Bps', 0) / 1e9:.0f} GB/s; "
+                       f"measured copy {bwi.get('copy_Bps', 0) / 1e9:.0f} GB/s)")
+        rows = []
+        for grp, benches in sorted(g.items()):
+            for n, b in benches.items():
+                ei = b.get("extra_info", {})
+                if grp.startswith("op-") and n in FUSED and ei.get("large") and ei.get("bandwidth_frac") is not None:
+                    f = ei["bandwidth_frac"]
+                    rows.append(f"  - `{n}` {grp.removeprefix('op-')}: {ei['bandwidth_Bps'] / 1e9:.0f} GB/s = "
+                                f"{100 * f:.0f}%: {_status(f >= GPU_BW_TARGET)}")
+        out.append(f"- {label}{ref_txt}:" + ("" if rows else f" not measured ({unavailable()})"))
+        out += rows
+
+    # GPU: CIFAR-10 4-layer HVAE step <= 1.3x time and <= 1.25x peak memory of the VAE step.
+    label = (f"GPU: CIFAR-10 4-layer HVAE step <= {GPU_STEP_TIME_TARGET}x the VAE step in time, "
+             f"<= {GPU_STEP_MEM_TARGET}x in peak memory")
+    steps = g.get(CIFAR_GROUP, {})
+    vae = steps.get("vae")
+    hv = [n for n in steps if n.startswith("hvae-")]
+    lines = []
+    if vae:
+        for n in sorted(hv, key=_order):
+            rt = _median(steps[n]) / _median(vae)
+            m, mv = steps[n]["extra_info"].get("peak_mem_bytes"), vae["extra_info"].get("peak_mem_bytes")
+            rm = m / mv if m and mv else None
+            verdict = ""
+            if gpu and n.removeprefix("hvae-") in FUSED:
+                verdict = (f": time {_status(rt <= GPU_STEP_TIME_TARGET)}, "
+                           f"memory {_status(rm is not None and rm <= GPU_STEP_MEM_TARGET)}")
+            elif n == "hvae-torch":
+                verdict = " (reference, not a target)"
+            lines.append(f"  - `{n}`: time {rt:.2f}x, peak memory {_fmt_ratio(rm) or 'n/a'} of `vae`{verdict}")
+    if not gpu:
+        out.append(f"- {label}: not applicable (CPU run; CPU ratios for information"
+                   + (f", batch {vae['extra_info'].get('batch')}" if vae else "") + ")" + (":" if lines else ""))
+    else:
+        fused = [n for n in hv if n.removeprefix("hvae-") in FUSED]
+        out.append(f"- {label}:" + ("" if (vae and fused) else f" not measured ({'no vae result' if not vae else unavailable()})"))
+    out += lines
+    return out + [""]
+
+
+def header(data: dict, path) -> list:
+    h = data.get("hvae_fast", {})
+    v = h.get("versions", {})
+    lines = [f"### Benchmarks: {h.get('device_kind', '?')} ({h.get('device_name', '?')})", "",
+             f"- results: `{path}`, {data.get('datetime', '?')}"
+             + (f", commit {data['commit_info'].get('id', '')[:10]}" if data.get("commit_info", {}).get("id") else ""),
+             "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "python", "hvae_fast", "cuda") if k in v)]
+    if h.get("device", "").startswith("cpu"):
+        lines.append(f"- CPU: {h.get('cpu_count')} cores, torch threads {h.get('torch_threads')}, "
+                     f"load average {h.get('loadavg_start')} at start, {h.get('loadavg_end')} at end")
+    st = h.get("backend_status", {})
+    if st:
+        lines.append("- backends: " + "; ".join(f"{n} {'yes' if ok else 'no'}" + ("" if ok else f" ({why})")
+                                                for n, (ok, why) in st.items()))
+    if h.get("torch_compile"):
+        ok, why = h["torch_compile"]
+        lines.append(f"- torch.compile: {'yes' if ok else 'no'} ({why})")
+    return lines + [""]
+
+
+def report(path) -> str:
+    data = load(path)
+    gpu = _is_gpu(data)
+    lines = header(data, path)
+    g = groups(data)
+    if not g:
+        lines.append("_no benchmark results in this file_")
+    for grp in sorted(g, key=_group_sort_key):
+        lines += table(grp, g[grp], gpu)
+    lines += targets(data)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hvae_fast.benchreport", description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="pytest-benchmark JSON written by `pytest bench/ --benchmark-only`")
+    args = ap.parse_args(argv)
+    rc = 0
+    for p in args.results:
+        if not Path(p).is_file():
+            print(f"error: no such results file: {p} (run `pytest bench/ --benchmark-only` first)", file=sys.stderr)
+            rc = 2
+            continue
+        try:
+            print(report(p))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            print(f"error: {p} is not a bench/ results file: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rc = 2
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

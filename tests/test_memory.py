@@ -1,0 +1,84 @@
+"""`hvae-fast memory`: the CPU memory measure against hand counts, and the subcommand end to end."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from hvae_fast import cli
+from hvae_fast.memory import COLUMNS, SavedTensorCounter, step_memory
+
+F32 = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_step_memory_of_linear_tanh_by_hand():
+    """loss = tanh(x W^T + b).sum(), x [B, I] (no grad), Linear(I, O), Adam.
+
+    Saved for backward: addmm keeps x (for dL/dW; W itself only if x needed a gradient, and W is a
+    parameter, counted once below anyway); tanh keeps its output [B, O]; sum keeps nothing.
+    Parameters and gradients: O*I + O each. Adam: exp_avg and exp_avg_sq per parameter, plus one
+    float32 scalar `step` per parameter tensor (2 tensors).
+    """
+    B, I, O = 3, 7, 5
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(I, O)
+    x = torch.randn(B, I)
+    opt = torch.optim.Adam(lin.parameters())
+    r = step_memory(lin, lambda m: torch.tanh(m(x)).sum(), opt, "cpu")
+    n = O * I + O
+    assert r["saved"] == (B * I + B * O) * F32
+    assert r["params"] == r["grads"] == n * F32
+    assert r["optimizer"] == 2 * n * F32 + 2 * F32
+    assert r["counted"] == r["saved"] + 4 * n * F32 + 2 * F32 == 792
+    assert r["cuda_peak"] is None and r["rss_peak"] > 0
+
+
+def test_saved_tensor_counter_dedups_storages_and_skips_excluded():
+    w = torch.nn.Parameter(torch.randn(6))
+    x = torch.randn(6)
+    with SavedTensorCounter(exclude={w.untyped_storage().data_ptr()}) as c:
+        y = torch.tanh(x * w)  # mul keeps x (w excluded); tanh keeps y
+        (y * y).sum()  # mul keeps y twice: the same storage, counted once
+    assert c.bytes == 2 * 6 * F32
+    assert len(c.seen) == 2
+
+
+def test_memory_command_small_cpu(tmp_path, capsys):
+    js, cs, png = tmp_path / "m.json", tmp_path / "m.csv", tmp_path / "m.png"
+    rc = cli.main(["memory", "--device", "cpu", "--batch-size", "2", "--channels", "8", "--blocks", "1",
+                   "--depths", "2", "--baseline-depths", "2", "--models", "vae,hvae,iwae,lvae,biva",
+                   "--backend", "torch", "--samples", "3", "--json", str(js), "--csv", str(cs), "--plot", str(png)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "synthetic" in out and "CPU measure" in out
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["model"], r["layers"]) for r in rows] == [("vae", 2), ("hvae", 2), ("iwae", 2), ("lvae", 2), ("biva", 2)]
+    with open(cs) as f:
+        rd = csv.DictReader(f)
+        assert rd.fieldnames == COLUMNS
+        assert len(list(rd)) == 5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by = {r["model"]: r for r in rows}
+    for r in rows:
+        assert set(r) >= set(COLUMNS)
+        assert r["memory_bytes"] == r["counted_bytes"] == (r["saved_bytes"] + r["param_bytes"] + r["grad_bytes"]
+                                                           + r["optimizer_bytes"])
+        assert r["parameters"] * F32 == r["param_bytes"] == r["grad_bytes"]
+        assert r["ratio_to_vae"] == pytest.approx(r["memory_bytes"] / by["vae"]["memory_bytes"], rel=1e-2)
+    assert by["hvae"]["memory_bytes"] > by["vae"]["memory_bytes"]
+    assert by["iwae"]["memory_bytes"] > by["hvae"]["memory_bytes"]
+    assert by["hvae"]["backend"] == "torch" and by["vae"]["ratio_to_vae"] == 1.0
+
+
+def test_memory_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        cli.main(["memory", "--models", "vae,gan"])
