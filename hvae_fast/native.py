@@ -1,4 +1,4 @@
-"""The C++ (CPU, OpenMP) and CUDA backends of the two OU ops, built on first use.
+"""The C++ (CPU, OpenMP + SIMD) and CUDA backends of the two OU ops, built on first use.
 
 The extensions are compiled with ``torch.utils.cpp_extension.load`` the first time a backend is
 probed or used (once per process; later processes reuse the build from the cache directory):
@@ -7,8 +7,13 @@ probed or used (once per process; later processes reuse the build from the cache
   ``platformdirs.user_cache_dir("hvae-fast")/build/<torch version>-<python tag>``; one
   sub-directory per extension. Torch's extension versioning rebuilds when a source or a flag
   changes, and a file lock makes concurrent first builds safe.
-* flags: ``-O3 -fopenmp`` only (no ``-march=native``: the cache directory may be shared between
-  machines with different CPUs); the inner loops are written for auto-vectorisation.
+* flags: ``-O3 -fopenmp -fno-math-errno -fno-trapping-math``, plus ``-mavx2 -mfma`` when the CPU
+  that builds has AVX2 and FMA (``cpu_isa()``: /proc/cpuinfo flags, else torch's CPU capability;
+  ``HVAE_CPU_ISA=baseline`` forces the portable SSE2 build). The C++ extension's build directory
+  is keyed on that choice (``<cache>/hvae_fast_ou_cpu-avx2`` or ``-baseline``), so a cached AVX2
+  build is never loaded by a CPU without AVX2 even when the cache is shared between machines. No
+  ``-march=native``: nothing beyond AVX2/FMA is assumed. The float32 inner loops (Philox lanes,
+  polynomial exp / log / cos) are written for auto-vectorisation (``omp simd``).
 * sources: ``csrc/`` next to this package (installed layout) or at the repository root (checkout).
 * the CUDA extension is built only when torch has CUDA (``torch.version.cuda``) and a device is
   present.
@@ -18,7 +23,13 @@ A build that fails (no compiler, no ninja, a compile error) never raises: it is 
 answers ``(False, reason)``. ``build_all(verbose)`` builds everything eagerly (``hvae-fast build``).
 
 Noise: element (k, j) of the [K, *S] noise is Triton's ``tl.randn(seed, k * N + j)``
-(Philox4x32-10, csrc/philox.h), so the C++, CUDA and Triton backends draw the same eps for a seed.
+(Philox4x32-10, csrc/philox.h), so the C++, CUDA and Triton backends draw the same eps for a seed
+(the Philox integers bit for bit; the C++ backend's float32 Box-Muller uses vectorised polynomial
+log / cos, within 1e-6 of Triton's, see tests/test_native.py).
+
+CPU threading: the C++ kernels run on torch's intra-op pool (``at::parallel_for``, so
+``torch.set_num_threads`` applies) and stay on the calling thread below ~32k normals / ~128k head
+elements, where a parallel region costs more than it saves (and a whole time slice on a busy machine).
 """
 
 from __future__ import annotations
@@ -69,13 +80,44 @@ def build_root() -> Path:
     return base / "build" / tag
 
 
-def _summarise(exc: BaseException) -> str:
-    """The first lines of a build failure worth reading (compiler errors first)."""
+def _summarise(exc: BaseException) -> tuple[str, str]:
+    """(one-line reason, first lines of the compiler's message) for a failed build."""
     text = str(exc).strip() or type(exc).__name__
     lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() and not ln.lstrip().startswith("[")]
-    picked = errors[:_ERROR_LINES] if errors else lines[:_ERROR_LINES]
-    return "\n".join(picked)
+    diags = [ln for ln in lines if "error:" in ln.lower() or "error " in ln.lower()[:12]]
+    diags = [ln for ln in diags if not ln.startswith("Error building extension")] or lines
+    head = lines[0] if lines else text
+    if len(head) > 200:  # torch's first line carries the whole compiler command
+        head = head[:200] + " ..."
+    detail = "\n".join([head] + [ln for ln in diags[:_ERROR_LINES] if ln != lines[0]])
+    reason = diags[0] if diags and diags[0] != lines[0] else head
+    return reason.strip(), detail
+
+
+_ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "baseline": []}
+
+
+def cpu_isa() -> str:
+    """The instruction set the C++ extension is built for on this CPU: "avx2" (AVX2 + FMA) or "baseline".
+
+    ``HVAE_CPU_ISA`` (``avx2`` / ``baseline``) overrides; otherwise the CPU's flags in /proc/cpuinfo
+    decide, and where that file is missing torch's detected CPU capability (AVX2 or AVX512)."""
+    env = os.environ.get("HVAE_CPU_ISA", "").strip().lower()
+    if env in _ISA_FLAGS:
+        return env
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return "avx2" if {"avx2", "fma"} <= flags else "baseline"
+    except OSError:
+        pass
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        cap = ""
+    return "avx2" if cap in ("AVX2", "AVX512") else "baseline"
 
 
 class NativeExtension:
@@ -126,15 +168,17 @@ class NativeExtension:
             self.reason = f"missing sources: {', '.join(missing)}"
             log.warning("hvae-fast %s extension unavailable: %s", self.name, self.reason)
             return
-        build_dir = self._build_dir or (build_root() / self.name)
+        isa = None if self.cuda else cpu_isa()
+        build_dir = self._build_dir or (build_root() / (self.name if isa is None else f"{self.name}-{isa}"))
         try:
             from torch.utils import cpp_extension
 
             build_dir.mkdir(parents=True, exist_ok=True)
+            cpu_flags = ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + _ISA_FLAGS.get(isa, [])
             kwargs = dict(
                 name=self.name,
                 sources=[str(p) for p in paths],
-                extra_cflags=["-O3"] + ([] if self.cuda else ["-fopenmp"]),
+                extra_cflags=["-O3"] + ([] if self.cuda else cpu_flags),
                 extra_ldflags=[] if self.cuda else ["-fopenmp"],
                 extra_include_paths=[str(src)],
                 build_directory=str(build_dir),
@@ -143,15 +187,15 @@ class NativeExtension:
             if self.cuda:
                 kwargs["extra_cuda_cflags"] = ["-O3"]
             self.module = cpp_extension.load(**kwargs)
-            self.reason = f"built in {build_dir}"
+            self.reason = f"built in {build_dir}" + ("" if isa is None else f", {isa}")
         except BaseException as exc:  # compile errors, missing ninja/compiler, SystemExit from a tool
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            msg = _summarise(exc)
+            reason, detail = _summarise(exc)
             self.module = None
-            self.reason = f"build of the {self.name} extension failed: {msg.splitlines()[0] if msg else exc!r}"
+            self.reason = f"build of the {self.name} extension failed: {reason}"
             log.warning("hvae-fast %s extension could not be built (falling back to other backends):\n%s",
-                        self.name, msg)
+                        self.name, detail)
 
     def probe(self) -> tuple[bool, str]:
         mod = self.get()
@@ -249,6 +293,8 @@ class GaussianHeadFn(torch.autograd.Function):
         mean_raw, scale_raw, target, mbar, sbar = ctx.saved_tensors
         g = g.to(target.dtype if not mean_raw.is_cuda else torch.float32).contiguous()
         dmr, dsr, dt = ctx.mod.gaussian_head_bwd(g, mean_raw, scale_raw, target, mbar, sbar, ctx.ratio, ctx.min_scale)
+        if dmr.dim() == target.dim():  # mean-std mode (C++): one [B, *S] for all k, expanded like torch's mean
+            dmr = dmr.unsqueeze(0).expand_as(mean_raw)
         return (
             dmr if ctx.needs_input_grad[0] else None,
             dsr if ctx.needs_input_grad[1] else None,

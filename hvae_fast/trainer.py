@@ -26,6 +26,7 @@ from . import data as data_mod
 from .config import RunConfig
 from .errors import HVAEError
 from .evaluate import evaluate
+from .likelihoods import bits_per_dim
 from .model import OUSmoothing, build_model, count_parameters
 from .objectives import kl_weight, training_loss
 from .ou import get_backend
@@ -247,8 +248,11 @@ class Trainer:
             torch.manual_seed(self.step)
             t = self.model(x)
         kls = [k.mean().item() for k in t.kl]
-        return {"elbo": t.log_weight.mean().item(), "recon": t.log_px.mean().item(), "kl_per_layer": kls,
-                "kl_total": sum(kls), "top_kl": kls[-1]}
+        out = {"elbo": t.log_weight.mean().item(), "recon": t.log_px.mean().item(), "kl_per_layer": kls,
+               "kl_total": sum(kls), "top_kl": kls[-1]}
+        if self.model.likelihood.kind == "logistic":
+            out["bpd"] = bits_per_dim(-out["elbo"], x[0].numel())
+        return out
 
     def validate(self) -> dict:
         t = self.cfg.train
