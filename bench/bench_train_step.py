@@ -2,7 +2,8 @@
 
 Benchmark names: ``vae`` (the plain stacked VAE: the baseline), ``hvae-torch`` (OU-smoothed
 generator layers on the eager torch backend), ``hvae-<backend>`` for each available fused backend
-(``hvae-triton``, ``hvae-cuda``, ``hvae-cpp``; the rest are skipped with the probe's reason).
+(``hvae-triton``, ``hvae-cuda``, ``hvae-cpp``; the rest are skipped with the probe's reason), and
+``hvae-torch-recompute`` (the K-sample generator activations rebuilt in backward, ``--ou-recompute``).
 Groups: ``step-<preset>``. Every variant starts from the same weights (seed 0) and the same
 synthetic batch, and runs the step the trainer runs (trainer.Trainer.train_step: loss, zero_grad,
 backward, clip_grad_norm_, finiteness checks, optimizer step) with the preset's optimizer and lr.
@@ -67,8 +68,10 @@ class Step:
         self.device = device
         self.ou = None
         if self.method == "hvae":
-            backend = get_backend(variant.removeprefix("hvae-"), device)
-            self.ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, backend, cfg.ou.target, cfg.ou.smooth_inference)
+            name = variant.removeprefix("hvae-")
+            backend = get_backend(name.removesuffix("-recompute"), device)
+            self.ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, backend, cfg.ou.target, cfg.ou.smooth_inference,
+                                  recompute=name.endswith("-recompute"))
 
     def forward(self):
         return training_loss(self.model, self.x, self.method, self.ou, 1.0, 0.0, 1)[0]
@@ -197,7 +200,8 @@ def _bench_step(benchmark, preset, variant, device, scale):
     benchmark.name = variant
     benchmark.extra_info.update(
         preset=preset, variant=variant, method=step.method,
-        backend=variant.removeprefix("hvae-") if step.method == "hvae" else None,
+        backend=variant.removeprefix("hvae-").removesuffix("-recompute") if step.method == "hvae" else None,
+        recompute=variant.endswith("-recompute"),
         batch=step.batch, preset_batch=cfg.train.batch_size, batch_note=note,
         K=cfg.ou.samples if step.method == "hvae" else None, rho=cfg.ou.rho if step.method == "hvae" else None,
         optimizer=cfg.train.optimizer, params=sum(p.numel() for p in step.model.parameters()),

@@ -147,8 +147,8 @@ def _impl_params(names):
         if name == "torch-compile":
             ok, why = torch_compile_status()
             reason = None if ok else why
-        elif name.removeprefix("hvae-") in FUSED:
-            reason = fused_skip_reason(name.removeprefix("hvae-"))
+        elif name.removeprefix("hvae-").removesuffix("-recompute") in FUSED:
+            reason = fused_skip_reason(name.removeprefix("hvae-").removesuffix("-recompute"))
         out.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=reason)] if reason else []))
     return out
 
@@ -159,7 +159,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("op_impl", _impl_params(("torch", "torch-compile") + FUSED))
     # Step level: the plain VAE, the HVAE on the torch backend, the HVAE on each fused backend.
     if "step_variant" in metafunc.fixturenames:
-        metafunc.parametrize("step_variant", _impl_params(("vae", "hvae-torch") + tuple(f"hvae-{b}" for b in FUSED)))
+        # `-recompute`: the K-sample generator activations are rebuilt in backward (--ou-recompute).
+        variants = ("vae", "hvae-torch") + tuple(f"hvae-{b}" for b in FUSED) + ("hvae-torch-recompute",)
+        metafunc.parametrize("step_variant", _impl_params(variants))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ou-target", choices=OU_TARGETS, help="average the Gaussian head's mean and std, or mu/sigma")
     p.add_argument("--ou-inference", action="store_true", default=None, help="also smooth the inference network")
     p.add_argument("--backend", choices=BACKEND_NAMES, help="OU kernels: auto picks the fastest available and logs it")
+    p.add_argument("--ou-recompute", action="store_true", default=None,
+                   help="recompute the K-sample generator activations in backward (less memory, more time)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -64,7 +66,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 # (argparse dest, config section, field)
 _OVERRIDES = [("method", None, "method"), ("rho", "ou", "rho"), ("K", "ou", "samples"), ("ou_target", "ou", "target"),
-              ("ou_inference", "ou", "smooth_inference"), ("backend", "ou", "backend"),
+              ("ou_inference", "ou", "smooth_inference"), ("ou_recompute", "ou", "recompute"), ("backend", "ou", "backend"),
               ("steps", "train", "steps"), ("batch_size", "train", "batch_size"), ("lr", "train", "lr"),
               ("optimizer", "train", "optimizer"), ("lr_schedule", "train", "lr_schedule"),
               ("grad_clip", "train", "grad_clip"), ("kl_anneal", "train", "kl_anneal"),
@@ -229,8 +231,11 @@ def cmd_info(args) -> int:
 def cmd_build(args) -> int:
     from . import native
 
-    ok = native.build_all(verbose=args.verbose)
-    return 0 if ok else 1
+    status = native.build_all(verbose=args.verbose)
+    for name, (ok, why) in status.items():
+        print(f"{name:<5} {'built' if ok else 'not built':<10} {why}")
+    # The CPU extension must build everywhere; CUDA only where torch has a GPU.
+    return 0 if status["cpp"][0] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,6 +56,9 @@ class OUConfig:
     target: str = "mean-std"  # "mean-std" | "ratio"
     backend: str = "auto"  # "auto" | "triton" | "cuda" | "cpp" | "torch"
     smooth_inference: bool = False  # also smooth q(z_{i+1} | z_i) (the paper: little benefit)
+    # Recompute the K-sample generator activations in backward instead of storing them:
+    # HVAE memory close to the VAE's, for one extra forward of the smoothed layers.
+    recompute: bool = False
 
 
 @dataclass

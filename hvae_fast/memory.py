@@ -163,7 +163,7 @@ def model_config(model: str, layers: int, channels: int | None = None, blocks: i
 
 def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, device="cpu", backend: str = "auto",
             channels: int | None = None, blocks: int | None = None, data_blocks: int | None = None,
-            rho: float = 0.9, seed: int = 0) -> dict:
+            rho: float = 0.9, seed: int = 0, recompute: bool = False) -> dict:
     """One row of the table: the memory of one training step of ``model`` (see the module docstring)."""
     from .model import OUSmoothing, build_model, count_parameters
     from .objectives import training_loss
@@ -184,7 +184,7 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
     ou, backend_name = None, "-"
     if model == "hvae":
         b = get_backend(backend, device)
-        ou, backend_name = OUSmoothing(rho=rho, samples=samples, backend=b), b.name
+        ou, backend_name = OUSmoothing(rho=rho, samples=samples, backend=b, recompute=recompute), b.name
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.randint(0, 256, (batch_size, *IMAGE_SHAPE), generator=gen).float() / 127.5 - 1.0).to(device)
 
@@ -200,7 +200,8 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
            "ratio_to_vae": None, "saved_bytes": r["saved"], "param_bytes": r["params"], "grad_bytes": r["grads"],
            "optimizer_bytes": r["optimizer"], "counted_bytes": r["counted"], "rss_peak_bytes": r["rss_peak"],
            "step_seconds": round(r["seconds"], 4), "paper_memory_gb": paper[0], "paper_parameters": paper[1],
-           "batch_size": batch_size, "samples": samples, "backend": backend_name, "device": str(device)}
+           "batch_size": batch_size, "samples": samples, "backend": backend_name, "recompute": recompute,
+           "device": str(device)}
     del net, opt, x
     if cuda:
         torch.cuda.empty_cache()
@@ -310,6 +311,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=0.9, help="OU correlation of hvae")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="OU backend of hvae (compare eager torch vs fused)")
+    p.add_argument("--recompute", action="store_true", help="hvae: recompute the K-sample generator activations in backward")
     p.add_argument("--channels", type=int, help="feature maps of every net (shrink for quick runs)")
     p.add_argument("--blocks", type=int, help="ResNet blocks per net, also the nets next to x unless --data-blocks")
     p.add_argument("--data-blocks", type=int, help="ResNet blocks of the nets next to x")
@@ -327,7 +329,8 @@ def cmd_memory(args) -> int:
     device = resolve_device(args.device)
     rows = run_table(args.models, args.depths, args.baseline_depths, batch_size=args.batch_size,
                      samples=args.samples, device=device, backend=args.backend, channels=args.channels,
-                     blocks=args.blocks, data_blocks=args.data_blocks, rho=args.rho, seed=args.seed)
+                     blocks=args.blocks, data_blocks=args.data_blocks, rho=args.rho, seed=args.seed,
+                     recompute=args.recompute)
     kind = rows[0]["memory_kind"] if rows else ""
     print(f"memory of one training step on {device} ({kind}), batch {args.batch_size}, "
           f"{args.samples} OU / IWAE samples, synthetic CIFAR-10-shaped inputs (3x32x32, logistic likelihood)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .errors import HVAEError
@@ -39,6 +40,7 @@ class OUSmoothing:
     backend: Backend
     target: str = "mean-std"
     smooth_inference: bool = False
+    recompute: bool = False  # checkpoint the K*B generator pass (memory for compute)
 
     def __post_init__(self):
         check_ou_args(self.rho, self.samples)
@@ -157,7 +159,11 @@ class HierarchicalVAE(nn.Module):
         zp = ou.backend.correlated_samples(z_above, q_above[0], q_above[1], ou.rho, K, ou.seed())
         if skip is not None:
             skip = skip.unsqueeze(0).expand(K, *skip.shape).flatten(0, 1)
-        out, h = gen(zp.flatten(0, 1), skip)
+        if ou.recompute and torch.is_grad_enabled():
+            # Keep only the K*B inputs; the layer's activations are rebuilt in backward.
+            out, h = checkpoint(gen, zp.flatten(0, 1), skip, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out, h = gen(zp.flatten(0, 1), skip)
         out = out.view(K, B, *out.shape[1:])
         mean_raw, scale_raw = out.chunk(2, dim=2)
         lp = ou.backend.gaussian_head_logprob(mean_raw, scale_raw, z, ou.target, self.cfg.min_scale)

@@ -146,7 +146,8 @@ class Trainer:
         if cfg.method == "hvae":
             backend = get_backend(cfg.ou.backend, self.device)
             self.backend_name = backend.name
-            self.ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, backend, cfg.ou.target, cfg.ou.smooth_inference)
+            self.ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, backend, cfg.ou.target, cfg.ou.smooth_inference,
+                                  cfg.ou.recompute)
         else:
             self.backend_name = None
         opt_cls = torch.optim.Adamax if t.optimizer == "adamax" else torch.optim.Adam

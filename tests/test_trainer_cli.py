@@ -122,6 +122,8 @@ def test_every_cli_command_runs(trained_run, shared_data, capsys):
     assert info["backends"]["cpu"]["torch"]["available"] is True
     assert main(["info"]) == 0
     assert "OU backends on cpu" in capsys.readouterr().out
+    assert main(["build"]) == 0
+    assert "cpp   built" in capsys.readouterr().out
     assert main(["plot", str(run), "--output", str(run / "curves.png")]) == 0
     assert (run / "curves.png").stat().st_size > 0
     assert main(["plot", str(run.parent / "missing")]) == 2
