@@ -86,6 +86,9 @@ def config_from_args(args):
     saved = args.out / "config.json" if args.resume and args.out is not None else None
     if saved is not None and saved.exists() and args.preset is None:
         cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+        if cfg.dataset != args.dataset:
+            raise HVAEError(f"--resume: {args.out} is a {cfg.dataset} run, not {args.dataset}: "
+                            f"pass `hvae-fast train {cfg.dataset} --out {args.out} --resume`")
     else:
         name = args.preset or DEFAULT_PRESET[args.dataset]
         cfg = preset_config(name, args.dataset)

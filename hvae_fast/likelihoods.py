@@ -213,6 +213,18 @@ def _pick(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, idx[:, None, None].expand(b, 1, k, h, w)).squeeze(1)
 
 
+def _coupled_channels(mu: Tensor, coef: Tensor, finish) -> Tensor:
+    """Channel by channel: m_c = mu_c + sum_{j<c} coef_(c,j) x_j, then x_c = finish(c, m_c). [B, C, H, W]."""
+    xs, k = [], 0
+    for c in range(mu.shape[1]):
+        m = mu[:, c]
+        for j in range(c):
+            m = m + coef[:, k] * xs[j]
+            k += 1
+        xs.append(finish(c, m))
+    return torch.stack(xs, dim=1)
+
+
 def dmol_sample(params: Tensor, n_mix: int, generator: torch.Generator | None = None) -> Tensor:
     """An exact draw x ~ p(x): [B, C, H, W] on the 256 levels in [-1, 1] (C inferred from params).
 
@@ -228,14 +240,7 @@ def dmol_sample(params: Tensor, n_mix: int, generator: torch.Generator | None = 
     mu, log_s, coef = _pick(means, comp), _pick(log_scales, comp), _pick(coeffs, comp)
     u = torch.rand(mu.shape, **opts).clamp(1e-5, 1 - 1e-5)
     noise = torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))  # logistic(0, s)
-    xs, k = [], 0
-    for c in range(mu.shape[1]):
-        m = mu[:, c]
-        for j in range(c):
-            m = m + coef[:, k] * xs[j]
-            k += 1
-        xs.append(_quantise(m + noise[:, c]))
-    return torch.stack(xs, dim=1)
+    return _coupled_channels(mu, coef, lambda c, m: _quantise(m + noise[:, c]))
 
 
 def dmol_mean(params: Tensor, n_mix: int) -> Tensor:
@@ -244,14 +249,7 @@ def dmol_mean(params: Tensor, n_mix: int) -> Tensor:
     logits, means, _, coeffs = _split(params, n_mix)
     comp = torch.argmax(logits, dim=1)
     mu, coef = _pick(means, comp), _pick(coeffs, comp)
-    xs, k = [], 0
-    for c in range(mu.shape[1]):
-        m = mu[:, c]
-        for j in range(c):
-            m = m + coef[:, k] * xs[j]
-            k += 1
-        xs.append(m.clamp(-1.0, 1.0))
-    return torch.stack(xs, dim=1)
+    return _coupled_channels(mu, coef, lambda c, m: m.clamp(-1.0, 1.0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # CI and the README point HVAE_DATA_DIR at ../shared/data; fall back to that path beside the repo.
@@ -24,3 +25,12 @@ def shared_data():
     if not (SHARED_DATA / "binarized_mnist").is_dir():
         pytest.skip(f"offline datasets not found at {SHARED_DATA}: set HVAE_DATA_DIR")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: one intra-op thread is several times faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

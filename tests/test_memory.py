@@ -12,12 +12,7 @@ from hvae_fast.memory import COLUMNS, SavedTensorCounter, step_memory
 F32 = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_step_memory_of_linear_tanh_by_hand():

@@ -182,6 +182,8 @@ def test_resume_checks_the_config_and_refuses_to_overwrite(trained_run, shared_d
     assert "pass --resume" in capsys.readouterr().err
     assert main(base + ["--resume", "--rho", "0.5"]) == 2
     assert "differs from the checkpoint's in ou.rho" in capsys.readouterr().err
+    assert main(["train", "mnist"] + base[2:] + ["--resume"]) == 2
+    assert "is a binarized-mnist run, not mnist" in capsys.readouterr().err
     # Extending a run is a valid resume.
     assert main(base + ["--resume", "--steps", "14"]) == 0
     last = [json.loads(l) for l in (trained_run / "metrics.jsonl").read_text().splitlines()][-1]
