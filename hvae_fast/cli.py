@@ -18,7 +18,7 @@ from .errors import HVAEError
 log = logging.getLogger("hvae_fast")
 
 
-def _floats_pair(s: str):
+def _steps_pair(s: str):
     try:
         a, b = (int(float(v)) for v in s.split(","))
     except ValueError:
@@ -47,7 +47,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=("adam", "adamax"))
     p.add_argument("--lr-schedule", choices=("constant", "cosine", "exponential"))
     p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables")
-    p.add_argument("--kl-anneal", type=_floats_pair, metavar="ZERO_STEPS,RAMP_STEPS",
+    p.add_argument("--kl-anneal", type=_steps_pair, metavar="ZERO_STEPS,RAMP_STEPS",
                    help="KL weight 0 for ZERO_STEPS, then linear to 1 over RAMP_STEPS (reported ELBOs use weight 1)")
     p.add_argument("--free-bits", type=float, metavar="NATS",
                    help="per-layer floor: each stochastic layer's KL, averaged over the minibatch, is clamped from below")

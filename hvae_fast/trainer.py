@@ -155,6 +155,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
         self.skipped = 0
+        self._nonfinite_run = 0  # consecutive skipped steps; MAX_CONSECUTIVE_NONFINITE stops the run
         self.best_valid = -math.inf
         if resume:
             self._load(self.out / "checkpoint-latest.pt")
@@ -284,7 +285,7 @@ class Trainer:
             self._nonfinite_run = 0
         else:
             self.skipped += 1
-            self._nonfinite_run = getattr(self, "_nonfinite_run", 0) + 1
+            self._nonfinite_run += 1
             if self._nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
                 self.save()
                 raise HVAEError(f"the loss or its gradient was NaN/inf for {MAX_CONSECUTIVE_NONFINITE} steps in a row "
