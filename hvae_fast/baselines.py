@@ -5,7 +5,9 @@ the sampled z under the posterior actually sampled from, log p under the generat
 trainer, the objectives (ELBO, IW bound, IWAE, annealing, free bits) and the evaluation run on them
 unchanged. OU smoothing is defined for the vanilla stack only: ``forward(x, ou)`` with ``ou`` given
 raises HVAEError. Both work for ``arch="mlp"`` (nets.MLP) and ``arch="resnet"`` (nets.ConvNet)
-configs; every net returns (Gaussian parameters, the features before its head).
+configs; every net returns (Gaussian parameters, the features before its head). Shapes, the
+likelihood and ``sample()`` come from the shared base ``stack.StackedVAE``; the registry that
+builds them (``MODELS``, ``build_model``) is in model.py, above this module.
 
 Ladder VAE (Sonderby et al. 2016), layers i = 1..L (z_1 next to x)
     bottom-up   d_1 = f_1(x), d_i = f_i(d_{i-1});  (mu_hat_i, sigma_hat_i) = head_i(d_i)
@@ -41,11 +43,9 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .distributions import Terms, gaussian_logprob, split_gaussian, std_normal_logprob
 from .errors import HVAEError
-from .likelihoods import make_likelihood
-from .model import Terms, split_gaussian, std_normal_logprob
-from .nets import MLP, ConvNet
-from .ou import gaussian_logprob
+from .stack import StackedVAE
 
 
 def precision_weighted(mu_hat, sigma_hat, mu_p, sigma_p):
@@ -60,55 +60,13 @@ def _cat_shape(a, b):
     return (a[0] + b[0], *a[1:])
 
 
-class _Stack(nn.Module):
-    """Shared plumbing: likelihood, shapes, and a net factory for MLP / ResNet configs."""
+class _Baseline(StackedVAE):
+    """LVAE and BIVA: no HVAE+ skips (they have their own top-down paths), no OU smoothing."""
 
-    def _setup(self, cfg: ModelConfig, image_shape):
-        self.cfg = cfg
-        self.image_shape = tuple(image_shape)
-        self.likelihood = make_likelihood(cfg.likelihood, n_mix=cfg.n_mix)
-        C, H, W = self.image_shape
-        self.n_out = self.likelihood.num_params(C)
-        L = cfg.depth
-        if L < 1:
-            raise HVAEError("a model needs at least one stochastic layer")
+    def __init__(self, cfg: ModelConfig, image_shape):
         if cfg.skip:
             raise HVAEError("skip (HVAE+) is an option of the vanilla stack; LVAE and BIVA have their own structure")
-        if cfg.arch == "mlp":
-            if len(cfg.latent_sizes) != len(cfg.hidden_sizes):
-                raise HVAEError("latent_sizes and hidden_sizes must have one entry per stochastic layer")
-            self.z_shapes = [(d,) for d in cfg.latent_sizes]
-            self.feat_shapes = [(h,) for h in cfg.hidden_sizes]
-        elif cfg.arch == "resnet":
-            s = cfg.latent_stride
-            if H % (2 * s) or W % (2 * s):
-                raise HVAEError(f"image size {H}x{W} is not divisible by 2 * latent_stride = {2 * s}")
-            hw = (H // (2 * s), W // (2 * s))
-            self.z_shapes = [(cfg.latent_channels, *hw)] * L
-            self.feat_shapes = [(cfg.channels, *hw)] * L
-        else:
-            raise HVAEError(f"unknown architecture {cfg.arch!r}: choose mlp or resnet")
-        return L
-
-    def net(self, in_shape, i: int, out_ch: int, data: str = ""):
-        """A net of layer i: in_shape -> (out_ch Gaussian/likelihood params, features of layer i).
-
-        data="in": reads the image (downsamples); data="out": writes image-sized likelihood params.
-        """
-        cfg = self.cfg
-        if cfg.arch == "mlp":
-            out = (out_ch, *self.image_shape[1:]) if data == "out" else (out_ch,)
-            return MLP(in_shape, cfg.hidden_sizes[i], out, cfg.activation)
-        down = 2 * cfg.latent_stride if data == "in" else 1
-        up = 2 * cfg.latent_stride if data == "out" else 1
-        return ConvNet(in_shape[0], cfg.channels, out_ch, cfg.data_blocks if data else cfg.blocks, down=down, up=up)
-
-    @property
-    def depth(self) -> int:
-        return len(self.latent_shapes)
-
-    def _device(self):
-        return next(self.parameters()).device
+        super().__init__(cfg, image_shape)
 
     @staticmethod
     def _check_ou(ou):
@@ -116,16 +74,20 @@ class _Stack(nn.Module):
             raise HVAEError("OU smoothing is defined for the vanilla stack (methods hvae/vae/iwae), not for LVAE or BIVA")
 
 
-class LadderVAE(_Stack):
+class LadderVAE(_Baseline):
     def __init__(self, cfg: ModelConfig, image_shape):
-        super().__init__()
-        L = self._setup(cfg, image_shape)
-        self.latent_shapes = self.z_shapes
-        zc = [s[0] for s in self.z_shapes]
+        super().__init__(cfg, image_shape)
+        L, zc = self.depth, [s[0] for s in self.z_shapes]
         self.enc = nn.ModuleList([self.net(self.image_shape, 0, 2 * zc[0], "in")] +
                                  [self.net(self.feat_shapes[i - 1], i, 2 * zc[i]) for i in range(1, L)])
         self.gen = nn.ModuleList(self.net(self.z_shapes[i + 1], i, 2 * zc[i]) for i in range(L - 1))
         self.px = self.net(self.z_shapes[0], 0, self.n_out, "out")
+
+    def prior(self, i: int, z_above, state=None):
+        return split_gaussian(self.gen[i](z_above)[0], self.cfg.min_scale), None
+
+    def decode(self, z, state=None):
+        return self.px(z)[0]
 
     def forward(self, x, ou=None) -> Terms:
         self._check_ou(ou)
@@ -140,28 +102,17 @@ class LadderVAE(_Stack):
         z = mu + sigma * torch.randn_like(mu)
         log_q[-1], log_p[-1], q_mean[-1] = gaussian_logprob(z, mu, sigma), std_normal_logprob(z), mu
         for i in reversed(range(L - 1)):
-            mu_p, sigma_p = split_gaussian(self.gen[i](z)[0], ms)
+            (mu_p, sigma_p), _ = self.prior(i, z)
             mu, sigma = precision_weighted(*bu[i], mu_p, sigma_p)
             z = mu + sigma * torch.randn_like(mu)
             log_q[i], log_p[i], q_mean[i] = gaussian_logprob(z, mu, sigma), gaussian_logprob(z, mu_p, sigma_p), mu
-        return Terms(self.likelihood.logprob(self.px(z)[0], x), log_q, log_p, q_mean)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True):
-        dev = self._device()
-        z = torch.randn((n, *self.latent_shapes[-1]), generator=generator, device=dev)
-        for i in reversed(range(self.depth - 1)):
-            mu, sigma = split_gaussian(self.gen[i](z)[0], self.cfg.min_scale)
-            z = mu + sigma * torch.randn(mu.shape, generator=generator, device=dev)
-        params = self.px(z)[0]
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+        return Terms(self.likelihood.logprob(self.decode(z), x), log_q, log_p, q_mean)
 
 
-class BIVA(_Stack):
+class BIVA(_Baseline):
     def __init__(self, cfg: ModelConfig, image_shape):
-        super().__init__()
-        L = self._setup(cfg, image_shape)
-        zs, fs = self.z_shapes, self.feat_shapes
+        super().__init__(cfg, image_shape)
+        L, zs, fs = self.depth, self.z_shapes, self.feat_shapes
         # Layers below the top hold (BU, TD): twice the channels / units.
         self.latent_shapes = [_cat_shape(s, s) for s in zs[:-1]] + [zs[-1]]
         zc = [s[0] for s in zs]
@@ -182,7 +133,11 @@ class BIVA(_Stack):
         bu, td = out.chunk(2, dim=1)
         return split_gaussian(bu, self.cfg.min_scale), split_gaussian(td, self.cfg.min_scale), h
 
-    def _px(self, z, h):
+    def prior(self, i: int, z_above, h_above):
+        (mu_b, sig_b), (mu_t, sig_t), h = self._gen(i, z_above, h_above)
+        return (torch.cat([mu_b, mu_t], 1), torch.cat([sig_b, sig_t], 1)), h
+
+    def decode(self, z, h):
         return self.px(z if h is None else torch.cat([z, h], 1))[0]
 
     def forward(self, x, ou=None) -> Terms:
@@ -205,25 +160,4 @@ class BIVA(_Stack):
             log_p[i] = gaussian_logprob(z_bu[i], mu_b, sig_b) + gaussian_logprob(z_td, mu_t, sig_t)
             q_mean[i] = torch.cat([q_bu[i][0], mu], 1)
             z = torch.cat([z_bu[i], z_td], 1)
-        return Terms(self.likelihood.logprob(self._px(z, h), x), log_q, log_p, q_mean)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True):
-        dev = self._device()
-        z, h = torch.randn((n, *self.latent_shapes[-1]), generator=generator, device=dev), None
-        for i in reversed(range(self.depth - 1)):
-            (mu_b, sig_b), (mu_t, sig_t), h = self._gen(i, z, h)
-            mu, sigma = torch.cat([mu_b, mu_t], 1), torch.cat([sig_b, sig_t], 1)
-            z = mu + sigma * torch.randn(mu.shape, generator=generator, device=dev)
-        params = self._px(z, h)
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
-
-
-MODELS = {"lvae": LadderVAE, "biva": BIVA}
-
-
-def build(method: str, cfg: ModelConfig, image_shape) -> nn.Module:
-    """The baseline model of ``method`` ("lvae" or "biva") for ``cfg`` and images of ``image_shape``."""
-    if method not in MODELS:
-        raise HVAEError(f"unknown baseline {method!r}: choose {' or '.join(MODELS)}")
-    return MODELS[method](cfg, image_shape)
+        return Terms(self.likelihood.logprob(self.decode(z, h), x), log_q, log_p, q_mean)

@@ -9,26 +9,29 @@ Every Gaussian is diagonal with sigma = softplus(raw) + min_scale.
 objectives (ELBO, IW bound, IWAE, annealing, free bits) are built from those in objectives.py.
 With ``ou`` given (training only), each generator layer p(z_i|z_{i+1}) is replaced by its OU
 smoothing: K correlated samples around the posterior sample z_{i+1}, one batched pass of the layer
-over all K*B of them, and the averaged Gaussian head; the OU backend does the two fused ops.
+over all K*B of them, and the averaged Gaussian head; the OU backend (an ``ou.get_backend`` result
+the trainer passes in) does the two fused ops, so the model never imports ``ou``.
+
+Also the model registry: ``MODELS`` maps every method to its class (vae, hvae and iwae share
+``HierarchicalVAE``; lvae and biva are in baselines.py) and ``build_model`` is the one entry point.
+Imports run down: model -> baselines -> stack (the shared base) -> distributions (Terms, Gaussians).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .backends import Backend, check_ou_args
+from .baselines import BIVA, LadderVAE
 from .config import ModelConfig
+from .distributions import Terms, gaussian_logprob, split_gaussian, std_normal_logprob
 from .errors import HVAEError
-from .likelihoods import make_likelihood
-from .nets import MLP, ConvNet
-from .ou import Backend, check_ou_args, gaussian_logprob
-
-LOG_2PI = math.log(2 * math.pi)
+from .stack import StackedVAE
 
 
 @dataclass
@@ -50,78 +53,25 @@ class OUSmoothing:
         return int(torch.randint(0, 2**62, (1,)).item())
 
 
-@dataclass
-class Terms:
-    """Log-densities of one posterior sample per example; every tensor is [B] (nats).
-
-    ``log_q[i]`` = log q(z_i | below), ``log_p[i]`` = log p(z_i | above) (the prior for the top),
-    bottom to top; ``q_mean[i]`` is the posterior mean of z_i given the sampled layers below it.
-    """
-
-    log_px: torch.Tensor
-    log_q: list
-    log_p: list
-    q_mean: list = field(default_factory=list)
-
-    @property
-    def kl(self) -> list:
-        """Per-layer single-sample KL estimates log q - log p, bottom to top: list of [B]."""
-        return [q - p for q, p in zip(self.log_q, self.log_p)]
-
-    @property
-    def log_weight(self) -> torch.Tensor:
-        """log p(x, z) - log q(z | x): [B]."""
-        return self.log_px + sum(self.log_p) - sum(self.log_q)
-
-
-def split_gaussian(out: torch.Tensor, min_scale: float):
-    """[N, 2C, ...] (or [N, 2D]) -> mu, sigma of [N, C, ...]."""
-    mu, raw = out.chunk(2, dim=1)
-    return mu, F.softplus(raw) + min_scale
-
-
-def std_normal_logprob(z):
-    return (-0.5 * LOG_2PI - 0.5 * z * z).flatten(1).sum(1)
-
-
-class HierarchicalVAE(nn.Module):
+class HierarchicalVAE(StackedVAE):
     """The vanilla stacked VAE (methods vae, hvae and iwae share it; they differ in the objective)."""
 
     def __init__(self, cfg: ModelConfig, image_shape):
-        super().__init__()
-        self.cfg = cfg
-        self.image_shape = tuple(image_shape)
-        self.likelihood = make_likelihood(cfg.likelihood, n_mix=cfg.n_mix)
-        C, H, W = self.image_shape
-        n_out = self.likelihood.num_params(C)
-        L = cfg.depth
-        if L < 1:
-            raise HVAEError("a model needs at least one stochastic layer")
-        if cfg.arch == "mlp":
-            if cfg.skip:
-                raise HVAEError("skip connections (HVAE+) are implemented for the ResNet models only")
-            self.latent_shapes = [(d,) for d in cfg.latent_sizes]
-            hid, act = cfg.hidden_sizes, cfg.activation
-            below = [self.image_shape] + self.latent_shapes[:-1]
-            self.enc = nn.ModuleList(MLP(below[i], hid[i], (2 * cfg.latent_sizes[i],), act) for i in range(L))
-            self.gen = nn.ModuleList(MLP(self.latent_shapes[i + 1], hid[i], (2 * cfg.latent_sizes[i],), act) for i in range(L - 1))
-            self.px = MLP(self.latent_shapes[0], hid[0], (n_out, H, W), act)
-        elif cfg.arch == "resnet":
-            s = cfg.latent_stride
-            if H % (2 * s) or W % (2 * s):
-                raise HVAEError(f"image size {H}x{W} is not divisible by 2 * latent_stride = {2 * s}")
-            lc, ch = cfg.latent_channels, cfg.channels
-            self.latent_shapes = [(lc, H // (2 * s), W // (2 * s))] * L
-            self.enc = nn.ModuleList([ConvNet(C, ch, 2 * lc, cfg.data_blocks, down=2 * s)] +
-                                     [ConvNet(lc, ch, 2 * lc, cfg.blocks) for _ in range(L - 1)])
-            self.gen = nn.ModuleList(ConvNet(lc, ch, 2 * lc, cfg.blocks) for _ in range(L - 1))
-            self.px = ConvNet(lc, ch, n_out, cfg.data_blocks, up=2 * s)
-        else:
-            raise HVAEError(f"unknown architecture {cfg.arch!r}: choose mlp or resnet")
+        if cfg.arch == "mlp" and cfg.skip:
+            raise HVAEError("skip connections (HVAE+) are implemented for the ResNet models only")
+        super().__init__(cfg, image_shape)
+        L, zc = self.depth, [s[0] for s in self.z_shapes]
+        below = [self.image_shape] + self.z_shapes[:-1]
+        self.enc = nn.ModuleList(self.net(below[i], i, 2 * zc[i], "in" if i == 0 else "") for i in range(L))
+        self.gen = nn.ModuleList(self.net(self.z_shapes[i + 1], i, 2 * zc[i]) for i in range(L - 1))
+        self.px = self.net(self.z_shapes[0], 0, self.n_out, "out")
 
-    @property
-    def depth(self) -> int:
-        return len(self.latent_shapes)
+    def prior(self, i: int, z_above, skip):
+        out, h = self.gen[i](z_above, skip)
+        return split_gaussian(out, self.cfg.min_scale), (h if self.cfg.skip else None)
+
+    def decode(self, z, skip):
+        return self.px(z, skip)[0]
 
     # ------------------------------------------------------------------------------------------
     def encode(self, x, ou: OUSmoothing | None = None):
@@ -150,11 +100,10 @@ class HierarchicalVAE(nn.Module):
         With ``ou``, the layer is OU-smoothed around z_above using its posterior (mu, sigma) =
         ``q_above``: one batched pass over the K*B correlated samples, then the averaged head.
         """
-        gen = self.gen[i]
         if ou is None:
-            out, h = gen(z_above, skip)
-            mu, sigma = split_gaussian(out, self.cfg.min_scale)
+            (mu, sigma), h = self.prior(i, z_above, skip)
             return gaussian_logprob(z, mu, sigma), h
+        gen = self.gen[i]
         K, B = ou.samples, z.shape[0]
         zp = ou.backend.correlated_samples(z_above, q_above[0], q_above[1], ou.rho, K, ou.seed())
         if skip is not None:
@@ -181,36 +130,19 @@ class HierarchicalVAE(nn.Module):
             lp, h = self.generator_logprob(i, zs[i + 1], zs[i], skip, ou, (mus[i + 1], sigmas[i + 1]))
             log_p[i] = lp
             skip = h if self.cfg.skip else None
-        params, _ = self.px(zs[0], skip)
-        return Terms(self.likelihood.logprob(params, x), log_q, log_p, mus)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True):
-        """n images from the generative model: [n, C, H, W] in the data range."""
-        dev = next(self.parameters()).device
-        z = torch.randn((n, *self.latent_shapes[-1]), generator=generator, device=dev)
-        skip = None
-        for i in reversed(range(self.depth - 1)):
-            out, h = self.gen[i](z, skip)
-            mu, sigma = split_gaussian(out, self.cfg.min_scale)
-            z = mu + sigma * torch.randn(mu.shape, generator=generator, device=dev)
-            skip = h if self.cfg.skip else None
-        params, _ = self.px(z, skip)
-        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
+        return Terms(self.likelihood.logprob(self.decode(zs[0], skip), x), log_q, log_p, mus)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+MODELS = {"vae": HierarchicalVAE, "hvae": HierarchicalVAE, "iwae": HierarchicalVAE, "lvae": LadderVAE, "biva": BIVA}
+
+
 def build_model(method: str, cfg: ModelConfig, image_shape) -> nn.Module:
-    """The model for ``method``: the vanilla stack for vae/hvae/iwae; LVAE and BIVA their own."""
-    if method in ("vae", "hvae", "iwae"):
-        return HierarchicalVAE(cfg, image_shape)
-    if method in ("lvae", "biva"):
-        try:
-            from . import baselines
-        except ImportError as exc:
-            raise HVAEError(f"method {method!r} is not available in this build: {exc}") from exc
-        return baselines.build(method, cfg, image_shape)
-    raise HVAEError(f"unknown method {method!r}: choose vae, hvae, iwae, lvae or biva")
+    """The model for ``method`` on images of ``image_shape`` (C, H, W): the vanilla stack for
+    vae/hvae/iwae (they differ in the objective), LadderVAE for lvae, BIVA for biva."""
+    if method not in MODELS:
+        raise HVAEError(f"unknown method {method!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[method](cfg, image_shape)

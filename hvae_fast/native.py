@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .errors import HVAEError
-from .ou import OU_TARGETS, Backend, check_ou_args
+from .backends import OU_TARGETS, Backend, check_ou_args
 
 log = logging.getLogger("hvae_fast.native")
 

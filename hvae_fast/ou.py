@@ -17,35 +17,27 @@ convolutional ones):
     (the ratio mode smooths mu/sigma, the paper's alternative parameterisation).
 
 The ``torch`` backend here is the ground truth; fused backends (``triton``, ``cpp``, ``cuda``)
-register themselves in ``BACKENDS`` and are tested against it. The model never knows which one
-runs: it calls ``get_backend(name, device)`` once and uses the returned object.
+are loaded into ``BACKENDS`` on first use and are tested against it. They implement the
+``Backend`` record of backends.py (which sits below this module, so loading them is no import
+cycle). The model never knows which one runs: it calls ``get_backend(name, device)`` once and
+uses the returned object.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .backends import OU_TARGETS, Backend, check_ou_args
+from .distributions import gaussian_logprob
 from .errors import HVAEError
 
 log = logging.getLogger("hvae_fast.ou")
 
-OU_TARGETS = ("mean-std", "ratio")
 BACKEND_NAMES = ("auto", "triton", "cuda", "cpp", "torch")
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def check_ou_args(rho: float, K: int) -> None:
-    """Raise HVAEError for rho outside [0, 1] or K < 1 (the CLI turns it into one line)."""
-    if not (isinstance(rho, (int, float)) and 0.0 <= float(rho) <= 1.0) or math.isnan(float(rho)):
-        raise HVAEError(f"rho must lie in [0, 1], got {rho!r}: pass --rho between 0 and 1 (1 = no smoothing)")
-    if not (isinstance(K, int) and K >= 1):
-        raise HVAEError(f"the number of OU samples K must be an integer >= 1, got {K!r}: pass --ou-samples 1 or more")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,27 +70,9 @@ def gaussian_head_reference(mean_raw, scale_raw, target, mode: str = "mean-std",
     return gaussian_logprob(target, mu_bar, sigma_bar)
 
 
-def gaussian_logprob(x, mu, sigma):
-    """log N(x | mu, sigma^2) summed over all but the batch dimension: [B]."""
-    lp = -0.5 * LOG_2PI - torch.log(sigma) - 0.5 * ((x - mu) / sigma) ** 2
-    return lp.flatten(1).sum(1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Backend registry
 # ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Backend:
-    """One implementation of the two OU ops. ``probe(device)`` returns (available, reason)."""
-
-    name: str
-    correlated_samples: Callable  # (z, mu, sigma, rho, K, seed) -> [K, B, *S]
-    gaussian_head_logprob: Callable  # (mean_raw, scale_raw, target, mode, min_scale) -> [B]
-    correlated_noise: Callable  # (seed, K, shape, device) -> [K, *shape] float32
-    probe: Callable  # (device: torch.device) -> (bool, str)
-    devices: tuple = ("cpu", "cuda")
-
 
 def _torch_correlated_samples(z, mu, sigma, rho, K, seed):
     eps = torch_correlated_noise(seed, K, z.shape, z.device, dtype=z.dtype)

@@ -15,7 +15,7 @@ import os
 import torch
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.ou import Backend
+from hvae_fast.backends import Backend
 
 try:
     import triton

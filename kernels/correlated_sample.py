@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.ou import check_ou_args
+from hvae_fast.backends import check_ou_args
 
 from .utils import (
     check_float_dtype,

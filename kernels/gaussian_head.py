@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.ou import OU_TARGETS
+from hvae_fast.backends import OU_TARGETS
 
 from .utils import (
     check_float_dtype,

@@ -4,6 +4,7 @@ Tiny models: 1x8x8 binary images; MLP latents (4, 3) with 16 hidden units; ResNe
 2-channel latents at 4x4. Whole file: a few seconds on 2 cores.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -13,9 +14,10 @@ from hvae_fast.baselines import BIVA, LadderVAE, precision_weighted
 from hvae_fast.config import PRESETS, ModelConfig, preset_config
 from hvae_fast.errors import HVAEError
 from hvae_fast.evaluate import evaluate
-from hvae_fast.model import OUSmoothing, build_model, count_parameters, split_gaussian
+from hvae_fast.distributions import gaussian_logprob, split_gaussian
+from hvae_fast.model import OUSmoothing, build_model, count_parameters
 from hvae_fast.objectives import elbo, iw_bound, iw_log_weights, iwae_loss, log_mean_exp, training_loss
-from hvae_fast.ou import BACKENDS, gaussian_logprob
+from hvae_fast.ou import BACKENDS
 
 IMG = (1, 8, 8)
 ARCHS = {
@@ -56,6 +58,41 @@ def test_training_steps_reduce_loss(method, arch):
         losses.append(loss.item())
     # Fitting one fixed batch: the loss (~45 nats at init) falls by far more than its noise.
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+
+
+def ancestral_sample(model, n, seed, method):
+    """Ancestral sampling written out from each model's generative equations (module docstrings),
+    with the same draws in the same order as the shared StackedVAE.sample: [n, C, H, W] means."""
+    g, ms = torch.Generator().manual_seed(seed), model.cfg.min_scale
+    z, h = torch.randn((n, *model.latent_shapes[-1]), generator=g), None
+    for i in reversed(range(model.depth - 1)):
+        if method == "biva":  # g_i([z_{i+1}, h_{i+1}]) -> p(z_i^BU), p(z_i^TD); z_i = [z^BU, z^TD]
+            out, h = model.gen[i](z if h is None else torch.cat([z, h], 1))
+            mu_b, raw_b, mu_t, raw_t = out.chunk(4, dim=1)
+            mu, raw = torch.cat([mu_b, mu_t], 1), torch.cat([raw_b, raw_t], 1)
+        else:  # p(z_i | z_{i+1}) from gen_i; HVAE+ passes gen_i's features down as the skip
+            out, feat = model.gen[i](z, h) if method == "hvae" else model.gen[i](z)
+            mu, raw = out.chunk(2, dim=1)
+            h = feat if model.cfg.skip else None
+        sigma = torch.nn.functional.softplus(raw) + ms
+        z = mu + sigma * torch.randn(mu.shape, generator=g)
+    if method == "biva":
+        params = model.px(z if h is None else torch.cat([z, h], 1))[0]
+    else:
+        params = (model.px(z, h) if method == "hvae" else model.px(z))[0]
+    return model.likelihood.mean(params)
+
+
+@pytest.mark.parametrize("method, arch", [(m, a) for m in ("hvae", "lvae", "biva") for a in ARCHS] +
+                         [("hvae", "resnet-skip")])
+def test_shared_sample_follows_each_models_generative_path(method, arch):
+    cfg = dataclasses.replace(ARCHS["resnet"], num_layers=3, skip=True) if arch == "resnet-skip" else ARCHS[arch]
+    torch.manual_seed(0)
+    model = build_model(method, cfg, IMG)
+    got = model.sample(4, generator=torch.Generator().manual_seed(7))
+    # Equal up to float rounding (a softplus on a strided view may round its last bit differently).
+    torch.testing.assert_close(got, ancestral_sample(model, 4, 7, method), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, model.sample(4, generator=torch.Generator().manual_seed(8)), atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -193,10 +230,8 @@ def test_mnist_baseline_presets_build():
 
 
 def test_unknown_baseline_and_skip_rejected():
-    from hvae_fast import baselines
-
-    with pytest.raises(HVAEError):
-        baselines.build("ladder", ARCHS["mlp"], IMG)
+    with pytest.raises(HVAEError, match="unknown method 'ladder'"):
+        build_model("ladder", ARCHS["mlp"], IMG)
     with pytest.raises(HVAEError):
         build_model("lvae", ModelConfig(arch="resnet", num_layers=2, channels=8, blocks=1, data_blocks=1,
                                         skip=True), IMG)

@@ -6,10 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hvae_fast.config import PRESETS, ModelConfig
-from hvae_fast.model import HierarchicalVAE, OUSmoothing, Terms, build_model, count_parameters, std_normal_logprob
+from hvae_fast.baselines import BIVA, LadderVAE
+from hvae_fast.config import METHODS, PRESETS, ModelConfig
+from hvae_fast.distributions import Terms, gaussian_logprob, split_gaussian, std_normal_logprob
+from hvae_fast.errors import HVAEError
+from hvae_fast.model import MODELS, HierarchicalVAE, OUSmoothing, build_model, count_parameters
+from hvae_fast.stack import StackedVAE
 from hvae_fast.objectives import elbo_loss, iw_bound, training_loss
-from hvae_fast.ou import BACKENDS, gaussian_logprob
+from hvae_fast.ou import BACKENDS
 
 TORCH = BACKENDS["torch"]
 
@@ -36,6 +40,39 @@ def test_gaussian_logprob_and_prior_match_torch_distributions():
     assert torch.allclose(gaussian_logprob(x, mu, sigma), want, atol=1e-12)
     want0 = torch.distributions.Normal(0.0, 1.0).log_prob(x).flatten(1).sum(1)
     assert torch.allclose(std_normal_logprob(x), want0, atol=1e-12)
+
+
+def test_split_gaussian_halves_the_channels_and_floors_sigma():
+    out = torch.tensor([[[0.5], [-2.0], [-30.0], [1.0]]])  # [1, 4, 1]: mu = (0.5, -2), raw = (-30, 1)
+    mu, sigma = split_gaussian(out, 0.01)
+    assert torch.equal(mu, out[:, :2])
+    torch.testing.assert_close(sigma, torch.log1p(torch.exp(out[:, 2:])) + 0.01)
+    assert sigma[0, 0, 0] >= 0.01  # a very negative raw scale still leaves sigma at min_scale
+
+
+def test_registry_builds_every_method_from_one_base():
+    assert tuple(MODELS) == METHODS  # the config's methods and the registry agree
+    assert MODELS["vae"] is MODELS["hvae"] is MODELS["iwae"] is HierarchicalVAE
+    assert (MODELS["lvae"], MODELS["biva"]) == (LadderVAE, BIVA)
+    cfg = ModelConfig(arch="mlp", latent_sizes=(4, 3), hidden_sizes=(8, 8))
+    for method in METHODS:
+        m = build_model(method, cfg, (1, 6, 6))
+        assert type(m) is MODELS[method] and isinstance(m, StackedVAE) and m.depth == 2
+        assert m.image_shape == (1, 6, 6) and m.z_shapes == [(4,), (3,)]
+    with pytest.raises(HVAEError, match="unknown method 'vdvae': choose one of vae, hvae, iwae, lvae, biva"):
+        build_model("vdvae", cfg, (1, 6, 6))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cfg, shape, msg", [
+    (ModelConfig(arch="mlp", latent_sizes=(4, 3), hidden_sizes=(8,)), (1, 6, 6), "one entry per stochastic layer"),
+    (ModelConfig(arch="mlp", latent_sizes=(), hidden_sizes=()), (1, 6, 6), "at least one stochastic layer"),
+    (ModelConfig(arch="resnet", num_layers=2, latent_stride=2), (1, 6, 6), "not divisible by 2 \\* latent_stride = 4"),
+    (ModelConfig(arch="transformer"), (1, 6, 6), "unknown architecture 'transformer'"),
+])
+def test_every_model_checks_its_shapes_in_the_shared_base(method, cfg, shape, msg):
+    with pytest.raises(HVAEError, match=msg):
+        build_model(method, cfg, shape)
 
 
 @pytest.mark.parametrize("make,x", [(tiny_mlp, binary(5)), (lambda: tiny_resnet(), binary(5, (1, 8, 8))),

@@ -106,6 +106,17 @@ def test_bad_rho_or_K_is_a_clear_error(rho, K):
         check_ou_args(rho, K)
 
 
+def test_names_moved_below_ou_stay_importable_from_ou():
+    """The backend contract and the Gaussian log-density live below ou (no import cycle with the
+    backends); ou re-exports the very same objects for the code and tests that import them from it."""
+    from hvae_fast import backends, distributions, ou
+
+    assert ou.Backend is backends.Backend and ou.check_ou_args is backends.check_ou_args
+    assert ou.OU_TARGETS is backends.OU_TARGETS == ("mean-std", "ratio")
+    assert ou.gaussian_logprob is distributions.gaussian_logprob
+    assert isinstance(BACKENDS["torch"], backends.Backend)
+
+
 def test_backend_selection_reports_and_logs(caplog):
     st = backend_status("cpu")
     assert set(st) == {"triton", "cuda", "cpp", "torch"}

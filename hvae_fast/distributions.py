@@ -1,0 +1,57 @@
+"""What every model shares: the per-layer log-densities (``Terms``) and the diagonal-Gaussian helpers.
+
+The bottom of the model code: it imports nothing of the package, so ``ou``, the vanilla stack,
+LVAE and BIVA all take these from here. Log-densities are in nats, summed over every
+non-batch dimension: one number per example, ``[B]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class Terms:
+    """Log-densities of one posterior sample per example; every tensor is [B] (nats).
+
+    ``log_q[i]`` = log q(z_i | below), ``log_p[i]`` = log p(z_i | above) (the prior for the top),
+    bottom to top; ``q_mean[i]`` is the posterior mean of z_i given the sampled layers below it.
+    """
+
+    log_px: torch.Tensor
+    log_q: list
+    log_p: list
+    q_mean: list = field(default_factory=list)
+
+    @property
+    def kl(self) -> list:
+        """Per-layer single-sample KL estimates log q - log p, bottom to top: list of [B]."""
+        return [q - p for q, p in zip(self.log_q, self.log_p)]
+
+    @property
+    def log_weight(self) -> torch.Tensor:
+        """log p(x, z) - log q(z | x): [B]."""
+        return self.log_px + sum(self.log_p) - sum(self.log_q)
+
+
+def split_gaussian(out: torch.Tensor, min_scale: float):
+    """A net's Gaussian head [N, 2C, ...] (or [N, 2D]) -> mu, sigma = softplus(raw) + min_scale, each [N, C, ...]."""
+    mu, raw = out.chunk(2, dim=1)
+    return mu, F.softplus(raw) + min_scale
+
+
+def gaussian_logprob(x, mu, sigma):
+    """log N(x | mu, sigma^2) summed over all but the batch dimension: [B]."""
+    lp = -0.5 * LOG_2PI - torch.log(sigma) - 0.5 * ((x - mu) / sigma) ** 2
+    return lp.flatten(1).sum(1)
+
+
+def std_normal_logprob(z):
+    """log N(z | 0, I) summed over all but the batch dimension: [B]."""
+    return (-0.5 * LOG_2PI - 0.5 * z * z).flatten(1).sum(1)
