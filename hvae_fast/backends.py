@@ -1,9 +1,10 @@
-"""The contract between ``ou`` and the OU backends: the ``Backend`` record, the OU targets, the
-argument checks.
+"""The contract between ``ou`` and the OU backends: the ``Backend`` record, the backend and OU
+target names, the argument checks.
 
-It imports nothing of the package but ``errors``. ``ou`` (which loads and chooses the backends)
-and every backend (kernels/backend.py, native.py) import it, so ``ou`` can import the backends
-without an import cycle. Shapes and semantics of the two ops: see ou.py.
+It imports nothing of the package but ``errors`` (and not torch). ``ou`` (which loads and chooses
+the backends) and every backend (kernels/backend.py, native.py) import it, so ``ou`` can import
+the backends without an import cycle; ``config`` checks its fields against it without reaching
+up to ``ou``. Shapes and semantics of the two ops: see ou.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 from .errors import HVAEError
 
 OU_TARGETS = ("mean-std", "ratio")
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpp", "torch")  # what --backend accepts
 
 
 def check_ou_args(rho: float, K: int) -> None:

@@ -113,7 +113,7 @@ class RunConfig:
         return build(cls, {**d, **nested})
 
     def validate(self) -> "RunConfig":
-        from .ou import OU_TARGETS, BACKEND_NAMES, check_ou_args
+        from .backends import OU_TARGETS, BACKEND_NAMES, check_ou_args
 
         if self.method not in METHODS:
             raise HVAEError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")

@@ -31,13 +31,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backends import OU_TARGETS, Backend, check_ou_args
+from .backends import BACKEND_NAMES, OU_TARGETS, Backend, check_ou_args
 from .distributions import gaussian_logprob
 from .errors import HVAEError
 
 log = logging.getLogger("hvae_fast.ou")
 
-BACKEND_NAMES = ("auto", "triton", "cuda", "cpp", "torch")
 
 
 # ----------------------------------------------------------------------------------------------

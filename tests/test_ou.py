@@ -113,6 +113,7 @@ def test_names_moved_below_ou_stay_importable_from_ou():
 
     assert ou.Backend is backends.Backend and ou.check_ou_args is backends.check_ou_args
     assert ou.OU_TARGETS is backends.OU_TARGETS == ("mean-std", "ratio")
+    assert ou.BACKEND_NAMES is backends.BACKEND_NAMES and set(BACKENDS) <= set(backends.BACKEND_NAMES)
     assert ou.gaussian_logprob is distributions.gaussian_logprob
     assert isinstance(BACKENDS["torch"], backends.Backend)
 
