@@ -19,8 +19,8 @@ convolutional ones):
 The ``torch`` backend here is the ground truth; fused backends (``triton``, ``cpp``, ``cuda``)
 are loaded into ``BACKENDS`` on first use and are tested against it. They implement the
 ``Backend`` record of backends.py (which sits below this module, so loading them is no import
-cycle). The model never knows which one runs: it calls ``get_backend(name, device)`` once and
-uses the returned object.
+cycle). The model never knows which one runs: the trainer calls ``get_backend(name, device)``
+once and hands the model the returned object.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+# check_ou_args is not used here: ou re-exports it with the rest of the backend contract.
 from .backends import BACKEND_NAMES, OU_TARGETS, Backend, check_ou_args
 from .distributions import gaussian_logprob
 from .errors import HVAEError
 
 log = logging.getLogger("hvae_fast.ou")
-
 
 
 # ----------------------------------------------------------------------------------------------
