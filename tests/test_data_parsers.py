@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from hvae_fast import data as D
 from hvae_fast.data import parsers
 from hvae_fast.errors import HVAEError
 
-from datatools import (SHARED, amat_bytes, cache_files, cifar_batch, cifar_tar, idx_bytes,  # noqa: F401
+from datatools import (SHARED, cache_files, cifar_batch, cifar_tar, idx_bytes,  # noqa: F401
                        isolated_env, need, one_line_error, real, small_cifar, synthetic, write,
                        write_chardata)
 

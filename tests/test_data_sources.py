@@ -179,7 +179,9 @@ def test_download_omniglot_unparseable(http_root, tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     with pytest.raises(HVAEError) as e:
         D.load_dataset("omniglot", "train", data_dir=tmp_path / "data")
-    assert "chardata.mat" in one_line_error(e) and "no checksum" in str(e.value)
+    msg = one_line_error(e)
+    assert "chardata.mat" in msg and "no checksum" in msg and "not a readable MATLAB file" in msg
+    assert msg.count("Fix:") == 1 and ".part" not in msg
     assert list((tmp_path / "data").iterdir()) == []  # the data dir was there before: it stays
 
 

@@ -184,8 +184,7 @@ def _verify_download(spec: DatasetSpec, split: str, src: Source, tmp: Path, dest
     ``tmp``) if it is bad."""
     fix = (f"Fix: re-run to try again (the server may have sent an error page), or fetch the "
            f"file yourself, check it, and put it at {os.path.abspath(dest)}")
-    gunzip = src.sha256 is not None and dest.name.endswith(".gz")
-    for algo, want, of_content in (("sha256", src.sha256, gunzip), ("md5", src.md5, False)):
+    for algo, want, of_content in (("sha256", src.sha256, _gunzips(src, dest)), ("md5", src.md5, False)):
         if want is None:
             continue
         try:
@@ -202,9 +201,11 @@ def _verify_download(spec: DatasetSpec, split: str, src: Source, tmp: Path, dest
         try:
             parsers.parse_files(spec, split, [tmp])
         except HVAEError as exc:
+            problem = str(exc).split(". Fix:")[0].removeprefix(f"{tmp}: ")  # the parser's finding
             raise HVAEError(
                 f"downloaded {src.filename} from {src.url}, but no checksum is published for it and "
-                f"it does not parse as the {spec.name} file ({exc}); the bad download was deleted. {fix}"
+                f"it does not parse as the {spec.name} file ({problem}); the bad download was "
+                f"deleted. {fix}"
             ) from None
-    return _hash_file(tmp, "sha256", gunzip)
+    return src.sha256 or _hash_file(tmp, "sha256", False)  # a checked sha256 is the digest
 
