@@ -1,6 +1,7 @@
 """End to end: training, checkpoints and exact resume, every CLI command, and each bad input's error."""
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -160,8 +161,10 @@ def test_bad_input_from_the_shell_has_no_traceback():
 
 def test_missing_data_offline_names_the_file_and_the_fix(tmp_path, monkeypatch, capsys):
     # Point every download at a closed loopback port: the machine is offline for this test.
-    monkeypatch.setattr(data_mod, "SOURCES", {k: [(f, "http://127.0.0.1:9/" + f, c, s) for f, _, c, s in v]
-                                              for k, v in data_mod.SOURCES.items()})
+    for name, spec in data_mod.SPECS.items():
+        files = {s: tuple(replace(src, url="http://127.0.0.1:9/" + src.filename) for src in srcs)
+                 for s, srcs in spec.files.items()}
+        monkeypatch.setitem(data_mod.SPECS, name, replace(spec, files=files))
     code = main(["train", "binarized-mnist", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
                  "--steps", "1", "--no-progress"])
     err = capsys.readouterr().err
