@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def _count(lo: int, hi: int = MAX_INT):
                                              + f", got {s!r}")
         return v
     return parse
+
+
+def _device(s: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
+    return s
 
 
 def _counts(lo: int):
@@ -444,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-examples", type=_count(0), default=0,
                    help="evaluate only the first N examples in file order (0 = all; the MNIST test set's first half is easier)")
     e.add_argument("--seed", **seed)
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--data-dir", help="dataset folder (default: $HVAE_DATA_DIR, else a per-user cache)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
@@ -455,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", **seed)
     s.add_argument("--draw", action="store_true", help="sample pixels instead of showing the likelihood's mean")
     s.add_argument("--output", type=_output(".png"), help="PNG file (default RUN_DIR/samples-eval-<step>.png)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     s.set_defaults(func=cmd_sample)
 
     sub.add_parser("presets", help="list the presets with parameter counts").set_defaults(func=cmd_presets)
@@ -479,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=_count(1), default=64, help="default 64")
     m.add_argument("--samples", type=_count(1), default=5, help="OU samples K (hvae) and IWAE samples k (iwae); default 5")
     m.add_argument("--rho", type=_float, default=0.9, help="OU correlation of hvae (default 0.9)")
-    m.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    m.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     m.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="OU backend of hvae (compare eager torch vs fused)")
     m.add_argument("--recompute", action="store_true", help="hvae: recompute the K-sample generator activations in backward")
     m.add_argument("--channels", type=_count(1), help="feature maps of every net (shrink for quick runs)")

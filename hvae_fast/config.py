@@ -246,7 +246,11 @@ def load_config(path) -> RunConfig:
     except json.JSONDecodeError as exc:
         raise HVAEError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
                         f"restore it, or pass --preset instead") from None
-    return RunConfig.from_dict(d, where=str(path)).validate()
+    cfg = RunConfig.from_dict(d, where=str(path))
+    try:
+        return cfg.validate()
+    except HVAEError as exc:
+        raise HVAEError(f"{path}: {exc} (or fix the file)") from None
 
 
 # ----------------------------------------------------------------------------------------------
