@@ -125,7 +125,8 @@ def out_of_memory(hint: str):
     except torch.OutOfMemoryError:
         raise HVAEError(f"out of GPU memory {hint}") from None
     except RuntimeError as exc:
-        if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+        # The CPU allocator's messages, and torch's for a size past 2**63 bytes.
+        if any(m in str(exc) for m in ("can't allocate memory", "not enough memory", "Storage size calculation overflowed")):
             raise HVAEError(f"out of memory {hint}") from None
         raise
 
@@ -137,7 +138,7 @@ def _dest(section, f) -> str:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .config import _show, config_fields, field_choices, flag_of
+    from .config import as_flag_value, config_fields, field_choices, flag_of
     from .data import DATASETS
 
     p.add_argument("dataset", nargs="?", help=f"one of {', '.join(DATASETS)} (optional with --config)")
@@ -160,7 +161,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             continue
         help = m.get("help", "") + (f" ({' | '.join(choices[f.name])})" if f.name in choices else "")
         help += f"{'; ' if help else ''}{'only with --method ' + '/'.join(m['methods']) + '; ' if 'methods' in m else ''}"
-        help = (help + f"default {_show(f.default)}").replace("%", "%%")
+        help = (help + f"default {as_flag_value(f.default)}").replace("%", "%%")
         kw = dict(dest=_dest(section, f), default=None, help=help)
         if f.type == "bool":
             g.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kw)
@@ -271,7 +272,8 @@ def cmd_eval(args) -> int:
     n = min(args.max_examples, len(ds)) if args.max_examples > 0 else len(ds)
     batches = math.ceil(n / min(args.batch_size, n))
     log.info("evaluating %s on %d %s examples, %d batches of %d; IW bound with L=%d, %d samples at a time",
-             args.run_dir, n, args.split, batches, args.batch_size, args.iw_samples, args.iw_chunk)
+             args.run_dir, n, args.split, batches, min(args.batch_size, n), args.iw_samples,
+             min(args.iw_chunk, args.iw_samples))
     with out_of_memory(f"with --batch-size {args.batch_size} x --iw-chunk {args.iw_chunk} samples at once: "
                        f"lower --iw-chunk (or --batch-size); --iw-samples only costs time"):
         res = evaluate(model, lambda: eval_batches(ds, args.batch_size, args.seed, args.max_examples), dev,
@@ -501,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="training curves of runs side by side: ELBO (train, EMA-smoothed, and "
                         "validation), top-layer KL, active units")
     pl.add_argument("run_dirs", nargs="+", type=Path)
-    pl.add_argument("--output", type=_output(*PLOT_EXTS), default=Path("curves.png"),
+    pl.add_argument("--output", type=_output(*PLOT_EXTS), default="curves.png",
                     help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
     pl.set_defaults(func=cmd_plot)
     return p

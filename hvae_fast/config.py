@@ -3,6 +3,11 @@
 A run is fully described by a ``RunConfig`` (saved as ``config.json`` in the run directory). Presets
 fill in the model and training settings of one experiment of the paper (see method.md,
 "Configurations"); command-line flags override single fields.
+
+Each field is declared once, with its default, help text, bounds and the methods it applies to in
+its ``field(metadata=...)`` (see ``_f``): ``hvae-fast train``'s flags are generated from these
+fields, and ``RunConfig.validate`` checks them, so a config from a file gets the same checks as one
+from flags.
 """
 
 from __future__ import annotations
@@ -155,14 +160,14 @@ def _check_bounds(f: dataclasses.Field, v) -> None:
         if bad:
             want = " and ".join(f"{op} {m[k]}" for k, op in (("lo", ">="), ("gt", ">"), ("hi", "<=")) if k in m)
             what = f"each entry of {flag_of(f)}" if isinstance(v, tuple) else flag_of(f)
-            raise HVAEError(f"{what} must be a finite number {want}, got {_show(v)}: pass a value {want} "
-                            f"(default {_show(f.default)})")
+            raise HVAEError(f"{what} must be a finite number {want}, got {as_flag_value(v)}: pass a value {want} "
+                            f"(default {as_flag_value(f.default)})")
     if "length" in m and len(v) != m["length"]:
-        raise HVAEError(f"{flag_of(f)} takes {m['length']} values {m.get('metavar', '')}, got {_show(v)}: "
-                        f"pass e.g. {flag_of(f)} {_show(f.default)}")
+        raise HVAEError(f"{flag_of(f)} takes {m['length']} values {m.get('metavar', '')}, got {as_flag_value(v)}: "
+                        f"pass e.g. {flag_of(f)} {as_flag_value(f.default)}")
 
 
-def _show(v) -> str:
+def as_flag_value(v) -> str:
     """A value as it is written on the command line: tuples as comma lists."""
     return ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -223,7 +228,7 @@ class RunConfig:
                             f"pass --method iwae")
         if self.model.arch == "mlp" and len(self.model.latent_sizes) != len(self.model.hidden_sizes):
             raise HVAEError("--latent-sizes and --hidden-sizes need one entry per stochastic layer, got "
-                            f"{_show(self.model.latent_sizes)} and {_show(self.model.hidden_sizes)}: pass both, "
+                            f"{as_flag_value(self.model.latent_sizes)} and {as_flag_value(self.model.hidden_sizes)}: pass both, "
                             "with as many entries each")
         return self
 

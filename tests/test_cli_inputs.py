@@ -14,7 +14,7 @@ import torch
 
 from hvae_fast import cli
 from hvae_fast.cli import main
-from hvae_fast.config import (ModelConfig, OUConfig, RunConfig, TrainConfig, _show, config_fields, field_choices,
+from hvae_fast.config import (ModelConfig, OUConfig, RunConfig, TrainConfig, as_flag_value, config_fields, field_choices,
                               flag_of, load_config)
 from hvae_fast.errors import HVAEError
 from hvae_fast.model import build_model
@@ -63,7 +63,7 @@ def test_help_shows_each_default(capsys):
     text = re.sub(r"\s+", "", capsys.readouterr().out)  # argparse wraps lines, also at hyphens
     assert "--print-configshowsthevaluesarunwoulduse" in text
     for _, f in flag_fields():
-        assert f"default{_show(f.default)}" in text, f.name
+        assert f"default{as_flag_value(f.default)}" in text, f.name
 
 
 def _other_value(f):
@@ -76,7 +76,7 @@ def _other_value(f):
     if isinstance(d, bool):
         return None  # the on/off form is chosen by the caller
     if isinstance(d, tuple):
-        return _show((d[0] + 1,) + d[1:])
+        return as_flag_value((d[0] + 1,) + d[1:])
     if isinstance(d, float):
         return str(d / 2 if d > 0 else 0.5)
     return str(d + 1)
@@ -84,23 +84,26 @@ def _other_value(f):
 
 @pytest.mark.parametrize("method", ["hvae", "iwae"])
 def test_each_flag_sets_its_field(method, capsys):
-    argv, want = ["train", "binarized-mnist", "--print-config"], {}
+    argv, want = ["train", "binarized-mnist", "--print-config", "--method", method], []
     for section, f in flag_fields():
-        applies = f.metadata.get("methods", (method,))
-        if f.name == "method" or method not in applies:
+        if f.name == "method" or method not in f.metadata.get("methods", (method,)):
             continue
-        v = _other_value(f)
-        argv += [flag_of(f) if not isinstance(f.default, bool) else
-                 ("--no-" if f.default else "--") + flag_of(f)[2:]] + ([v] if v is not None else [])
-        want[(section, f.name)] = not f.default if isinstance(f.default, bool) else v
-    assert main(argv + ["--method", method]) == 0
+        if isinstance(f.default, bool):
+            argv.append(("--no-" if f.default else "--") + flag_of(f)[2:])
+            want.append((section, f, not f.default))
+        else:
+            v = _other_value(f)
+            argv += [flag_of(f), v]
+            want.append((section, f, v))
+    assert main(argv) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["method"] == method
-    for (section, name), v in want.items():
-        value = got[section][name] if section else got[name]
-        assert (_show(tuple(value)) if isinstance(value, list) else value if isinstance(value, bool)
-                else str(value)) == (v if isinstance(v, bool) else str(v) if not isinstance(value, float)
-                                     else str(float(v))), (section, name)
+    for section, f, v in want:
+        g = got[section][f.name] if section else got[f.name]
+        d = f.default
+        expected = (v if isinstance(d, (bool, str)) else float(v) if isinstance(d, float) else int(v)
+                    if isinstance(d, int) else v)
+        assert (as_flag_value(tuple(g)) if isinstance(d, tuple) else g) == expected, (section, f.name)
 
 
 def test_print_config_then_config_file_with_flags_on_top(tmp_path, capsys):
@@ -270,7 +273,8 @@ OOM_CPU = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator:
                        "you tried to allocate 858993459200 bytes. Error code 12 (Cannot allocate memory)")
 
 
-@pytest.mark.parametrize("exc", [OOM_CPU, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")])
+@pytest.mark.parametrize("exc", [OOM_CPU, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB"),
+                                 RuntimeError("Storage size calculation overflowed with sizes=[10**15, 10, 784]")])
 def test_out_of_memory_names_the_flag_to_lower(exc, run_dir, monkeypatch, capsys, shared_data):
     import hvae_fast.evaluate
     import hvae_fast.memory
