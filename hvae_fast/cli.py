@@ -138,7 +138,7 @@ def _dest(section, f) -> str:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .config import as_flag_value, config_fields, field_choices, flag_of
+    from .config import as_flag_value, config_fields, field_choices, field_kind, flag_of
     from .data import DATASETS
 
     p.add_argument("dataset", nargs="?", help=f"one of {', '.join(DATASETS)} (optional with --config)")
@@ -159,14 +159,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         m = f.metadata
         if m.get("flag") is False:
             continue
-        help = m.get("help", "") + (f" ({' | '.join(choices[f.name])})" if f.name in choices else "")
-        help += f"{'; ' if help else ''}{'only with --method ' + '/'.join(m['methods']) + '; ' if 'methods' in m else ''}"
-        help = (help + f"default {as_flag_value(f.default)}").replace("%", "%%")
-        kw = dict(dest=_dest(section, f), default=None, help=help)
-        if f.type == "bool":
+        parts = [m.get("help", "") + (f" ({' | '.join(choices[f.name])})" if f.name in choices else ""),
+                 "only with --method " + "/".join(m["methods"]) if "methods" in m else "",
+                 f"default {as_flag_value(f.default)}"]
+        kw = dict(dest=_dest(section, f), default=None, help="; ".join(x for x in parts if x).replace("%", "%%"))
+        if field_kind(f) == "bool":
             g.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kw)
         else:
-            parse = {"int": _int, "float": _float, "str": str, "tuple": _ints}[f.type]
+            parse = {"int": _int, "float": _float, "str": str, "tuple": _ints}[field_kind(f)]
             g.add_argument(flag_of(f), type=parse, metavar=m.get("metavar") or f.name.upper(), **kw)
 
 

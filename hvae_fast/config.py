@@ -133,9 +133,18 @@ def config_fields():
             yield None, f
 
 
+def field_kind(f: dataclasses.Field, optional: bool = False) -> str:
+    """The type name of a field: "int", "float", "str", "bool", "tuple" (with " | None" if ``optional``
+    and the field may be None)."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return kind if optional else kind.removesuffix(" | None")
+
+
 def _coerce(f: dataclasses.Field, v, where: str):
     """``v`` as the type of field ``f`` (a JSON list becomes a tuple, an int a float), else HVAEError."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if v is None and field_kind(f, optional=True).endswith(" | None"):
+        return None
+    kind = field_kind(f)
     ok = {"bool": lambda: isinstance(v, bool),
           "int": lambda: isinstance(v, int) and not isinstance(v, bool),
           "float": lambda: isinstance(v, (int, float)) and not isinstance(v, bool),

@@ -353,3 +353,16 @@ def test_eval_from_the_shell_logs_with_timestamps_and_shows_the_total(run_dir, s
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO hvae_fast: evaluating .* 3 batches", p.stderr, re.M)
     assert "3/3" in p.stderr  # tqdm over a known total (so it shows an ETA while running)
     assert json.loads((run_dir / "eval-valid.json").read_text())["num_examples"] == 30
+
+
+def test_optional_fields_take_null_or_their_type():
+    from hvae_fast.config import _coerce, _f
+
+    @dataclasses.dataclass
+    class C:
+        x: float | None = _f(None, "an optional number")
+
+    (f,) = dataclasses.fields(C)
+    assert _coerce(f, None, "cfg") is None and _coerce(f, 2, "cfg") == 2.0
+    with pytest.raises(HVAEError, match="x must be a number"):
+        _coerce(f, "2", "cfg")
