@@ -1,111 +1,227 @@
 """The `hvae-fast` command line: train, eval, sample, presets, info, build, memory, plot.
 
-Every user error is an HVAEError, printed as one line with a non-zero exit; anything else is a
-bug and keeps its traceback.
+Every user error is an HVAEError (or an argparse error), printed as one line
+``hvae-fast: error: ...`` with exit status 2; anything else is a bug and keeps its traceback.
+The train flags are generated from the config dataclasses' fields (config.py), one flag a field.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
 import platform
+import re
 import sys
 from pathlib import Path
 
 from .errors import HVAEError
 
 log = logging.getLogger("hvae_fast")
+MAX_INT = 2**63 - 1
+PLOT_EXTS = (".png", ".pdf", ".svg")
 
 
-def _steps_pair(s: str):
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line naming the flag, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"hvae-fast: error: {message}; see `{self.prog} --help`\n")
+
+
+# -- value parsers: each raises ArgumentTypeError, which argparse prefixes with the flag's name --------
+
+def _int(s: str) -> int:
+    """An integer; 1e5-style is accepted when it is a whole number of magnitude below 2**63."""
     try:
-        a, b = (int(float(v)) for v in s.split(","))
+        return int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ZERO_STEPS,RAMP_STEPS (two integers), got {s!r}")
-    return (a, b)
+        pass
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not (math.isfinite(v) and v == int(v) and abs(v) <= MAX_INT):
+        raise argparse.ArgumentTypeError(f"expected an integer of magnitude below 2**63, got {s!r}")
+    return int(v)
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def _ints(s: str) -> tuple:
+    """A comma list of integers: "64,32,16"."""
+    try:
+        return tuple(_int(v) for v in s.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 4,6, got {s!r}") from None
+
+
+def _count(lo: int, hi: int = MAX_INT):
+    """Parser of an integer in [lo, hi]."""
+    def parse(s):
+        v = _int(s)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}" + (f" and <= {hi}" if hi < MAX_INT else "")
+                                             + f", got {s!r}")
+        return v
+    return parse
+
+
+def _device(s: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
+    return s
+
+
+def _counts(lo: int):
+    """Parser of a comma list of integers, each >= lo."""
+    def parse(s):
+        v = _ints(s)
+        if min(v) < lo:
+            raise argparse.ArgumentTypeError(f"each entry must be >= {lo}, got {s!r}")
+        return v
+    return parse
+
+
+def _output(*exts):
+    """Parser of a file to write: its folder must exist and be writable (checked before any work)."""
+    def parse(s):
+        path = Path(s)
+        if "\0" in s or not s.strip():
+            raise argparse.ArgumentTypeError(f"{s!r} is not a file name")
+        if exts and path.suffix.lower() not in exts:
+            raise argparse.ArgumentTypeError(f"cannot write {s!r}: use one of the extensions {', '.join(exts)}")
+        check_writable(path, parse_error=True)
+        return path
+    return parse
+
+
+def check_writable(path: Path, parse_error: bool = False) -> None:
+    """Raise (HVAEError, or ArgumentTypeError for a flag's value) unless ``path`` can be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    why = (f"its folder {folder} does not exist: create it, or write elsewhere" if not os.path.isdir(folder) else
+           f"{path} is a folder: name a file" if os.path.isdir(path) else
+           f"{folder} is not writable: write elsewhere" if not os.access(folder, os.W_OK) else
+           f"{path} is not writable: write elsewhere" if os.path.exists(path) and not os.access(path, os.W_OK) else None)
+    if why:
+        raise (argparse.ArgumentTypeError if parse_error else HVAEError)(f"cannot write {str(path)!r}: {why}")
+
+
+@contextlib.contextmanager
+def out_of_memory(hint: str):
+    """Turn an allocation failure (CUDA, or the CPU allocator's) into an HVAEError naming the flag to lower."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise HVAEError(f"out of GPU memory {hint}") from None
+    except RuntimeError as exc:
+        # The CPU allocator's messages, and torch's for a size past 2**63 bytes.
+        if any(m in str(exc) for m in ("can't allocate memory", "not enough memory", "Storage size calculation overflowed")):
+            raise HVAEError(f"out of memory {hint}") from None
+        raise
+
+
+# -- train: flags generated from the config fields --------------------------------------------------
+
+def _dest(section, f) -> str:
+    return f"cfg.{section or 'run'}.{f.name}"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .config import METHODS
+    from .config import as_flag_value, config_fields, field_choices, field_kind, flag_of
     from .data import DATASETS
-    from .ou import BACKEND_NAMES, OU_TARGETS
 
-    p.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("dataset", nargs="?", help=f"one of {', '.join(DATASETS)} (optional with --config)")
     p.add_argument("--preset", help="experiment preset (`hvae-fast presets`); default: the dataset's paper configuration")
-    p.add_argument("--method", choices=METHODS, help="objective / model family (default hvae)")
-    p.add_argument("--rho", type=float, help="OU correlation in [0, 1]; 1 = no smoothing (plain VAE gradients)")
-    p.add_argument("--ou-samples", type=int, dest="K", help="K, correlated samples per posterior sample (>= 1)")
-    p.add_argument("--ou-target", choices=OU_TARGETS, help="average the Gaussian head's mean and std, or mu/sigma")
-    p.add_argument("--ou-inference", action="store_true", default=None, help="also smooth the inference network")
-    p.add_argument("--backend", choices=BACKEND_NAMES, help="OU kernels: auto picks the fastest available and logs it")
-    p.add_argument("--ou-recompute", action="store_true", default=None,
-                   help="recompute the K-sample generator activations in backward (less memory, more time)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=("adam", "adamax"))
-    p.add_argument("--lr-schedule", choices=("constant", "cosine", "exponential"))
-    p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables")
-    p.add_argument("--kl-anneal", type=_steps_pair, metavar="ZERO_STEPS,RAMP_STEPS",
-                   help="KL weight 0 for ZERO_STEPS, then linear to 1 over RAMP_STEPS (reported ELBOs use weight 1)")
-    p.add_argument("--free-bits", type=float, metavar="NATS",
-                   help="per-layer floor: each stochastic layer's KL, averaged over the minibatch, is clamped from below")
-    p.add_argument("--iw-samples-train", type=int, metavar="k", help="IWAE's k (method iwae)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-examples", type=int, help="validation examples per periodic evaluation (0 = all)")
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="start from a saved config.json (a run's, or --print-config's) instead of a preset; flags apply on top")
+    p.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit without training")
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<method>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint-latest.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-# (argparse dest, config section, field)
-_OVERRIDES = [("method", None, "method"), ("rho", "ou", "rho"), ("K", "ou", "samples"), ("ou_target", "ou", "target"),
-              ("ou_inference", "ou", "smooth_inference"), ("ou_recompute", "ou", "recompute"), ("backend", "ou", "backend"),
-              ("steps", "train", "steps"), ("batch_size", "train", "batch_size"), ("lr", "train", "lr"),
-              ("optimizer", "train", "optimizer"), ("lr_schedule", "train", "lr_schedule"),
-              ("grad_clip", "train", "grad_clip"), ("kl_anneal", "train", "kl_anneal"),
-              ("free_bits", "train", "free_bits"), ("iw_samples_train", "train", "iw_samples_train"),
-              ("seed", "train", "seed"), ("log_every", "train", "log_every"), ("eval_every", "train", "eval_every"),
-              ("eval_examples", "train", "eval_examples"), ("checkpoint_every", "train", "checkpoint_every"),
-              ("sample_every", "train", "sample_every"), ("device", None, "device")]
+    p.add_argument("--data-dir", help="dataset folder (default: $HVAE_DATA_DIR, else a per-user cache)")
+    g = p.add_argument_group(
+        "config fields", "Each flag sets one field of the run's config. The default shown is the field's own; the "
+        "preset (each dataset has a default one) or --config sets many fields differently: --print-config shows "
+        "the values a run would use.")
+    choices = field_choices()
+    for section, f in config_fields():
+        m = f.metadata
+        if m.get("flag") is False:
+            continue
+        parts = [m.get("help", "") + (f" ({' | '.join(choices[f.name])})" if f.name in choices else ""),
+                 "only with --method " + "/".join(m["methods"]) if "methods" in m else "",
+                 f"default {as_flag_value(f.default)}"]
+        kw = dict(dest=_dest(section, f), default=None, help="; ".join(x for x in parts if x).replace("%", "%%"))
+        if field_kind(f) == "bool":
+            g.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parse = {"int": _int, "float": _float, "str": str, "tuple": _ints}[field_kind(f)]
+            g.add_argument(flag_of(f), type=parse, metavar=m.get("metavar") or f.name.upper(), **kw)
 
 
 def config_from_args(args):
-    """The RunConfig of a `train` command: preset (or the saved config on --resume) + flags."""
-    from .config import DEFAULT_PRESET, PRESETS, RunConfig, preset_config
+    """The RunConfig of a `train` command: preset, --config or the saved config on --resume; flags on top."""
+    from .config import DEFAULT_PRESET, PRESETS, config_fields, flag_of, load_config, preset_config
     from .data import DATASETS
 
-    if args.dataset not in DATASETS:
+    if args.dataset is not None and args.dataset not in DATASETS:
         raise HVAEError(f"unknown dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if args.config is not None and args.preset is not None:
+        raise HVAEError("--config and --preset both pick the starting config: pass one of them")
+    given = [(s, f, getattr(args, _dest(s, f))) for s, f in config_fields()
+             if f.metadata.get("flag") is not False and getattr(args, _dest(s, f)) is not None]
+    method_flag = next((v for s, f, v in given if s is None and f.name == "method"), None)
     saved = args.out / "config.json" if args.resume and args.out is not None else None
-    if saved is not None and saved.exists() and args.preset is None:
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
-        if cfg.dataset != args.dataset:
+    if args.config is not None:
+        cfg = load_config(args.config)
+        if args.dataset is not None and cfg.dataset != args.dataset:
+            raise HVAEError(f"--config {args.config} is a {cfg.dataset} config, not {args.dataset}: "
+                            f"drop DATASET or pass {cfg.dataset}")
+    elif saved is not None and saved.exists() and args.preset is None:
+        cfg = load_config(saved)
+        if args.dataset is not None and cfg.dataset != args.dataset:
             raise HVAEError(f"--resume: {args.out} is a {cfg.dataset} run, not {args.dataset}: "
                             f"pass `hvae-fast train {cfg.dataset} --out {args.out} --resume`")
     else:
+        if args.dataset is None:
+            raise HVAEError(f"train needs a DATASET ({', '.join(DATASETS)}) or --config FILE")
         name = args.preset or DEFAULT_PRESET[args.dataset]
         cfg = preset_config(name, args.dataset)
-        if name in PRESETS and PRESETS[name].dataset.replace("binarized-", "") != args.dataset.replace("binarized-", ""):
-            raise HVAEError(f"preset {name!r} is made for {PRESETS[name].dataset}, not {args.dataset}: "
+        p = PRESETS[name]
+        if p.dataset.replace("binarized-", "") != args.dataset.replace("binarized-", ""):
+            raise HVAEError(f"preset {name!r} is made for {p.dataset}, not {args.dataset}: "
                             f"pick one from `hvae-fast presets`")
-    for dest, section, fld in _OVERRIDES:
-        v = getattr(args, dest, None)
-        if v is not None:
-            setattr(getattr(cfg, section) if section else cfg, fld, v)
+        if p.method is not None and method_flag not in (None, p.method):
+            raise HVAEError(f"preset {name!r} is made for --method {p.method}, not {method_flag}: drop --method, "
+                            f"or pick a preset for {method_flag} (`hvae-fast presets`)")
+    for section, f, v in given:
+        setattr(getattr(cfg, section) if section else cfg, f.name, v)
+    for _, f, _ in given:
+        methods = f.metadata.get("methods")
+        if methods and cfg.method not in methods:
+            raise HVAEError(f"{flag_of(f)} applies to --method {'/'.join(methods)} only; this run's method is "
+                            f"{cfg.method}: drop {flag_of(f)}, or pass --method {'/'.join(methods)}")
     return cfg.validate()
 
 
 def cmd_train(args) -> int:
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
     from .trainer import Trainer
 
-    cfg = config_from_args(args)
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.method}-seed{cfg.train.seed}"
     trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
     rec = trainer.fit()
@@ -147,15 +263,29 @@ def load_run(run_dir: Path, device: str = "auto", which: str = "best"):
 def cmd_eval(args) -> int:
     from .data import eval_batches, load_dataset
     from .evaluate import evaluate, format_table
+    from .trainer import atomic_write_text
 
     cfg, model, dev, step = load_run(args.run_dir, args.device)
-    ds = load_dataset(cfg.dataset, args.split, args.data_dir)
-    res = evaluate(model, lambda: eval_batches(ds, args.batch_size, args.seed, args.max_examples), dev, iw_samples=args.iw_samples, iw_chunk=args.iw_chunk,
-                   seed=args.seed, progress=not args.no_progress)
-    res.update(split=args.split, step=step, dataset=cfg.dataset, method=cfg.method, preset=cfg.preset)
     out = Path(args.run_dir) / f"eval-{args.split}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    check_writable(out)
+    ds = load_dataset(cfg.dataset, args.split, args.data_dir)
+    n = min(args.max_examples, len(ds)) if args.max_examples > 0 else len(ds)
+    batches = math.ceil(n / min(args.batch_size, n))
+    log.info("evaluating %s on %d %s examples, %d batches of %d; IW bound with L=%d, %d samples at a time",
+             args.run_dir, n, args.split, batches, min(args.batch_size, n), args.iw_samples,
+             min(args.iw_chunk, args.iw_samples))
+    with out_of_memory(f"with --batch-size {args.batch_size} x --iw-chunk {args.iw_chunk} samples at once: "
+                       f"lower --iw-chunk (or --batch-size); --iw-samples only costs time"):
+        res = evaluate(model, lambda: eval_batches(ds, args.batch_size, args.seed, args.max_examples), dev,
+                       iw_samples=args.iw_samples, iw_chunk=args.iw_chunk, seed=args.seed,
+                       progress=not args.no_progress, num_batches=batches)
+    res.update(split=args.split, step=step, dataset=cfg.dataset, method=cfg.method, preset=cfg.preset)
     print(format_table(res))
+    try:
+        atomic_write_text(json.dumps(res, indent=2) + "\n", out)
+    except OSError as exc:
+        print(json.dumps(res, indent=2))
+        raise HVAEError(f"could not write {out}: {exc.strerror or exc}; the evaluation is printed above as JSON") from None
     print(f"wrote {out}")
     return 0
 
@@ -166,10 +296,15 @@ def cmd_sample(args) -> int:
     from .trainer import save_image_grid
 
     _, model, dev, step = load_run(args.run_dir, args.device)
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
-    imgs = model.sample(args.n, generator=gen, mean=not args.draw)
     out = args.output or Path(args.run_dir) / f"samples-eval-{step:07d}.png"
-    save_image_grid(imgs, Path(out))
+    check_writable(out)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    with out_of_memory(f"drawing -n {args.n} samples at once: lower -n"):
+        imgs = model.sample(args.n, generator=gen, mean=not args.draw)
+    try:
+        save_image_grid(imgs, Path(out))
+    except OSError as exc:
+        raise HVAEError(f"could not write {out}: {exc.strerror or exc}; pass --output to a writable file") from None
     print(f"wrote {out}")
     return 0
 
@@ -241,37 +376,95 @@ def cmd_build(args) -> int:
     return 0 if status["cpp"][0] else 1
 
 
+def cmd_memory(args) -> int:
+    import torch
+
+    from . import memory
+    from .ou import check_ou_args
+    from .trainer import resolve_device
+
+    check_ou_args(args.rho, args.samples)
+    device = resolve_device(args.device)
+    with out_of_memory(f"measuring a training step at --batch-size {args.batch_size}: lower --batch-size "
+                       f"(or --channels, --blocks)"):
+        rows = memory.run_table(args.models, args.depths, args.baseline_depths, batch_size=args.batch_size,
+                                samples=args.samples, device=device, backend=args.backend, channels=args.channels,
+                                blocks=args.blocks, data_blocks=args.data_blocks, rho=args.rho, seed=args.seed,
+                                recompute=args.recompute)
+    kind = rows[0]["memory_kind"] if rows else ""
+    print(f"memory of one training step on {device} ({kind}), batch {args.batch_size}, "
+          f"{args.samples} OU / IWAE samples, synthetic CIFAR-10-shaped inputs (3x32x32, logistic likelihood)")
+    if device.type == "cpu":
+        print(f"CPU measure: {memory.CPU_MEASURE}; peak RSS is the process's, monotone (not per model)")
+    print(memory.format_table(rows))
+    print("paper: CUDA peak memory (Table 6); compare ratios, not absolute numbers, across measures")
+    meta = {"device": str(device), "memory_kind": kind, "batch_size": args.batch_size, "samples": args.samples,
+            "inputs": "synthetic uniform 8-bit images, 3x32x32", "torch": torch.__version__}
+    writers = [(args.json, lambda f: f.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")),
+               (args.csv, lambda f: memory.write_csv(rows, f)), (args.plot, lambda f: memory.write_plot(rows, f))]
+    for path, write in writers:
+        if path is not None:
+            try:
+                write(path)
+            except OSError as exc:
+                raise HVAEError(f"could not write {path}: {exc.strerror or exc}; the table is printed above") from None
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_runs
+
+    print(f"wrote {plot_runs(args.run_dirs, args.output)}")
+    return 0
+
+
+def _models(s: str):
+    from .memory import MODELS
+
+    ms = tuple(v for v in s.split(",") if v)
+    bad = [m for m in ms if m not in MODELS]
+    if bad or not ms:
+        raise argparse.ArgumentTypeError(f"unknown models {bad}: choose from {','.join(MODELS)}")
+    return ms
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
+    from .memory import CPU_MEASURE, MODELS
+    from .ou import BACKEND_NAMES
+
+    p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    seed = dict(type=_count(0), default=0, help="random seed")
 
     t = sub.add_parser("train", help="train a model (`hvae-fast train cifar10` = the paper's CIFAR-10 HVAE)")
     _add_train_args(t)
-    t.add_argument("--data-dir", help="dataset folder (default: $HVAE_DATA_DIR, else a per-user cache)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run: ELBO, IW bound, per-layer KL, active units")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--split", choices=("valid", "test"), default="valid")
-    e.add_argument("--iw-samples", type=int, default=100, help="L of the importance-weighted bound (0 = skip)")
-    e.add_argument("--iw-chunk", type=int, default=500, help="samples per example evaluated at once")
-    e.add_argument("--batch-size", type=int, default=100)
-    e.add_argument("--max-examples", type=int, default=0,
+    e.add_argument("--iw-samples", type=_count(0), default=100, metavar="L",
+                   help="L of the importance-weighted bound (0 = skip; default 100)")
+    e.add_argument("--iw-chunk", type=_count(1), default=500,
+                   help="samples per example evaluated at once; memory grows with it (default 500)")
+    e.add_argument("--batch-size", type=_count(1), default=100, help="examples per batch (default 100)")
+    e.add_argument("--max-examples", type=_count(0), default=0,
                    help="evaluate only the first N examples in file order (0 = all; the MNIST test set's first half is easier)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--data-dir")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--seed", **seed)
+    e.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--data-dir", help="dataset folder (default: $HVAE_DATA_DIR, else a per-user cache)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="write an image grid from a run's generative model")
     s.add_argument("run_dir", type=Path)
-    s.add_argument("-n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-n", type=_count(1), default=64, help="images (default 64)")
+    s.add_argument("--seed", **seed)
     s.add_argument("--draw", action="store_true", help="sample pixels instead of showing the likelihood's mean")
-    s.add_argument("--output", type=Path)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--output", type=_output(".png"), help="PNG file (default RUN_DIR/samples-eval-<step>.png)")
+    s.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     s.set_defaults(func=cmd_sample)
 
     sub.add_parser("presets", help="list the presets with parameter counts").set_defaults(func=cmd_presets)
@@ -283,16 +476,43 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="compile the C++/CUDA OU kernels now (otherwise on first use)")
     b.set_defaults(func=cmd_build)
 
-    from . import memory, plots
+    m = sub.add_parser(
+        "memory", help="peak memory of one training step per model (the paper's Table 6)",
+        description=("Reproduce Table 6: memory of one training step (forward, backward, optimizer step, after a "
+                     "warm-up step) on synthetic CIFAR-10-shaped inputs. On CUDA: torch.cuda.max_memory_allocated. "
+                     f"On CPU: {CPU_MEASURE}, counted with saved_tensors_hooks (allocator-independent), "
+                     "next to the process peak RSS (monotone over the process)."))
+    m.add_argument("--models", type=_models, default=MODELS, help="comma-separated subset of vae,iwae,hvae,lvae,biva")
+    m.add_argument("--depths", type=_counts(1), default=(4, 6), help="stochastic layers of vae/iwae/hvae (default 4,6)")
+    m.add_argument("--baseline-depths", type=_counts(1), default=(15,), help="stochastic layers of lvae/biva (default 15)")
+    m.add_argument("--batch-size", type=_count(1), default=64, help="default 64")
+    m.add_argument("--samples", type=_count(1), default=5, help="OU samples K (hvae) and IWAE samples k (iwae); default 5")
+    m.add_argument("--rho", type=_float, default=0.9, help="OU correlation of hvae (default 0.9)")
+    m.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    m.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="OU backend of hvae (compare eager torch vs fused)")
+    m.add_argument("--recompute", action="store_true", help="hvae: recompute the K-sample generator activations in backward")
+    m.add_argument("--channels", type=_count(1), help="feature maps of every net (shrink for quick runs)")
+    m.add_argument("--blocks", type=_count(0), help="ResNet blocks per net, also the nets next to x unless --data-blocks")
+    m.add_argument("--data-blocks", type=_count(0), help="ResNet blocks of the nets next to x")
+    m.add_argument("--seed", **seed)
+    m.add_argument("--json", type=_output(), metavar="FILE", help="write the rows as JSON")
+    m.add_argument("--csv", type=_output(), metavar="FILE", help="write the rows as CSV")
+    m.add_argument("--plot", type=_output(*PLOT_EXTS), metavar="FILE.png", help="bar chart of memory and ratio to VAE")
+    m.set_defaults(func=cmd_memory)
 
-    memory.add_parser(sub)
-    plots.add_parser(sub)
+    pl = sub.add_parser("plot", help="training curves of runs side by side: ELBO (train, EMA-smoothed, and "
+                        "validation), top-layer KL, active units")
+    pl.add_argument("run_dirs", nargs="+", type=Path)
+    pl.add_argument("--output", type=_output(*PLOT_EXTS), default="curves.png",
+                    help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     try:
         return args.func(args)
     except HVAEError as exc:

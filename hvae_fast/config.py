@@ -3,6 +3,11 @@
 A run is fully described by a ``RunConfig`` (saved as ``config.json`` in the run directory). Presets
 fill in the model and training settings of one experiment of the paper (see method.md,
 "Configurations"); command-line flags override single fields.
+
+Each field is declared once, with its default, help text, bounds and the methods it applies to in
+its ``field(metadata=...)`` (see ``_f``): ``hvae-fast train``'s flags are generated from these
+fields, and ``RunConfig.validate`` checks them, so a config from a file gets the same checks as one
+from flags.
 """
 
 from __future__ import annotations
@@ -10,37 +15,51 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from .errors import HVAEError
 
 METHODS = ("vae", "hvae", "iwae", "lvae", "biva")
+# MLP activations by name; nets.py maps each to its module (tests/test_model.py checks the two agree).
+ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "softplus")
+OU_METHODS = ("hvae",)  # methods whose training smooths generator layers with the OU semigroup
+ELBO_METHODS = ("vae", "hvae", "lvae", "biva")  # methods trained on the ELBO's per-layer KL terms
+
+
+def _f(default, help: str = "", **meta):
+    """A config field: its default, its ``--help`` text, and how the CLI treats it. Metadata keys:
+
+    flag     the flag's name (default ``--<field-name>``), or False: not a flag (``why`` says why)
+    lo, gt, hi   bounds: value >= lo, value > gt, value <= hi (each element of a tuple)
+    length   exact length of a tuple
+    methods  the methods the field applies to; passing its flag with another method is an error
+    metavar  how ``--help`` names the value
+    """
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class ModelConfig:
     """Architecture of the stacked hierarchical VAE. Lists run bottom (z_1, next to x) to top (z_L)."""
 
-    arch: str = "mlp"  # "mlp" | "resnet"
-    # MLP: units per stochastic layer, and the width of the two deterministic layers before each.
-    latent_sizes: tuple = (40, 40, 40, 40)
-    hidden_sizes: tuple = (200, 200, 200, 200)
-    activation: str = "tanh"
-    # ResNet: `channels` feature maps; `blocks` ResNet blocks in each net between stochastic layers;
-    # `data_blocks` in the nets next to x (q(z_1|x) and p(x|z_1)); latents of `latent_channels`
-    # maps at the feature resolution / `latent_stride`.
-    num_layers: int = 4
-    channels: int = 100
-    blocks: int = 6
-    data_blocks: int = 16
-    latent_channels: int = 8
-    latent_stride: int = 1
-    skip: bool = False  # HVAE+: deterministic skip connections between generator layers
-    # Likelihood p(x|z_1): "bernoulli" (binary images) or "logistic" (discretized logistic mixture).
-    likelihood: str = "bernoulli"
-    n_mix: int = 10
-    # Gaussian layers: sigma = softplus(raw) + min_scale (method.md, open choices).
-    min_scale: float = 1e-3
+    arch: str = _f("mlp", "network family")
+    latent_sizes: tuple = _f((40, 40, 40, 40), "MLP: units per stochastic layer, bottom to top", lo=1, metavar="N,N,...")
+    hidden_sizes: tuple = _f((200, 200, 200, 200), "MLP: width of the two deterministic layers below each stochastic "
+                             "layer, bottom to top", lo=1, metavar="N,N,...")
+    activation: str = _f("tanh", "MLP nonlinearity")
+    # ResNet latents have `latent_channels` maps at the feature resolution / `latent_stride`.
+    num_layers: int = _f(4, "ResNet: stochastic layers", lo=1)
+    channels: int = _f(100, "ResNet: feature maps of every net", lo=1)
+    blocks: int = _f(6, "ResNet: blocks in each net between stochastic layers", lo=0)
+    data_blocks: int = _f(16, "ResNet: blocks in the nets next to x, q(z_1|x) and p(x|z_1)", lo=0)
+    latent_channels: int = _f(8, "ResNet: maps per stochastic layer", lo=1)
+    latent_stride: int = _f(1, "ResNet: latents at the feature resolution / this", lo=1)
+    skip: bool = _f(False, "HVAE+: deterministic skip connections between generator layers")
+    likelihood: str = _f("bernoulli", flag=False, why="follows the dataset (bernoulli: binary images, "
+                         "logistic: discretized logistic mixture)")
+    n_mix: int = _f(10, "components of the discretized logistic mixture", lo=1)
+    min_scale: float = _f(1e-3, "Gaussian layers: sigma = softplus(raw) + min_scale", gt=0)
 
     @property
     def depth(self) -> int:
@@ -49,48 +68,129 @@ class ModelConfig:
 
 @dataclass
 class OUConfig:
-    """OU smoothing of the intermediate generator layers p(z_i | z_{i+1}), training only."""
+    """OU smoothing of the intermediate generator layers p(z_i | z_{i+1}), training only (method hvae)."""
 
-    rho: float = 0.9
-    samples: int = 5  # K
-    target: str = "mean-std"  # "mean-std" | "ratio"
-    backend: str = "auto"  # "auto" | "triton" | "cuda" | "cpp" | "torch"
-    smooth_inference: bool = False  # also smooth q(z_{i+1} | z_i) (the paper: little benefit)
-    # Recompute the K-sample generator activations in backward instead of storing them:
+    rho: float = _f(0.9, "OU correlation in [0, 1]; 1 = no smoothing (plain VAE gradients)", flag="--rho",
+                    lo=0, hi=1, methods=OU_METHODS)
+    samples: int = _f(5, "K, correlated samples per posterior sample", flag="--ou-samples", lo=1,
+                      methods=OU_METHODS, metavar="K")
+    target: str = _f("mean-std", "average the Gaussian head's mean and std, or mu/sigma", flag="--ou-target",
+                     methods=OU_METHODS)
+    backend: str = _f("auto", "OU kernels; auto picks the fastest available and logs it", flag="--backend",
+                      methods=OU_METHODS)
+    smooth_inference: bool = _f(False, "also smooth the inference network (the paper: little benefit)",
+                                flag="--ou-inference", methods=OU_METHODS)
     # HVAE memory close to the VAE's, for one extra forward of the smoothed layers.
-    recompute: bool = False
+    recompute: bool = _f(False, "recompute the K-sample generator activations in backward (less memory, more time)",
+                         flag="--ou-recompute", methods=OU_METHODS)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100_000
-    batch_size: int = 100
-    lr: float = 1e-3
-    optimizer: str = "adam"  # "adam" | "adamax"
-    lr_schedule: str = "cosine"  # "constant" | "cosine" | "exponential"
-    lr_decay: float = 0.1  # final lr = lr * lr_decay for cosine / exponential
-    warmup_steps: int = 0
-    grad_clip: float = 200.0  # max global grad norm; 0 disables
-    seed: int = 0
-    kl_anneal: tuple = (0, 0)  # (zero_steps, ramp_steps); (0, 0) = weight 1 throughout
-    free_bits: float = 0.0  # nats per stochastic layer; 0 disables
-    iw_samples_train: int = 1  # IWAE's k
-    log_every: int = 50
-    eval_every: int = 2000
-    eval_examples: int = 2000  # validation examples per periodic evaluation (0 = all)
-    sample_every: int = 5000
-    checkpoint_every: int = 1000
+    steps: int = _f(100_000, "optimizer steps", lo=1)
+    batch_size: int = _f(100, "examples per step", lo=1)
+    lr: float = _f(1e-3, "learning rate", gt=0)
+    optimizer: str = _f("adam", "optimizer")
+    lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up")
+    lr_decay: float = _f(0.1, "final lr = lr * lr_decay for cosine / exponential", gt=0, hi=1)
+    warmup_steps: int = _f(0, "linear lr warm-up steps", lo=0)
+    grad_clip: float = _f(200.0, "max global gradient norm; 0 disables", lo=0)
+    seed: int = _f(0, "seed of the weights, data order and noise", lo=0, hi=2**63 - 1)
+    kl_anneal: tuple = _f((0, 0), "KL weight 0 for ZERO_STEPS, then linear to 1 over RAMP_STEPS (0,0: weight 1 "
+                          "throughout; reported ELBOs use weight 1)", lo=0, length=2, metavar="ZERO_STEPS,RAMP_STEPS")
+    free_bits: float = _f(0.0, "per-layer floor: each stochastic layer's KL, averaged over the minibatch, is clamped "
+                          "from below; 0 disables", lo=0, methods=ELBO_METHODS, metavar="NATS")
+    iw_samples_train: int = _f(1, "IWAE's k", lo=1, methods=("iwae",), metavar="k")
+    log_every: int = _f(50, "steps between train-metric records", lo=1)
+    eval_every: int = _f(2000, "steps between validations", lo=1)
+    eval_examples: int = _f(2000, "validation examples per periodic evaluation (0 = all)", lo=0)
+    sample_every: int = _f(5000, "steps between sample grids", lo=1)
+    checkpoint_every: int = _f(1000, "steps between checkpoints", lo=1)
+
+
+SECTIONS = {"model": ModelConfig, "ou": OUConfig, "train": TrainConfig}
+
+
+def field_choices() -> dict:
+    """{field name: allowed values} of the fields that take one of a few names."""
+    from .backends import BACKEND_NAMES, OU_TARGETS
+
+    return {"method": METHODS, "arch": ("mlp", "resnet"), "activation": ACTIVATIONS,
+            "likelihood": ("bernoulli", "logistic"), "target": OU_TARGETS, "backend": BACKEND_NAMES,
+            "optimizer": ("adam", "adamax"), "lr_schedule": ("constant", "cosine", "exponential")}
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field (its name in error messages too)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def config_fields():
+    """(section, field) for every field of a RunConfig; section None for RunConfig's own fields."""
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            yield from ((f.name, g) for g in dataclasses.fields(SECTIONS[f.name]))
+        else:
+            yield None, f
+
+
+def field_kind(f: dataclasses.Field, optional: bool = False) -> str:
+    """The type name of a field: "int", "float", "str", "bool", "tuple" (with " | None" if ``optional``
+    and the field may be None)."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return kind if optional else kind.removesuffix(" | None")
+
+
+def _coerce(f: dataclasses.Field, v, where: str):
+    """``v`` as the type of field ``f`` (a JSON list becomes a tuple, an int a float), else HVAEError."""
+    if v is None and field_kind(f, optional=True).endswith(" | None"):
+        return None
+    kind = field_kind(f)
+    ok = {"bool": lambda: isinstance(v, bool),
+          "int": lambda: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda: isinstance(v, str),
+          "tuple": lambda: isinstance(v, (list, tuple)) and all(isinstance(e, int) and not isinstance(e, bool) for e in v)}
+    if kind not in ok:
+        return v
+    if not ok[kind]():
+        want = "a list of integers" if kind == "tuple" else {"bool": "true or false", "int": "an integer",
+                                                            "float": "a number", "str": "a string"}[kind]
+        raise HVAEError(f"{where}: {f.name} must be {want}, got {v!r}: fix it (or pass {flag_of(f)} on top)")
+    return tuple(v) if kind == "tuple" else float(v) if kind == "float" else v
+
+
+def _check_bounds(f: dataclasses.Field, v) -> None:
+    m = f.metadata
+    for e in (v if isinstance(v, tuple) else (v,)):
+        if not isinstance(e, (int, float)) or isinstance(e, bool):
+            continue
+        bad = (isinstance(e, float) and not math.isfinite(e) or ("lo" in m and e < m["lo"])
+               or ("gt" in m and e <= m["gt"]) or ("hi" in m and e > m["hi"]))
+        if bad:
+            want = " and ".join(f"{op} {m[k]}" for k, op in (("lo", ">="), ("gt", ">"), ("hi", "<=")) if k in m)
+            what = f"each entry of {flag_of(f)}" if isinstance(v, tuple) else flag_of(f)
+            raise HVAEError(f"{what} must be a finite number {want}, got {as_flag_value(v)}: pass a value {want} "
+                            f"(default {as_flag_value(f.default)})")
+    if "length" in m and len(v) != m["length"]:
+        raise HVAEError(f"{flag_of(f)} takes {m['length']} values {m.get('metavar', '')}, got {as_flag_value(v)}: "
+                        f"pass e.g. {flag_of(f)} {as_flag_value(f.default)}")
+
+
+def as_flag_value(v) -> str:
+    """A value as it is written on the command line: tuples as comma lists."""
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 @dataclass
 class RunConfig:
-    dataset: str = "binarized-mnist"
-    preset: str = "mnist-mlp-40x4"
-    method: str = "hvae"
+    dataset: str = _f("binarized-mnist", flag=False, why="the positional DATASET")
+    preset: str = _f("mnist-mlp-40x4", flag=False, why="--preset picks a whole preset, it does not override a field")
+    method: str = _f("hvae", "objective / model family")
     model: ModelConfig = field(default_factory=ModelConfig)
     ou: OUConfig = field(default_factory=OUConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    device: str = "auto"
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,46 +199,73 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        def build(dc, values: dict):
-            names = {f.name for f in dataclasses.fields(dc)}
-            unknown = set(values) - names
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        """A RunConfig from ``to_dict()``'s form; wrong types and unknown fields raise HVAEError.
+        Missing fields take their defaults."""
+        def build(dc, values, name):
+            if not isinstance(values, dict):
+                raise HVAEError(f"{where}: {name} must be a JSON object, got {values!r}: restore the run's config.json")
+            fields = {f.name: f for f in dataclasses.fields(dc)}
+            unknown = set(values) - set(fields)
             if unknown:
-                raise HVAEError(f"config has unknown {dc.__name__} fields {sorted(unknown)}: was it written by another version?")
-            return dc(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+                raise HVAEError(f"{where}: unknown {dc.__name__} fields {sorted(unknown)}: was it written by "
+                                f"another version? Remove them")
+            return {k: v if k in SECTIONS and dc is cls else _coerce(fields[k], v, where) for k, v in values.items()}
 
-        d = dict(d)
-        parts = {"model": ModelConfig, "ou": OUConfig, "train": TrainConfig}
-        nested = {k: build(dc, d.pop(k, {})) for k, dc in parts.items()}
-        return build(cls, {**d, **nested})
+        top = build(cls, d, "the config")
+        for k, dc in SECTIONS.items():
+            top[k] = dc(**build(dc, top.get(k, {}), f'"{k}"'))
+        return cls(**top)
 
     def validate(self) -> "RunConfig":
-        from .backends import OU_TARGETS, BACKEND_NAMES, check_ou_args
+        from .backends import check_ou_args
 
-        if self.method not in METHODS:
-            raise HVAEError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         check_ou_args(self.ou.rho, self.ou.samples)
-        if self.ou.target not in OU_TARGETS:
-            raise HVAEError(f"unknown --ou-target {self.ou.target!r}: choose one of {', '.join(OU_TARGETS)}")
-        if self.ou.backend not in BACKEND_NAMES:
-            raise HVAEError(f"unknown --backend {self.ou.backend!r}: choose one of {', '.join(BACKEND_NAMES)}")
+        choices = field_choices()
+        for section, f in config_fields():
+            v = getattr(getattr(self, section) if section else self, f.name)
+            if f.name in choices and v not in choices[f.name]:
+                raise HVAEError(f"unknown {flag_of(f)} {v!r}: choose one of {', '.join(choices[f.name])}")
+            _check_bounds(f, v)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise HVAEError(f"unknown --device {self.device!r}: choose auto, cpu, cuda or cuda:N")
         t = self.train
-        for name in ("steps", "batch_size", "iw_samples_train", "log_every", "eval_every", "checkpoint_every", "sample_every"):
-            if getattr(t, name) < 1:
-                raise HVAEError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
-        if not (t.lr > 0 and math.isfinite(t.lr)):
-            raise HVAEError(f"--lr must be a positive number, got {t.lr}")
-        if t.free_bits < 0:
-            raise HVAEError(f"--free-bits must be >= 0 nats, got {t.free_bits}")
-        if len(t.kl_anneal) != 2 or min(t.kl_anneal) < 0:
-            raise HVAEError(f"--kl-anneal takes ZERO_STEPS,RAMP_STEPS (both >= 0), got {t.kl_anneal}")
-        if t.optimizer not in ("adam", "adamax"):
-            raise HVAEError(f"unknown optimizer {t.optimizer!r}: choose adam or adamax")
-        if t.lr_schedule not in ("constant", "cosine", "exponential"):
-            raise HVAEError(f"unknown lr schedule {t.lr_schedule!r}: choose constant, cosine or exponential")
+        if self.method not in ELBO_METHODS and t.free_bits > 0:
+            raise HVAEError(f"--free-bits acts on the ELBO's per-layer KL terms; --method {self.method} trains another "
+                            f"objective: drop --free-bits or pick one of {', '.join(ELBO_METHODS)}")
+        if self.method != "iwae" and t.iw_samples_train != 1:
+            raise HVAEError(f"--iw-samples-train is IWAE's k; --method {self.method} does not use it: drop it or "
+                            f"pass --method iwae")
         if self.model.arch == "mlp" and len(self.model.latent_sizes) != len(self.model.hidden_sizes):
-            raise HVAEError("latent_sizes and hidden_sizes must have one entry per stochastic layer")
+            raise HVAEError("--latent-sizes and --hidden-sizes need one entry per stochastic layer, got "
+                            f"{as_flag_value(self.model.latent_sizes)} and {as_flag_value(self.model.hidden_sizes)}: pass both, "
+                            "with as many entries each")
         return self
+
+
+def load_config(path) -> RunConfig:
+    """Read and validate a run's ``config.json``; every problem is one HVAEError line."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise HVAEError(f"{path} does not exist: pass the config.json of a `hvae-fast train` run") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HVAEError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}: pass a readable config.json") from None
+    if not text.strip():
+        raise HVAEError(f"{path} is empty (an interrupted write?): restore it, or pass --preset instead")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HVAEError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+                        f"restore it, or pass --preset instead") from None
+    cfg = RunConfig.from_dict(d, where=str(path))
+    try:
+        return cfg.validate()
+    except HVAEError as exc:
+        raise HVAEError(f"{path}: {exc} (or fix the file)") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,13 +35,14 @@ def active_units(model, batches, device, samples: int = 10, threshold: float = 0
 
 @torch.no_grad()
 def evaluate(model, batches_fn, device, iw_samples: int = 0, iw_chunk: int = 500, au_samples: int = 10,
-             seed: int = 0, progress: bool = False) -> dict:
+             seed: int = 0, progress: bool = False, num_batches: int | None = None) -> dict:
     """Evaluate ``model`` on the batches yielded by ``batches_fn()`` (called once per pass).
 
     Returns nats per example: ``elbo``, ``recon`` (E_q log p(x|z)), ``kl_total``, ``kl_per_layer``
     (bottom to top), ``active_units``, ``iw_bound`` (if iw_samples > 0), ``num_examples``, and
     ``bpd`` keys for image likelihoods over [-1, 1] (CIFAR-10).
     Runs under its own RNG stream (``seed``), so it never perturbs a training run's randomness.
+    ``progress`` shows a bar per pass (with an ETA when ``num_batches``, the batches per pass, is given).
     """
     was_training = model.training
     model.eval()
@@ -50,11 +51,14 @@ def evaluate(model, batches_fn, device, iw_samples: int = 0, iw_chunk: int = 500
         torch.manual_seed(seed)
         n, sums = 0, {"elbo": 0.0, "recon": 0.0, "iw": 0.0}
         kl_sum = None
-        it = batches_fn()
-        if progress:
+        def passes(desc):
+            if not progress:
+                return batches_fn()
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="eval", unit="batch", leave=False)
+            return tqdm(batches_fn(), desc=desc, unit="batch", total=num_batches, dynamic_ncols=True)
+
+        it = passes("ELBO" + (f" + IW bound (L={iw_samples})" if iw_samples > 0 else ""))
         num_dims = None
         for x in it:
             x = x.to(device)
@@ -67,7 +71,7 @@ def evaluate(model, batches_fn, device, iw_samples: int = 0, iw_chunk: int = 500
             kl_sum = kls if kl_sum is None else [a + b for a, b in zip(kl_sum, kls)]
             if iw_samples > 0:
                 sums["iw"] += iw_bound(model, x, iw_samples, iw_chunk).double().sum().item()
-        au = active_units(model, batches_fn(), device, samples=au_samples)
+        au = active_units(model, passes("active units"), device, samples=au_samples)
     model.train(was_training)
     res = {
         "elbo": sums["elbo"] / n,

@@ -31,9 +31,7 @@ The memory figure:
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import logging
 import resource
 import sys
@@ -277,76 +275,3 @@ def write_plot(rows: list, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _ints(s: str):
-    try:
-        return tuple(int(v) for v in s.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
-
-
-def _models(s: str):
-    ms = tuple(v for v in s.split(",") if v)
-    bad = [m for m in ms if m not in MODELS]
-    if bad or not ms:
-        raise argparse.ArgumentTypeError(f"unknown models {bad}: choose from {','.join(MODELS)}")
-    return ms
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .ou import BACKEND_NAMES
-
-    p = subparsers.add_parser(
-        "memory", help="peak memory of one training step per model (the paper's Table 6)",
-        description=("Reproduce Table 6: memory of one training step (forward, backward, optimizer step, after a "
-                     "warm-up step) on synthetic CIFAR-10-shaped inputs. On CUDA: torch.cuda.max_memory_allocated. "
-                     f"On CPU: {CPU_MEASURE}, counted with saved_tensors_hooks (allocator-independent), "
-                     "next to the process peak RSS (monotone over the process)."))
-    p.add_argument("--models", type=_models, default=MODELS, help="comma-separated subset of vae,iwae,hvae,lvae,biva")
-    p.add_argument("--depths", type=_ints, default=(4, 6), help="stochastic layers of vae/iwae/hvae (default 4,6)")
-    p.add_argument("--baseline-depths", type=_ints, default=(15,), help="stochastic layers of lvae/biva (default 15)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--samples", type=int, default=5, help="OU samples K (hvae) and IWAE samples k (iwae)")
-    p.add_argument("--rho", type=float, default=0.9, help="OU correlation of hvae")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="OU backend of hvae (compare eager torch vs fused)")
-    p.add_argument("--recompute", action="store_true", help="hvae: recompute the K-sample generator activations in backward")
-    p.add_argument("--channels", type=int, help="feature maps of every net (shrink for quick runs)")
-    p.add_argument("--blocks", type=int, help="ResNet blocks per net, also the nets next to x unless --data-blocks")
-    p.add_argument("--data-blocks", type=int, help="ResNet blocks of the nets next to x")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
-    p.add_argument("--csv", type=Path, metavar="FILE", help="write the rows as CSV")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="bar chart of memory and ratio to VAE")
-    p.set_defaults(func=cmd_memory)
-    return p
-
-
-def cmd_memory(args) -> int:
-    from .trainer import resolve_device
-
-    device = resolve_device(args.device)
-    rows = run_table(args.models, args.depths, args.baseline_depths, batch_size=args.batch_size,
-                     samples=args.samples, device=device, backend=args.backend, channels=args.channels,
-                     blocks=args.blocks, data_blocks=args.data_blocks, rho=args.rho, seed=args.seed,
-                     recompute=args.recompute)
-    kind = rows[0]["memory_kind"] if rows else ""
-    print(f"memory of one training step on {device} ({kind}), batch {args.batch_size}, "
-          f"{args.samples} OU / IWAE samples, synthetic CIFAR-10-shaped inputs (3x32x32, logistic likelihood)")
-    if device.type == "cpu":
-        print(f"CPU measure: {CPU_MEASURE}; peak RSS is the process's, monotone (not per model)")
-    print(format_table(rows))
-    print("paper: CUDA peak memory (Table 6); compare ratios, not absolute numbers, across measures")
-    meta = {"device": str(device), "memory_kind": kind, "batch_size": args.batch_size, "samples": args.samples,
-            "inputs": "synthetic uniform 8-bit images, 3x32x32", "torch": torch.__version__}
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.csv:
-        write_csv(rows, args.csv)
-        print(f"wrote {args.csv}")
-    if args.plot:
-        write_plot(rows, args.plot)
-        print(f"wrote {args.plot}")
-    return 0

@@ -1,32 +1,67 @@
 """`hvae-fast plot`: training curves of one or more runs side by side (ELBO, top-layer KL, active units).
 
-Reads each run's ``metrics.jsonl``; the unsmoothed training ELBO and top-layer KL are drawn from
-the train records, the active units from the validation records.
+Reads each run's ``metrics.jsonl``. The ELBO panel draws the unsmoothed model's training ELBO of
+each logged minibatch (faint), its exponential moving average (EMA_WEIGHT per logged record) and the
+validation ELBO (markers); the top-layer KL comes from the train records, the active units from
+the validation records.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .errors import HVAEError
 
+log = logging.getLogger("hvae_fast.plots")
+EMA_WEIGHT = 0.9  # weight of the running average per logged record: smoothed = w * smoothed + (1 - w) * elbo
+
+
+def read_records(path: Path) -> list:
+    """The JSON records of a metrics.jsonl. A partial last line (a run killed mid-write) is skipped
+    with a warning; a bad line before the last is an HVAEError."""
+    lines = [(i + 1, line) for i, line in enumerate(path.read_text(errors="replace").splitlines()) if line.strip()]
+    recs = []
+    for n, (lineno, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not {"split", "step"} <= set(rec):
+                raise ValueError("not a metrics record")
+        except ValueError as exc:
+            if n == len(lines) - 1:
+                log.warning("%s: skipping its partial last line %d (%s)", path, lineno, exc)
+                break
+            raise HVAEError(f"{path} line {lineno} is not a metrics record ({exc}): delete that line or rerun") from None
+        recs.append(rec)
+    return recs
+
 
 def read_metrics(run_dir) -> tuple[str, list, list]:
     """(label, train records, valid records) of a run directory."""
+    from .config import load_config
+
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
         raise HVAEError(f"{run_dir} has no metrics.jsonl: pass the --out of a `hvae-fast train` run")
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    cfg_path = run_dir / "config.json"
+    recs = read_records(path)
     label = run_dir.name
-    if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
-        label = cfg["method"] + (f", rho={cfg['ou']['rho']}, K={cfg['ou']['samples']}" if cfg["method"] == "hvae" else "")
+    if (run_dir / "config.json").exists():
+        cfg = load_config(run_dir / "config.json")
+        label = cfg.method + (f", rho={cfg.ou.rho}, K={cfg.ou.samples}" if cfg.method == "hvae" else "")
     # A resumed run may log a step twice; the later record wins.
-    dedup = lambda rs: list({r["step"]: r for r in rs}.values())  # noqa: E731
+    dedup = lambda rs: sorted({r["step"]: r for r in rs}.values(), key=lambda r: r["step"])  # noqa: E731
     return label, dedup([r for r in recs if r["split"] == "train"]), dedup([r for r in recs if r["split"] == "valid"])
+
+
+def ema(values: list, weight: float = EMA_WEIGHT) -> list:
+    """Exponential moving average, bias-corrected so the first value is not pulled towards 0."""
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc, norm = weight * acc + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(acc / norm)
+    return out
 
 
 def plot_runs(run_dirs, output: Path) -> Path:
@@ -35,30 +70,34 @@ def plot_runs(run_dirs, output: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [(run, *read_metrics(run)) for run in run_dirs]  # read all before drawing: errors come first
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for run in run_dirs:
-        label, train, valid = read_metrics(run)
+    for i, (run, label, train, valid) in enumerate(runs):
+        c = f"C{i % 10}"
         steps = [r["step"] for r in train]
-        axes[0].plot(steps, [r["elbo"] for r in train], label=label, alpha=0.8)
-        axes[1].plot(steps, [r["top_kl"] for r in train], label=label, alpha=0.8)
+        elbo = [r["elbo"] for r in train]
+        axes[0].plot(steps, elbo, color=c, alpha=0.2, lw=0.8)
+        axes[0].plot(steps, ema(elbo), color=c, label=f"{label}: train (EMA {EMA_WEIGHT})")
+        if valid:
+            axes[0].plot([r["step"] for r in valid], [r["elbo"] for r in valid], color=c, ls="--", marker="o",
+                         ms=4, label=f"{label}: validation")
+        axes[1].plot(steps, [r["top_kl"] for r in train], color=c, label=label, alpha=0.8)
         if valid and "active_units" in valid[0]:
-            vs = [r["step"] for r in valid]
-            axes[2].plot(vs, [sum(r["active_units"]) for r in valid], marker="o", label=label)
-    axes[0].set(title="unsmoothed training ELBO (nats)", xlabel="step")
-    axes[1].set(title="top-layer KL (nats)", xlabel="step")
+            axes[2].plot([r["step"] for r in valid], [sum(r["active_units"]) for r in valid], color=c, marker="o",
+                         label=label)
+    axes[0].set(title="ELBO (nats): train minibatches (faint), their EMA, validation", xlabel="step")
+    axes[1].set(title="top-layer KL (nats), train", xlabel="step")
     axes[2].set(title="active units, all layers (validation)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     output = Path(output)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(output, dpi=110)
+    except OSError as exc:
+        raise HVAEError(f"could not write {output}: {exc.strerror or exc}; pass --output to a writable file") from None
+    finally:
+        plt.close(fig)
     return output
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="training curves of runs side by side (ELBO, top-layer KL, active units)")
-    p.add_argument("run_dirs", nargs="+", type=Path)
-    p.add_argument("--output", type=Path, default=Path("curves.png"))
-    p.set_defaults(func=lambda args: print(f"wrote {plot_runs(args.run_dirs, args.output)}") or 0)

@@ -260,3 +260,9 @@ def test_recompute_gives_the_same_gradients_and_saves_less():
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
     assert saved[1] < 0.8 * saved[0]
+
+
+def test_config_activation_names_are_the_nets_activations():
+    from hvae_fast import config, nets
+
+    assert set(config.ACTIVATIONS) == set(nets.ACTIVATIONS)
