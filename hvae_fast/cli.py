@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import HVAEError
+from .trainer import load_run
 
 log = logging.getLogger("hvae_fast")
 
@@ -57,6 +58,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-examples", type=int, help="validation examples per periodic evaluation (0 = all)")
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--checkpoint-minutes", type=float, help="also write checkpoint-latest.pt at least this often (minutes)")
     p.add_argument("--sample-every", type=int)
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<method>-seed<seed>)")
@@ -73,6 +75,7 @@ _OVERRIDES = [("method", None, "method"), ("rho", "ou", "rho"), ("K", "ou", "sam
               ("free_bits", "train", "free_bits"), ("iw_samples_train", "train", "iw_samples_train"),
               ("seed", "train", "seed"), ("log_every", "train", "log_every"), ("eval_every", "train", "eval_every"),
               ("eval_examples", "train", "eval_examples"), ("checkpoint_every", "train", "checkpoint_every"),
+              ("checkpoint_minutes", "train", "checkpoint_minutes"),
               ("sample_every", "train", "sample_every"), ("device", None, "device")]
 
 
@@ -103,45 +106,19 @@ def config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from .trainer import Trainer
+    from .trainer import Trainer, TrainingInterrupted
 
     cfg = config_from_args(args)
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.method}-seed{cfg.train.seed}"
     trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
-    rec = trainer.fit()
+    try:
+        rec = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(f"hvae-fast: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(f"done: {trainer.step} steps in {out}; last train ELBO {rec.get('elbo', float('nan')):.3f} nats, "
           f"best validation ELBO {trainer.best_valid:.3f}; skipped non-finite steps: {trainer.skipped}")
     return 0
-
-
-def load_run(run_dir: Path, device: str = "auto", which: str = "best"):
-    """(config, model) of a run directory, from checkpoint-best.pt (or -latest)."""
-    import torch
-
-    from .config import RunConfig
-    from .data import image_shape
-    from .model import build_model
-    from .trainer import resolve_device
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise HVAEError(f"{run_dir} is not a run directory (no config.json): pass the --out of a `hvae-fast train` run")
-    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    ckpt = run_dir / f"checkpoint-{which}.pt"
-    if not ckpt.exists():
-        ckpt = run_dir / "checkpoint-latest.pt"
-    if not ckpt.exists():
-        raise HVAEError(f"no checkpoint in {run_dir}: train first, or wait for the first checkpoint")
-    dev = resolve_device(device)
-    model = build_model(cfg.method, cfg.model, image_shape(cfg.dataset)).to(dev)
-    try:
-        st = torch.load(ckpt, map_location=dev, weights_only=False)
-        model.load_state_dict(st["model"])
-    except Exception as exc:
-        raise HVAEError(f"cannot load {ckpt}: {exc}") from exc
-    model.eval()
-    return cfg, model, dev, st.get("step", 0)
 
 
 def cmd_eval(args) -> int:

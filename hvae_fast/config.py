@@ -80,6 +80,7 @@ class TrainConfig:
     eval_examples: int = 2000  # validation examples per periodic evaluation (0 = all)
     sample_every: int = 5000
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 10.0  # also checkpoint at least this often, so a slow run loses little
 
 
 @dataclass
@@ -126,6 +127,8 @@ class RunConfig:
         for name in ("steps", "batch_size", "iw_samples_train", "log_every", "eval_every", "checkpoint_every", "sample_every"):
             if getattr(t, name) < 1:
                 raise HVAEError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+        if not (t.checkpoint_minutes > 0 and math.isfinite(t.checkpoint_minutes)):
+            raise HVAEError(f"--checkpoint-minutes must be a positive number of minutes, got {t.checkpoint_minutes}")
         if not (t.lr > 0 and math.isfinite(t.lr)):
             raise HVAEError(f"--lr must be a positive number, got {t.lr}")
         if t.free_bits < 0:
