@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import threading
@@ -147,7 +148,8 @@ def lock_run_dir(out: Path):
         out.mkdir(parents=True, exist_ok=True)
         f = open(out / LOCK_NAME, "a+")
     except OSError as exc:
-        raise HVAEError(f"cannot write to the output directory {out}: {exc.strerror}; pass --out to a writable folder") from exc
+        raise HVAEError(f"cannot write to the output directory {out}: {exc.strerror}; "
+                        f"pass --out to a writable folder") from exc
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -175,15 +177,19 @@ def load_checkpoint(path: Path, device, keys=CHECKPOINT_KEYS) -> dict:
     try:
         st = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HVAEError(f"refusing to load {path}: it holds objects other than tensors, numbers and strings "
-                        f"({first}); hvae-fast never writes those, so the file is not a trusted checkpoint: "
-                        f"delete it and use one written by `hvae-fast train`") from None
+        # torch's message suggests weights_only=False; quote only what the file asked for.
+        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = what.group(1) if what else "unpickling failed"
+        raise HVAEError(f"refusing to load {path}: it holds objects other than tensors, numbers and strings ({what}); "
+                        f"hvae-fast never writes those, so the file is not a trusted checkpoint: delete it and use "
+                        f"one written by `hvae-fast train`") from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HVAEError(f"cannot read checkpoint {path}: {first}; it may be truncated: restore it or start a new --out") from None
+        raise HVAEError(f"cannot read checkpoint {path}: {first}; it may be truncated: restore it "
+                        f"or start a new --out") from None
     if not isinstance(st, dict):
-        raise HVAEError(f"{path} holds a {type(st).__name__}, not a checkpoint dict: pass a checkpoint written by `hvae-fast train`")
+        raise HVAEError(f"{path} holds a {type(st).__name__}, not a checkpoint dict: "
+                        f"pass a checkpoint written by `hvae-fast train`")
     for k in keys:
         if k not in st:
             raise HVAEError(f"checkpoint {path} has no {k!r} entry: it is incomplete or from another program; "
@@ -381,11 +387,12 @@ class Trainer:
         _, run_files = run_dir_contents(self.out)
         if not ckpt.exists():
             if run_files:
-                raise HVAEError(f"{self.out} holds an attempt that stopped before its first checkpoint ({', '.join(run_files)}, "
-                                f"no checkpoint-latest.pt): nothing to resume; remove it (rm -r {shlex.quote(str(self.out))}) "
-                                f"and train again, or pass a new --out")
+                raise HVAEError(f"{self.out} holds an attempt that stopped before its first checkpoint "
+                                f"({', '.join(run_files)}, no checkpoint-latest.pt): nothing to resume; remove it "
+                                f"(rm -r {shlex.quote(str(self.out))}) and train again, or pass a new --out")
             if resume:
-                raise HVAEError(f"--resume: no checkpoint-latest.pt in {self.out}; start without --resume or pass the run's --out")
+                raise HVAEError(f"--resume: no checkpoint-latest.pt in {self.out}; start without --resume "
+                                f"or pass the run's --out")
             return None
         if not resume:
             raise HVAEError(f"{self.out} already holds a run (checkpoint-latest.pt): pass --resume to continue it, "
@@ -527,7 +534,8 @@ class Trainer:
                 kept = (f"checkpoint-latest.pt holds the last good state (step {self._saved_step})"
                         if self._saved_step is not None else "no good state was checkpointed")
                 raise HVAEError(f"the loss or its gradient was NaN/inf for {MAX_CONSECUTIVE_NONFINITE} steps in a row "
-                                f"(step {self.step}); {kept}. Lower --lr (or raise the model's min_scale) and start a new --out")
+                                f"(step {self.step}); {kept}. Lower --lr (or raise the model's min_scale) "
+                                f"and start a new --out")
         with warnings.catch_warnings():
             # A skipped update still advances the schedule, so lr stays a function of the step.
             warnings.simplefilter("ignore", UserWarning)
@@ -562,6 +570,8 @@ class Trainer:
         """Train to cfg.train.steps; returns the last train record. Releases the run directory when done."""
         from tqdm.auto import tqdm
 
+        if self._lock is None:
+            raise HVAEError(f"this Trainer has released {self.out} (fit already ran): build a new one with resume=True")
         t = self.cfg.train
         for line in scale_notes(self.cfg, self.device, count_parameters(self.model)):
             log.info("%s", line)
@@ -604,8 +614,8 @@ class Trainer:
                     if not self.progress and (first_log or now - last_status >= STATUS_SECONDS or self.step == t.steps):
                         self._status(record, rate)
                         last_status = now
-                    self._save_due |= first_log
-                    first_log = False
+                    if first_log:  # an early checkpoint, long before checkpoint_every
+                        self._save_due, first_log = True, False
                 if self.step % t.eval_every == 0 or self.step == t.steps:
                     res = self.validate()
                     self._log({"split": "valid", "step": self.step, **res})

@@ -115,11 +115,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(tiny_run, 
         torch.save(evil, run / name)
     for argv in (["eval", str(run), "--device", "cpu", "--data-dir", str(shared_data)],
                  ["sample", str(run), "--device", "cpu", "-n", "4"],
-                 ["train", "binarized-mnist", "--out", str(run), "--resume", "--data-dir", str(shared_data), "--no-progress"]):
+                 ["train", "binarized-mnist", "--out", str(run), "--resume", "--data-dir", str(shared_data),
+                  "--no-progress"]):
         p = runner(*argv)
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2, (argv, p.stderr)
         assert "Traceback" not in p.stderr and err[-1].startswith("hvae-fast: error: refusing to load")
+        assert "(io.open)" in err[-1]
         assert not marker.exists(), argv
 
 
