@@ -243,8 +243,9 @@ def test_scale_notes_point_a_cpu_run_of_a_gpu_preset_to_a_cpu_sized_one():
     assert len(scale_notes(preset_config("mnist-mlp-40x4"), torch.device("cpu"), 806_144)) == 1
 
 
-def test_fit_logs_scale_eta_and_status_lines(tmp_path, shared_data, caplog):
+def test_fit_logs_scale_eta_and_status_lines(tmp_path, shared_data, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="hvae_fast.trainer")
+    monkeypatch.setattr(T, "STATUS_SECONDS", 1e9)
     Trainer(tiny_config(steps=14, log_every=4, eval_every=100), tmp_path / "r", data_dir=shared_data, progress=False).fit()
     msgs = [r.getMessage() for r in caplog.records]
     assert any("tiny (hvae) on cpu:" in m and "14 steps of batch 32" in m for m in msgs)
@@ -253,6 +254,10 @@ def test_fit_logs_scale_eta_and_status_lines(tmp_path, shared_data, caplog):
     # The first logged step and the last; the ones between fall inside STATUS_SECONDS.
     assert [m.split()[1] for m in status] == ["4/14", "14/14"]
     assert re.fullmatch(r"step 14/14  loss [\d.]+  ELBO -[\d.]+  [\d.]+ steps/s  ETA 0 s", status[-1])
+    caplog.clear()
+    monkeypatch.setattr(T, "STATUS_SECONDS", 0.0)  # then every logged step has its line
+    Trainer(tiny_config(steps=10, log_every=4, eval_every=100), tmp_path / "s", data_dir=shared_data, progress=False).fit()
+    assert [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("step ")] == ["4/10", "8/10", "10/10"]
 
 
 def test_a_signal_stops_after_the_step_and_the_resumed_run_ends_bit_identical(tmp_path, shared_data, monkeypatch, capsys):
@@ -305,3 +310,21 @@ def test_sigint_checkpoints_the_current_step_and_prints_the_resume_command(tmp_p
     assert q.returncode == 0, q.stderr
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rec[-1]["step"] == step + 2
+
+
+def test_build_training_assembles_model_optimizer_schedule_and_smoothing():
+    cfg = preset_config("mnist-mlp-40x4")
+    cfg.ou.backend, cfg.train.optimizer, cfg.train.lr = "torch", "adamax", 5e-3
+    tr = T.build_training(cfg, "cpu")
+    assert isinstance(tr.opt, torch.optim.Adamax) and tr.backend == "torch"
+    assert (tr.ou.rho, tr.ou.samples) == (0.9, 5)
+    assert sum(p.numel() for g in tr.opt.param_groups for p in g["params"]) == 806_144
+    assert tr.sched.get_last_lr() == [5e-3]  # cosine decay starts at the base lr
+    cfg.method = "vae"
+    assert T.build_training(cfg, "cpu").ou is None
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan"])
+def test_checkpoint_minutes_must_be_positive(minutes, capsys):
+    assert main(["train", "binarized-mnist", "--checkpoint-minutes", minutes]) == 2
+    assert "--checkpoint-minutes must be a positive number of minutes" in capsys.readouterr().err
