@@ -14,10 +14,15 @@ Run directory layout::
     samples-<step>.png       sample grids from the unsmoothed generative model
 
 Checkpoints and config.json are written atomically (a temporary ``.NAME.tmp-PID`` in the same folder,
-fsync, rename, fsync of the folder): a crash or a full disk leaves the previous file intact. A
-periodic checkpoint of step s is written only once step s + 1 has produced a finite loss and
-gradient from it, so checkpoint-latest.pt never holds weights that diverged. Checkpoints hold only
-tensors, numbers, strings, lists and dicts and are read with ``torch.load(weights_only=True)``.
+fsync, rename, fsync of the folder): a crash or a full disk leaves the previous file intact, and the
+next `train` in the folder removes the temporary files a dead writer left. A periodic checkpoint of
+step s is written only once step s + 1 has produced a finite loss and gradient from its weights, so a
+run stopped by NaN/inf keeps its last good weights. Checkpoints hold only tensors, numbers, strings,
+lists and dicts and are read with ``torch.load(weights_only=True)``.
+
+A new run needs a new or empty --out. A folder with other files is refused untouched; one with run
+files but no checkpoint-latest.pt (an attempt that died before its first checkpoint) is refused too:
+remove it and train again.
 """
 
 from __future__ import annotations
@@ -375,6 +380,8 @@ class Trainer:
             self._pending = None
             self._signal = None
             atomic_write_text(self.cfg.to_json() + "\n", self.out / "config.json")
+            if state is None:
+                self.save()  # the initial weights: from here on the folder is a run that resumes
             self.tb = self._tensorboard()
         except BaseException:
             self.close()
@@ -584,8 +591,6 @@ class Trainer:
         t0 = s0 = None  # the rate is timed from the end of the first step (compiles, warms caches)
         record = {}
         try:
-            if self._saved_step is None:
-                self.save()  # the initial weights: a fresh run has a state to resume from at once
             while self.step < t.steps:
                 if self._save_due:
                     self._pending = self._position()
