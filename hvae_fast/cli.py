@@ -220,50 +220,24 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    from .trainer import Trainer
+    from .trainer import Trainer, TrainingInterrupted
 
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.method}-seed{cfg.train.seed}"
     trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
-    rec = trainer.fit()
+    try:
+        rec = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(f"hvae-fast: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(f"done: {trainer.step} steps in {out}; last train ELBO {rec.get('elbo', float('nan')):.3f} nats, "
           f"best validation ELBO {trainer.best_valid:.3f}; skipped non-finite steps: {trainer.skipped}")
     return 0
 
 
-def load_run(run_dir: Path, device: str = "auto", which: str = "best"):
-    """(config, model) of a run directory, from checkpoint-best.pt (or -latest)."""
-    import torch
-
-    from .config import RunConfig
-    from .data import image_shape
-    from .model import build_model
-    from .trainer import resolve_device
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise HVAEError(f"{run_dir} is not a run directory (no config.json): pass the --out of a `hvae-fast train` run")
-    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    ckpt = run_dir / f"checkpoint-{which}.pt"
-    if not ckpt.exists():
-        ckpt = run_dir / "checkpoint-latest.pt"
-    if not ckpt.exists():
-        raise HVAEError(f"no checkpoint in {run_dir}: train first, or wait for the first checkpoint")
-    dev = resolve_device(device)
-    model = build_model(cfg.method, cfg.model, image_shape(cfg.dataset)).to(dev)
-    try:
-        st = torch.load(ckpt, map_location=dev, weights_only=False)
-        model.load_state_dict(st["model"])
-    except Exception as exc:
-        raise HVAEError(f"cannot load {ckpt}: {exc}") from exc
-    model.eval()
-    return cfg, model, dev, st.get("step", 0)
-
-
 def cmd_eval(args) -> int:
     from .data import eval_batches, load_dataset
     from .evaluate import evaluate, format_table
-    from .trainer import atomic_write_text
+    from .trainer import atomic_write_text, load_run
 
     cfg, model, dev, step = load_run(args.run_dir, args.device)
     out = Path(args.run_dir) / f"eval-{args.split}.json"
@@ -293,7 +267,7 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .trainer import save_image_grid
+    from .trainer import load_run, save_image_grid
 
     _, model, dev, step = load_run(args.run_dir, args.device)
     out = args.output or Path(args.run_dir) / f"samples-eval-{step:07d}.png"

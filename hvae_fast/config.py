@@ -106,6 +106,8 @@ class TrainConfig:
     eval_examples: int = _f(2000, "validation examples per periodic evaluation (0 = all)", lo=0)
     sample_every: int = _f(5000, "steps between sample grids", lo=1)
     checkpoint_every: int = _f(1000, "steps between checkpoints", lo=1)
+    checkpoint_minutes: float = _f(10.0, "also checkpoint at least this often (minutes), so a slow run loses little",
+                                   gt=0)
 
 
 SECTIONS = {"model": ModelConfig, "ou": OUConfig, "train": TrainConfig}

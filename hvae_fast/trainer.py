@@ -1,29 +1,51 @@
-"""The training loop: optimizer and schedule, clipping, non-finite skips, atomic checkpoints and
+"""The training loop: optimizer and schedule, clipping, non-finite skips, safe checkpoints and
 exact resume, metrics, periodic validation and sample grids.
 
 Run directory layout::
 
-    config.json              the full RunConfig
+    .train.lock              flock'ed by the one `train` process that owns the folder (holds its pid);
+                             the OS releases it when that process dies, however it dies
+    config.json              the full RunConfig, written once data and model are set up
     metrics.jsonl            one JSON object per logged step (train) or evaluation (valid)
-    checkpoint-latest.pt     written atomically every `checkpoint_every` steps and at the end
+    checkpoint-latest.pt     the state to resume from: at step 0, at the first logged step, every
+                             `checkpoint_every` steps, every `checkpoint_minutes`, on SIGINT/SIGTERM
+                             and at the end
     checkpoint-best.pt       the best validation ELBO so far
     samples-<step>.png       sample grids from the unsmoothed generative model
+
+Checkpoints and config.json are written atomically (a temporary ``.NAME.tmp-PID`` in the same folder,
+fsync, rename, fsync of the folder): a crash or a full disk leaves the previous file intact, and the
+next `train` in the folder removes the temporary files a dead writer left. A periodic checkpoint of
+step s is written only once step s + 1 has produced a finite loss and gradient from its weights, so a
+run stopped by NaN/inf keeps its last good weights. Checkpoints hold only tensors, numbers, strings,
+lists and dicts and are read with ``torch.load(weights_only=True)``.
+
+A new run needs a new or empty --out. A folder with other files is refused untouched; one with run
+files but no checkpoint-latest.pt (an attempt that died before its first checkpoint) is refused too:
+remove it and train again.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import re
+import shlex
+import signal
+import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import data as data_mod
-from .config import RunConfig
+from .config import RunConfig, load_config
 from .errors import HVAEError
 from .evaluate import evaluate
 from .likelihoods import bits_per_dim
@@ -37,7 +59,25 @@ log = logging.getLogger("hvae_fast.trainer")
 MAX_CONSECUTIVE_NONFINITE = 50
 # Fields that may differ between a run's saved config and a resume request.
 RESUMABLE_CHANGES = {("train", "steps"), ("device",), ("ou", "backend"), ("train", "eval_every"),
-                     ("train", "log_every"), ("train", "checkpoint_every"), ("train", "sample_every")}
+                     ("train", "log_every"), ("train", "checkpoint_every"), ("train", "sample_every"),
+                     ("train", "checkpoint_minutes")}
+LOCK_NAME = ".train.lock"
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "stream", "rng_cpu", "skipped", "best_valid", "config")
+# Files a `train` run writes before its first checkpoint-latest.pt: a folder holding any of them is
+# the remains of an earlier attempt, never a fresh --out.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint-best.pt", "tb")
+# With the progress bar off, a status line at a logged step at most this often (seconds).
+STATUS_SECONDS = 30.0
+# Steps timed (after the first, which compiles and warms caches) before the time-to-finish estimate.
+ETA_STEPS = 10
+
+
+class TrainingInterrupted(HVAEError):
+    """SIGINT / SIGTERM stopped a run after writing checkpoint-latest.pt; exit with ``exit_code`` (128 + signal)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,21 +90,142 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+# -- files -------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(write, path: Path) -> None:
+    """``write(file)`` into ``.NAME.tmp-PID`` beside ``path``, fsync, rename over ``path``; on any
+    failure the temporary file is removed and ``path`` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            hint = ("free disk space (or pass --out on another disk)" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else "fix the folder")
+            raise HVAEError(f"cannot write {path}: {exc.strerror or exc}; {path.name} was left as it was: {hint} "
+                            f"and run again, with --resume if checkpoint-latest.pt exists") from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save ``obj`` to ``path`` atomically (see the module docstring)."""
+    _atomic_write(lambda f: torch.save(obj, f), path)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(lambda f: f.write(text.encode()), path)
 
+
+def _is_temp(name: str) -> bool:
+    return name.startswith((".checkpoint-", ".config.json.")) and ".tmp-" in name
+
+
+def run_dir_contents(out: Path) -> tuple:
+    """(names, run_files) of folder ``out``: its entries but the lock and temporary files, and those
+    of them that a `train` run writes."""
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not _is_temp(p.name)) if out.is_dir() else []
+    return names, [n for n in names if n in RUN_FILES or n == "checkpoint-latest.pt" or n.startswith("samples-")]
+
+
+def lock_run_dir(out: Path):
+    """Create ``out`` and take the exclusive lock of its LOCK_NAME; returns the open lock file.
+
+    A folder with other files and none of a run is refused before anything is written into it."""
+    names, run_files = run_dir_contents(out)
+    if names and not run_files:
+        raise HVAEError(f"--out {out} is not a run directory and not empty (it holds {', '.join(names[:3])}"
+                        f"{', ...' if len(names) > 3 else ''}): pass --out to a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_NAME, "a+")
+    except OSError as exc:
+        raise HVAEError(f"cannot write to the output directory {out}: {exc.strerror}; "
+                        f"pass --out to a writable folder") from exc
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        who = f"process {pid}" if pid.isdigit() else "another process"
+        raise HVAEError(f"{out} is in use by another `hvae-fast train` ({who}): wait for it to finish or stop it"
+                        + (f" (kill {pid})" if pid.isdigit() else "") + ", or pass a different --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    # We own the folder: temporary files in it are left over from a writer that died.
+    for stale in [p for p in out.iterdir() if _is_temp(p.name)]:
+        log.info("removing %s, left by an interrupted write", stale)
+        stale.unlink(missing_ok=True)
+    return f
+
+
+def load_checkpoint(path: Path, device, keys=CHECKPOINT_KEYS) -> dict:
+    """The dict saved at ``path``, read with weights_only=True; HVAEError if unreadable or lacking one of ``keys``."""
+    import pickle
+
+    try:
+        st = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False; quote only what the file asked for.
+        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = what.group(1) if what else "unpickling failed"
+        raise HVAEError(f"refusing to load {path}: it holds objects other than tensors, numbers and strings ({what}); "
+                        f"hvae-fast never writes those, so the file is not a trusted checkpoint: delete it and use "
+                        f"one written by `hvae-fast train`") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HVAEError(f"cannot read checkpoint {path}: {first}; it may be truncated: restore it "
+                        f"or start a new --out") from None
+    if not isinstance(st, dict):
+        raise HVAEError(f"{path} holds a {type(st).__name__}, not a checkpoint dict: "
+                        f"pass a checkpoint written by `hvae-fast train`")
+    for k in keys:
+        if k not in st:
+            raise HVAEError(f"checkpoint {path} has no {k!r} entry: it is incomplete or from another program; "
+                            f"use a checkpoint-latest.pt written by `hvae-fast train` or start a new --out")
+    return st
+
+
+def load_run(run_dir: Path, device: str = "auto", which: str = "best"):
+    """(config, model in eval mode, device, step) of a run directory, from checkpoint-best.pt (or -latest)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise HVAEError(f"{run_dir} is not a run directory (no config.json): pass the --out of a `hvae-fast train` run")
+    cfg = load_config(cfg_path)
+    ckpt = run_dir / f"checkpoint-{which}.pt"
+    if not ckpt.exists():
+        ckpt = run_dir / "checkpoint-latest.pt"
+    if not ckpt.exists():
+        raise HVAEError(f"no checkpoint in {run_dir}: train first, or wait for the first checkpoint")
+    dev = resolve_device(device)
+    model = build_model(cfg.method, cfg.model, data_mod.image_shape(cfg.dataset)).to(dev)
+    st = load_checkpoint(ckpt, dev, keys=("model",))
+    try:
+        model.load_state_dict(st["model"])
+    except RuntimeError as exc:
+        raise HVAEError(f"{ckpt} does not match the model in {cfg_path}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return cfg, model, dev, st.get("step", 0)
+
+
+# -- the training set-up -----------------------------------------------------------------------
 
 def lr_lambda(cfg):
     """Multiplier of the base lr at a step: linear warm-up, then constant / cosine / exponential decay."""
@@ -83,6 +244,36 @@ def lr_lambda(cfg):
     return f
 
 
+@dataclass
+class Training:
+    """What one training step needs: the model, its optimizer and LR schedule, and the OU smoothing
+    (None unless method is hvae; ``backend`` names its OU backend)."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    ou: OUSmoothing | None
+    backend: str | None
+
+
+def build_training(cfg: RunConfig, device, image_shape=None) -> Training:
+    """Model + optimizer + LR schedule + OU smoothing of ``cfg`` on ``device``.
+
+    image_shape (C, H, W) defaults to the dataset's; the model's initial weights come from torch's
+    global RNG (seed it first for a reproducible run)."""
+    device = torch.device(device)
+    model = build_model(cfg.method, cfg.model, image_shape or data_mod.image_shape(cfg.dataset)).to(device)
+    ou = backend = None
+    if cfg.method == "hvae":
+        b = get_backend(cfg.ou.backend, device)
+        ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, b, cfg.ou.target, cfg.ou.smooth_inference, cfg.ou.recompute)
+        backend = b.name
+    t = cfg.train
+    opt = (torch.optim.Adamax if t.optimizer == "adamax" else torch.optim.Adam)(model.parameters(), lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return Training(model, opt, sched, ou, backend)
+
+
 def config_diff(a: dict, b: dict, prefix=()) -> list:
     """Paths (tuples of keys) at which two nested config dicts differ."""
     out = []
@@ -93,6 +284,31 @@ def config_diff(a: dict, b: dict, prefix=()) -> list:
         elif (list(va) if isinstance(va, (list, tuple)) else va) != (list(vb) if isinstance(vb, (list, tuple)) else vb):
             out.append(prefix + (k,))
     return out
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min 05 s', '3 h 07 min', '2 d 04 h'."""
+    s = int(round(max(seconds, 0.0)))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d} d {h:02d} h"
+    if h:
+        return f"{h} h {m:02d} min"
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def scale_notes(cfg: RunConfig, device: torch.device, n_params: int) -> list:
+    """Lines for the log before training: the run's scale, and a pointer to a CPU-sized run when a
+    GPU-sized preset is about to train on the CPU."""
+    t = cfg.train
+    notes = [f"{cfg.preset} ({cfg.method}) on {device}: {n_params / 1e6:.2f}M parameters, "
+             f"{t.steps} steps of batch {t.batch_size}"]
+    if device.type == "cpu" and cfg.dataset == "cifar10":
+        notes.append(f"{cfg.preset} is sized for a GPU (weeks on a CPU): for a CPU run pass a small --steps "
+                     f"(e.g. --steps 500) or train a CPU-sized preset: `hvae-fast train binarized-mnist` (mnist-mlp-40x4)")
+    return notes
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -122,8 +338,16 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     os.replace(tmp, path)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    msg = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "not enough memory" in msg))
+
+
 class Trainer:
-    """Trains one RunConfig into one run directory. ``Trainer(cfg, out, data_dir).fit()``."""
+    """Trains one RunConfig into one run directory. ``Trainer(cfg, out, data_dir).fit()``.
+
+    The Trainer holds the run directory's lock from construction until ``fit`` returns (or ``close``)."""
 
     def __init__(self, cfg: RunConfig, out_dir, data_dir=None, resume: bool = False, progress: bool = True):
         self.cfg = cfg.validate()
@@ -131,61 +355,66 @@ class Trainer:
         self.data_dir = data_dir
         self.progress = progress
         self.device = resolve_device(cfg.device)
-        self._prepare_run_dir(resume)
-
-        t = cfg.train
-        torch.manual_seed(t.seed)
-        self.train_set = data_mod.load_dataset(cfg.dataset, "train", data_dir)
-        self.valid_set = data_mod.load_dataset(cfg.dataset, "valid", data_dir)
-        self.stream = data_mod.BatchStream(self.train_set, t.batch_size, seed=t.seed)
-        if cfg.model.likelihood != self.train_set.likelihood:
-            raise HVAEError(f"preset {cfg.preset!r} uses a {cfg.model.likelihood} likelihood but {cfg.dataset} needs "
-                            f"{self.train_set.likelihood}: pick a preset made for {cfg.dataset} (`hvae-fast presets`)")
-        self.model = build_model(cfg.method, cfg.model, self.train_set.image_shape).to(self.device)
-        self.ou = None
-        if cfg.method == "hvae":
-            backend = get_backend(cfg.ou.backend, self.device)
-            self.backend_name = backend.name
-            self.ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, backend, cfg.ou.target, cfg.ou.smooth_inference,
-                                  cfg.ou.recompute)
-        else:
-            self.backend_name = None
-        opt_cls = torch.optim.Adamax if t.optimizer == "adamax" else torch.optim.Adam
-        self.opt = opt_cls(self.model.parameters(), lr=t.lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
-        self.step = 0
-        self.skipped = 0
-        self._nonfinite_run = 0  # consecutive skipped steps; MAX_CONSECUTIVE_NONFINITE stops the run
-        self.best_valid = -math.inf
-        if resume:
-            self._load(self.out / "checkpoint-latest.pt")
-        self.tb = self._tensorboard()
+        self.tb = None
+        self._lock = lock_run_dir(self.out)
+        try:
+            state = self._check_run_dir(resume)
+            t = cfg.train
+            torch.manual_seed(t.seed)
+            self.train_set = data_mod.load_dataset(cfg.dataset, "train", data_dir)
+            self.valid_set = data_mod.load_dataset(cfg.dataset, "valid", data_dir)
+            self.stream = data_mod.BatchStream(self.train_set, t.batch_size, seed=t.seed)
+            if cfg.model.likelihood != self.train_set.likelihood:
+                raise HVAEError(f"preset {cfg.preset!r} uses a {cfg.model.likelihood} likelihood but {cfg.dataset} needs "
+                                f"{self.train_set.likelihood}: pick a preset made for {cfg.dataset} (`hvae-fast presets`)")
+            tr = build_training(cfg, self.device, self.train_set.image_shape)
+            self.model, self.opt, self.sched, self.ou, self.backend_name = tr.model, tr.opt, tr.sched, tr.ou, tr.backend
+            self.step = 0
+            self.skipped = 0
+            self._nonfinite_run = 0  # consecutive skipped steps; MAX_CONSECUTIVE_NONFINITE stops the run
+            self.best_valid = -math.inf
+            self._saved_step = None  # step held by checkpoint-latest.pt
+            if state is not None:
+                self._restore(state)
+            self._save_due = False
+            self._pending = None
+            self._signal = None
+            atomic_write_text(self.cfg.to_json() + "\n", self.out / "config.json")
+            if state is None:
+                self.save()  # the initial weights: from here on the folder is a run that resumes
+            self.tb = self._tensorboard()
+        except BaseException:
+            self.close()
+            raise
 
     # -- run directory --------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool) -> None:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise HVAEError(f"cannot write to the output directory {self.out}: {exc.strerror}; pass --out to a writable folder") from exc
+    def _check_run_dir(self, resume: bool):
+        """Refuse a folder that is not ours to write; on resume, the checkpoint whose config matches."""
         ckpt = self.out / "checkpoint-latest.pt"
-        cfg_path = self.out / "config.json"
-        if resume:
-            if not ckpt.exists():
-                raise HVAEError(f"--resume: no checkpoint-latest.pt in {self.out}; start without --resume or pass the run's --out")
-            saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-            if saved is not None:
-                diff = [p for p in config_diff(saved, self.cfg.to_dict()) if p not in RESUMABLE_CHANGES]
-                if diff:
-                    names = ", ".join(".".join(p) for p in diff)
-                    raise HVAEError(f"--resume: the config differs from the checkpoint's in {names}; "
-                                    f"resume with the run's own settings (see {cfg_path}) or start a new --out")
-        elif ckpt.exists():
+        _, run_files = run_dir_contents(self.out)
+        if not ckpt.exists():
+            if run_files:
+                raise HVAEError(f"{self.out} holds an attempt that stopped before its first checkpoint "
+                                f"({', '.join(run_files)}, no checkpoint-latest.pt): nothing to resume; remove it "
+                                f"(rm -r {shlex.quote(str(self.out))}) and train again, or pass a new --out")
+            if resume:
+                raise HVAEError(f"--resume: no checkpoint-latest.pt in {self.out}; start without --resume "
+                                f"or pass the run's --out")
+            return None
+        if not resume:
             raise HVAEError(f"{self.out} already holds a run (checkpoint-latest.pt): pass --resume to continue it, "
                             f"or --out for a new run")
-        atomic_write_text(self.cfg.to_json() + "\n", cfg_path)
+        st = load_checkpoint(ckpt, self.device)
+        diff = [p for p in config_diff(st["config"], self.cfg.to_dict()) if p not in RESUMABLE_CHANGES]
+        if diff:
+            names = ", ".join(".".join(p) for p in diff)
+            raise HVAEError(f"--resume: the config differs from the checkpoint's in {names}; "
+                            f"resume with the run's own settings (see {self.out / 'config.json'}) or start a new --out")
+        return st
+
+    def resume_command(self) -> str:
+        cmd = ["hvae-fast", "train", self.cfg.dataset, "--out", str(self.out), "--resume"]
+        return shlex.join(cmd + (["--data-dir", str(self.data_dir)] if self.data_dir else []))
 
     def _tensorboard(self):
         try:
@@ -194,41 +423,58 @@ class Trainer:
             return None
         return SummaryWriter(str(self.out / "tb"))
 
+    def close(self) -> None:
+        """Flush TensorBoard and release the run directory."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
+
     # -- checkpoints ----------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "stream": self.stream.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "skipped": self.skipped,
-            "best_valid": self.best_valid,
-            "config": self.cfg.to_dict(),
-        }
+    def _position(self) -> dict:
+        """Where the run stands between two steps: the step, the data stream and the RNGs."""
+        return {"step": self.step, "stream": self.stream.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
-    def save(self, name: str = "checkpoint-latest.pt") -> None:
-        atomic_save(self._state(), self.out / name)
+    def _state(self, position=None) -> dict:
+        return {**(position or self._position()),
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "skipped": self.skipped,
+                "best_valid": self.best_valid,
+                "config": json.loads(self.cfg.to_json())}
 
-    def _load(self, path: Path) -> None:
-        try:
-            st = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            raise HVAEError(f"cannot read checkpoint {path}: {exc}; it may be truncated: restore it or start a new --out") from exc
+    def save(self, name: str = "checkpoint-latest.pt", position=None) -> bool:
+        """Write checkpoint ``name`` of the current weights (at ``position``, default now) atomically.
+        Returns False, writing nothing, when a parameter is NaN/inf."""
+        params = [p.detach() for p in self.model.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            log.warning("not writing %s: the parameters hold NaN/inf", name)
+            return False
+        state = self._state(position)
+        atomic_save(state, self.out / name)
+        if name == "checkpoint-latest.pt":
+            self._saved_step, self._save_due, self._last_save = state["step"], False, time.monotonic()
+        return True
+
+    def _restore(self, st: dict) -> None:
         try:
             self.model.load_state_dict(st["model"])
-        except RuntimeError as exc:
-            raise HVAEError(f"checkpoint {path} does not match the model of this config: {str(exc).splitlines()[0]}") from exc
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise HVAEError(f"checkpoint-latest.pt in {self.out} does not match this config's model or optimizer: "
+                            f"{str(exc).splitlines()[0]}; resume with the run's own settings or start a new --out") from None
         self.stream.load_state_dict(st["stream"])
         torch.set_rng_state(st["rng_cpu"].cpu())
         if st.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in st["rng_cuda"]])
-        self.step, self.skipped, self.best_valid = st["step"], st["skipped"], st["best_valid"]
-        log.info("resumed %s at step %d", path, self.step)
+        self.step, self.skipped, self.best_valid = int(st["step"]), int(st["skipped"]), float(st["best_valid"])
+        self._saved_step = self.step
+        log.info("resumed %s at step %d", self.out / "checkpoint-latest.pt", self.step)
 
     # -- metrics --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -281,16 +527,22 @@ class Trainer:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
             finite = bool(torch.isfinite(gn))
         if finite:
+            if self._pending is not None:
+                # A finite loss and gradient from the weights this step started from vouch for them:
+                # write the checkpoint that was due before they change.
+                self.save(position=self._pending)
+                self._pending = None
             self.opt.step()
             self._nonfinite_run = 0
         else:
             self.skipped += 1
             self._nonfinite_run += 1
             if self._nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-                self.save()
+                kept = (f"checkpoint-latest.pt holds the last good state (step {self._saved_step})"
+                        if self._saved_step is not None else "no good state was checkpointed")
                 raise HVAEError(f"the loss or its gradient was NaN/inf for {MAX_CONSECUTIVE_NONFINITE} steps in a row "
-                                f"(step {self.step}); the last good state is in {self.out / 'checkpoint-latest.pt'}. "
-                                f"Lower --lr, or raise the model's min_scale")
+                                f"(step {self.step}); {kept}. Lower --lr (or raise the model's min_scale) "
+                                f"and start a new --out")
         with warnings.catch_warnings():
             # A skipped update still advances the schedule, so lr stays a function of the step.
             warnings.simplefilter("ignore", UserWarning)
@@ -298,40 +550,98 @@ class Trainer:
         self.step += 1
         return {"loss": loss.item(), "bound": bound.mean().item(), "kl_weight": beta, "finite": finite}
 
+    def _oom(self, exc) -> HVAEError:
+        t, k = self.cfg.train, self.cfg.ou.samples if self.cfg.method == "hvae" else 1
+        return HVAEError(f"out of memory in training step {self.step + 1} on {self.device} (batch {t.batch_size}, "
+                         f"{k} OU samples, {t.iw_samples_train} IW samples): lower --batch-size, --ou-samples or "
+                         f"--iw-samples-train (`hvae-fast memory` estimates what fits)")
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self._signal = signum
+        log.warning("%s: stopping after this step", signal.Signals(signum).name)
+
+    def _catch_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _status(self, rec: dict, rate) -> None:
+        t = self.cfg.train
+        eta = format_duration((t.steps - self.step) / rate) if rate else "-"
+        log.info("step %d/%d  loss %.2f  ELBO %.2f  %.2f steps/s  ETA %s", self.step, t.steps, rec["loss"],
+                 rec["elbo"], rec["steps_per_s"], eta)
+
     def fit(self) -> dict:
+        """Train to cfg.train.steps; returns the last train record. Releases the run directory when done."""
         from tqdm.auto import tqdm
 
+        if self._lock is None:
+            raise HVAEError(f"this Trainer has released {self.out} (fit already ran): build a new one with resume=True")
         t = self.cfg.train
-        log.info("training %s (%s, %d parameters) on %s for %d steps; OU backend: %s",
-                 self.cfg.preset, self.cfg.method, count_parameters(self.model), self.device, t.steps, self.backend_name)
+        for line in scale_notes(self.cfg, self.device, count_parameters(self.model)):
+            log.info("%s", line)
+        log.info("OU backend: %s; run directory %s; %d steps to go", self.backend_name, self.out, t.steps - self.step)
         self.model.train()
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        last_time, last_step = time.perf_counter(), self.step
+        handlers = self._catch_signals()
+        self._last_save = last_time = last_status = time.monotonic()
+        last_step, first_log = self.step, True
+        t0 = s0 = None  # the rate is timed from the end of the first step (compiles, warms caches)
         record = {}
-        while self.step < t.steps:
-            x = next(self.stream).to(self.device, non_blocking=True)
-            out = self.train_step(x)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                now = time.perf_counter()
-                sps = (self.step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, self.step
-                record = {"split": "train", "step": self.step, "loss": out["loss"], "train_bound": out["bound"],
-                          "kl_weight": out["kl_weight"], "lr": self.sched.get_last_lr()[0],
-                          "skipped": self.skipped, "steps_per_s": sps, **self._unsmoothed_stats(x)}
-                self._log(record)
-                bar.set_postfix(loss=f"{out['loss']:.2f}", top_kl=f"{record['top_kl']:.2f}", it_s=f"{sps:.1f}")
-            if self.step % t.eval_every == 0 or self.step == t.steps:
-                res = self.validate()
-                self._log({"split": "valid", "step": self.step, **res})
-                if res["elbo"] > self.best_valid:
-                    self.best_valid = res["elbo"]
-                    self.save("checkpoint-best.pt")
-            if self.step % t.sample_every == 0 or self.step == t.steps:
-                self.write_samples(f"samples-{self.step:07d}.png")
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save()
-            bar.update(1)
-        bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            while self.step < t.steps:
+                if self._save_due:
+                    self._pending = self._position()
+                x = next(self.stream).to(self.device, non_blocking=True)
+                try:
+                    out = self.train_step(x)
+                except RuntimeError as exc:
+                    if _is_oom(exc):
+                        raise self._oom(exc) from None
+                    raise
+                now = time.monotonic()
+                if t0 is None:
+                    t0, s0 = now, self.step
+                rate = (self.step - s0) / (now - t0) if self.step > s0 else None
+                if self.step - s0 == ETA_STEPS:
+                    log.info("%.2f steps/s over %d steps: about %s to step %d", rate, ETA_STEPS,
+                             format_duration((t.steps - self.step) / rate), t.steps)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    sps = (self.step - last_step) / max(now - last_time, 1e-9)
+                    last_time, last_step = now, self.step
+                    record = {"split": "train", "step": self.step, "loss": out["loss"], "train_bound": out["bound"],
+                              "kl_weight": out["kl_weight"], "lr": self.sched.get_last_lr()[0],
+                              "skipped": self.skipped, "steps_per_s": sps, **self._unsmoothed_stats(x)}
+                    self._log(record)
+                    bar.set_postfix(loss=f"{out['loss']:.2f}", top_kl=f"{record['top_kl']:.2f}", it_s=f"{sps:.1f}")
+                    if not self.progress and (first_log or now - last_status >= STATUS_SECONDS or self.step == t.steps):
+                        self._status(record, rate)
+                        last_status = now
+                    if first_log:  # an early checkpoint, long before checkpoint_every
+                        self._save_due, first_log = True, False
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    res = self.validate()
+                    self._log({"split": "valid", "step": self.step, **res})
+                    if res["elbo"] > self.best_valid:
+                        self.best_valid = res["elbo"]
+                        self.save("checkpoint-best.pt")
+                if self.step % t.sample_every == 0 or self.step == t.steps:
+                    self.write_samples(f"samples-{self.step:07d}.png")
+                if self.step % t.checkpoint_every == 0 or time.monotonic() - self._last_save >= 60 * t.checkpoint_minutes:
+                    self._save_due = True
+                if self.step == t.steps or self._signal is not None:
+                    self.save()
+                bar.update(1)
+                if self._signal is not None:
+                    name, code = signal.Signals(self._signal).name, 128 + self._signal
+                    raise TrainingInterrupted(
+                        f"stopped by {name} after step {self.step}; checkpoint-latest.pt holds step {self._saved_step}: "
+                        f"resume with `{self.resume_command()}`", code)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            bar.close()
+            self.close()
         return record

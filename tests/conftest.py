@@ -34,3 +34,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Every dataset download points at a closed loopback port: the machine is offline for this test."""
+    from dataclasses import replace
+
+    from hvae_fast import data as data_mod
+
+    for name, spec in data_mod.SPECS.items():
+        files = {s: tuple(replace(src, url="http://127.0.0.1:9/" + src.filename) for src in srcs)
+                 for s, srcs in spec.files.items()}
+        monkeypatch.setitem(data_mod.SPECS, name, replace(spec, files=files))
+    return monkeypatch

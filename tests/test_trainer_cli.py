@@ -1,14 +1,12 @@
 """End to end: training, checkpoints and exact resume, every CLI command, and each bad input's error."""
 
 import json
-from dataclasses import replace
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from hvae_fast import data as data_mod
 from hvae_fast.cli import main
 from hvae_fast.config import ModelConfig, RunConfig, TrainConfig, OUConfig
 from hvae_fast.trainer import Trainer
@@ -159,12 +157,7 @@ def test_bad_input_from_the_shell_has_no_traceback():
     assert p.stderr.startswith("hvae-fast: error: rho must lie in [0, 1]") and "Traceback" not in p.stderr
 
 
-def test_missing_data_offline_names_the_file_and_the_fix(tmp_path, monkeypatch, capsys):
-    # Point every download at a closed loopback port: the machine is offline for this test.
-    for name, spec in data_mod.SPECS.items():
-        files = {s: tuple(replace(src, url="http://127.0.0.1:9/" + src.filename) for src in srcs)
-                 for s, srcs in spec.files.items()}
-        monkeypatch.setitem(data_mod.SPECS, name, replace(spec, files=files))
+def test_missing_data_offline_names_the_file_and_the_fix(tmp_path, offline, capsys):
     code = main(["train", "binarized-mnist", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
                  "--steps", "1", "--no-progress"])
     err = capsys.readouterr().err
