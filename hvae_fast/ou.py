@@ -101,6 +101,7 @@ class Backend:
 
 
 def _torch_correlated_samples(z, mu, sigma, rho, K, seed):
+    check_ou_args(rho, K)
     eps = torch_correlated_noise(seed, K, z.shape, z.device, dtype=z.dtype)
     return correlated_samples_reference(z, mu, sigma, rho, eps)
 

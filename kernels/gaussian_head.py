@@ -132,9 +132,10 @@ def _gh_bwd_kernel(
     tl.store(dt_ptr + e, (-dm).to(dt_ptr.dtype.element_ty), mask=mask)
     idx = e
     if RATIO:
-        r = tl.load(rbar_ptr + e, mask=mask, other=0.0).to(ACC_DTYPE)
+        # ds + dm * r with r = m / s, written as g (t (t - m) / s^2 - 1) / s: the same value without
+        # the cancellation of two large terms when |r| is large (as in csrc/ou_cpu_kernels.cpp)
         dr_k = dm * s / K
-        ds_k = (ds + dm * r) / K
+        ds_k = g * (diff * t * inv_s * inv_s - 1.0) * inv_s / K
         for _k in range(0, K):
             x = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
             mr = tl.load(mean_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
