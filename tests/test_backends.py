@@ -41,21 +41,23 @@ SHAPES = {"mlp100x40": (100, 40), "mlp7x13": (7, 13), "conv2x8x16x16": (2, 8, 16
 KS = [1, 5, 10]
 RHOS = [0.0, 0.5, 0.95, 1.0]
 DTYPES = [torch.float32, torch.float64]
-FULL = "full"  # fast cases (cpp, anything on CUDA): the full product of the parameters
-# The torch backend on CPU is the reference itself, and the Triton interpreter is slow: they run a
-# Latin square (every K with every shape and every rho / head variant, for each dtype); Triton also
-# runs the whole float32 product of its former grid (K in {1, 10} for op 1, every K for op 2).
+# Which parameter combinations each case runs. Every case runs a Latin square (every K with every
+# shape and with every rho / head variant, for each dtype). On top of it: the fast cases (cpp,
+# anything on CUDA) run the full product for K in {1, 10}; the Triton interpreter (slow) runs its
+# former float32 grid (op 1: K in {1, 10}; op 2: every K, with the softplus tails) and the Latin
+# square only in float64 on the MLP shapes; the torch backend on CPU is the reference itself.
+FULL = "full"
 GRID = {("torch", "cpu"): "latin", ("triton", "cpu"): "interpreter"}
 
 
 def _keep(kind, latin, shape, K, variant, dtype):
     if kind == FULL:
-        return True
-    if latin and (kind == "latin" or len(shape) == 2):  # the interpreter: its Latin square on the MLP shapes
-        return True
-    if kind == "interpreter" and dtype == torch.float32:
-        return K != 5 if not isinstance(variant, tuple) else variant[1]  # head: with the softplus tails
-    return False
+        return latin or K != 5
+    if kind == "latin":
+        return latin
+    if dtype == torch.float64:  # the interpreter
+        return latin and len(shape) == 2
+    return variant[1] if isinstance(variant, tuple) else K != 5
 
 
 def _grid(variants, label):
