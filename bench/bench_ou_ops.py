@@ -19,6 +19,7 @@ bytes / median time, and ``bandwidth_frac`` relates it to the GPU's reference ba
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -40,6 +41,9 @@ SIZES = {
     "cifar10-latent": (64, 5, (8, 16, 16)),
     "cifar10-feat100": (64, 5, (100, 16, 16)),
 }
+QUICK = os.environ.get("HVAE_BENCH_QUICK", "").strip() == "1"  # CI: does every benchmark run (bench/conftest.py)
+if QUICK:
+    SIZES = {"quick-mlp": (8, 2, (16,)), "quick-conv": (2, 2, (3, 5, 5))}
 LARGE = {"cifar10-feat100"}  # the sizes the GPU bandwidth target is judged on
 MODES = ("fwd", "bwd", "fwdbwd")
 
@@ -100,7 +104,9 @@ def op_bytes(op: str, mode: str, size: str, itemsize: int = 4) -> int:
 
 
 def _rounds(one_call_s: float, device, scale: float) -> int:
-    """Rounds so that a benchmark takes about its time budget: 0.4 s on CPU, 0.25 s on GPU."""
+    """Rounds so that a benchmark takes about its time budget: 0.4 s on CPU, 0.25 s on GPU (quick: 3)."""
+    if QUICK:
+        return 3
     budget = (0.25 if device.type == "cuda" else 0.4) * scale
     return int(min(200, max(5, budget / max(one_call_s, 1e-6))))
 

@@ -20,6 +20,7 @@ on CPU it is the first step, and grads and optimizer state are counted explicitl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -32,7 +33,8 @@ from hvae_fast.objectives import training_loss
 from hvae_fast.ou import get_backend
 
 IMAGE_SHAPES = {"binarized-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-CPU_CIFAR_BATCH = int(os.environ.get("HVAE_BENCH_CIFAR_CPU_BATCH", "8"))
+QUICK = os.environ.get("HVAE_BENCH_QUICK", "").strip() == "1"  # CI: does every benchmark run (bench/conftest.py)
+CPU_CIFAR_BATCH = int(os.environ.get("HVAE_BENCH_CIFAR_CPU_BATCH", "2" if QUICK else "8"))
 
 
 def sync(device) -> None:
@@ -54,6 +56,8 @@ class Step:
 
     def __init__(self, preset: str, variant: str, device, batch: int | None):
         cfg = preset_config(preset)
+        if QUICK and cfg.model.arch == "resnet":  # the preset's layers, 8 channels, one block per net
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, channels=8, blocks=1, data_blocks=1))
         self.cfg = cfg
         self.method = "vae" if variant == "vae" else "hvae"
         shape = IMAGE_SHAPES[cfg.dataset]
@@ -192,7 +196,7 @@ def _bench_step(benchmark, preset, variant, device, scale):
         rounds = 50 if preset.startswith("mnist") else 10
     else:
         rounds = 20 if preset.startswith("mnist") else 2
-    rounds = max(1, int(round(rounds * scale)))
+    rounds = 2 if QUICK else max(1, int(round(rounds * scale)))
     if not is_cuda and warm > 20 and rounds > 1:  # keep a heavily loaded CPU run bounded
         rounds = max(1, rounds // 2)
 
@@ -202,12 +206,12 @@ def _bench_step(benchmark, preset, variant, device, scale):
         preset=preset, variant=variant, method=step.method,
         backend=variant.removeprefix("hvae-").removesuffix("-recompute") if step.method == "hvae" else None,
         recompute=variant.endswith("-recompute"),
-        batch=step.batch, preset_batch=cfg.train.batch_size, batch_note=note,
+        batch=step.batch, preset_batch=cfg.train.batch_size, batch_note=note, quick=QUICK,
         K=cfg.ou.samples if step.method == "hvae" else None, rho=cfg.ou.rho if step.method == "hvae" else None,
         optimizer=cfg.train.optimizer, params=sum(p.numel() for p in step.model.parameters()),
         data="synthetic batch", rounds=rounds, first_step_s=warm, **mem)
     # The memory step already warmed up again; MNIST steps are cheap enough for one more.
-    warmup = 1 if (is_cuda or preset.startswith("mnist")) else 0
+    warmup = 1 if (is_cuda or preset.startswith("mnist")) and not QUICK else 0
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)
 
 

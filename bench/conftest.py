@@ -14,6 +14,11 @@
   pytest-benchmark's, plus a top-level ``"hvae_fast"`` object (device, versions, backend status,
   threads, load average, GPU copy bandwidth). ``python -m hvae_fast.benchreport FILE`` summarises it.
 * Rounds: ``HVAE_BENCH_SCALE`` (default 1.0) multiplies every round count / time budget.
+* Quick mode: ``HVAE_BENCH_QUICK=1`` (CI) checks that every benchmark runs, not how fast: tiny op
+  sizes, the CIFAR step at batch 2, a few rounds, torch.compile skipped (it compiles for minutes),
+  and the JSON goes to a temporary file (``$TMPDIR/hvae-bench-quick-<pid>.json``) unless
+  ``HVAE_BENCH_JSON`` says otherwise, so bench/results/ is never touched.
+* pytest-benchmark >= 4 (the option ``--benchmark-json`` became a path in 5.3; both kinds are fed).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +41,7 @@ if os.environ.get("HVAE_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["HVAE_BENCH_THREADS"]))
 
 SCALE = float(os.environ.get("HVAE_BENCH_SCALE", "1.0"))
+QUICK = os.environ.get("HVAE_BENCH_QUICK", "").strip() == "1"
 
 
 def _pick_device() -> torch.device:
@@ -145,8 +152,11 @@ def _impl_params(names):
     for name in names:
         reason = None
         if name == "torch-compile":
-            ok, why = torch_compile_status()
-            reason = None if ok else why
+            if QUICK:
+                reason = "HVAE_BENCH_QUICK=1: torch.compile takes minutes to compile, skipped in quick mode"
+            else:
+                ok, why = torch_compile_status()
+                reason = None if ok else why
         elif name.removeprefix("hvae-").removesuffix("-recompute") in FUSED:
             reason = fused_skip_reason(name.removeprefix("hvae-").removesuffix("-recompute"))
         out.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=reason)] if reason else []))
@@ -242,7 +252,8 @@ SESSION_INFO: dict = {}
 
 
 class _AtomicJSONOut:
-    """Stands in for the file ``--benchmark-json`` opens: written to PATH.tmp, renamed on close."""
+    """pytest-benchmark < 5.3: stands in for the file ``--benchmark-json`` opens (argparse.FileType);
+    written to PATH.tmp, renamed on close."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -273,7 +284,20 @@ def _default_json_path() -> Path | None:
     env = os.environ.get("HVAE_BENCH_JSON", "").strip()
     if env.lower() in ("none", "off", "0", "no"):
         return None
-    return Path(env) if env else RESULTS_DIR / f"{device_kind()}-latest.json"
+    if env:
+        return Path(env)
+    if QUICK:
+        return Path(tempfile.gettempdir()) / f"hvae-bench-quick-{os.getpid()}.json"
+    return RESULTS_DIR / f"{device_kind()}-latest.json"
+
+
+def _json_option_is_path() -> bool:
+    """pytest-benchmark >= 5.3 parses ``--benchmark-json`` as a Path and opens it itself; 4.x to 5.2
+    parse it with argparse.FileType and write through ``with option_value as fh``."""
+    from importlib.metadata import version
+
+    major_minor = tuple(int(x) for x in re.findall(r"\d+", version("pytest-benchmark"))[:2])
+    return major_minor >= (5, 3)
 
 
 def _install_default_json(config) -> None:
@@ -282,7 +306,11 @@ def _install_default_json(config) -> None:
     path = _default_json_path()
     if path is None:
         return
-    out = _AtomicJSONOut(path)
+    if _json_option_is_path():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = path
+    else:
+        out = _AtomicJSONOut(path)
     config.option.benchmark_json = out
     bs = getattr(config, "_benchmarksession", None)  # created by pytest-benchmark's pytest_configure
     if bs is not None and getattr(bs, "json", None) is None:
@@ -341,6 +369,7 @@ def run_info() -> dict:
         "backend_status": {k: list(v) for k, v in backend_status().items()},
         "torch_compile": list(_COMPILE["status"]) if _COMPILE else None,
         "scale": SCALE,
+        "quick": QUICK,
         "args": sys.argv[1:],
     }
     if DEVICE.type == "cuda":

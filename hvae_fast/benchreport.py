@@ -190,6 +190,9 @@ def header(data: dict, path) -> list:
              f"- results: `{path}`, {data.get('datetime', '?')}"
              + (f", commit {data['commit_info'].get('id', '')[:10]}" if data.get("commit_info", {}).get("id") else ""),
              "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "python", "hvae_fast", "cuda") if k in v)]
+    if h.get("quick"):
+        lines.append("- quick mode (HVAE_BENCH_QUICK=1): tiny sizes, a few rounds; it shows that every benchmark "
+                     "runs, not how fast")
     if h.get("device", "").startswith("cpu"):
         lines.append(f"- CPU: {h.get('cpu_count')} cores, torch threads {h.get('torch_threads')}, "
                      f"load average {h.get('loadavg_start')} at start, {h.get('loadavg_end')} at end")

@@ -15,6 +15,11 @@ probed or used (once per process; later processes reuse the build from the cache
   ``-march=native``: nothing beyond AVX2/FMA is assumed. The float32 inner loops (Philox lanes,
   polynomial exp / log / cos) are written for auto-vectorisation (``omp simd``).
 * sources: ``csrc/`` next to this package (installed layout) or at the repository root (checkout).
+  The C++ backend is ``ou_cpu.cpp`` (bindings) + ``ou_cpu_kernels.cpp`` (kernels), with the headers
+  ``cpu_vec_math.h`` (float32 math), ``cpu_philox.h`` (vectorised noise) and ``philox.h``; the
+  test-only functions live in ``ou_cpu_testing.cpp``, a second extension (``CPU_TEST_EXT``) that
+  only the tests build. Every process runs torch's ninja build, which recompiles what a changed
+  source, header (ninja's depfiles) or source list touches, and is a no-op otherwise.
 * the CUDA extension is built only when torch has CUDA (``torch.version.cuda``) and a device is
   present.
 
@@ -25,7 +30,8 @@ answers ``(False, reason)``. ``build_all(verbose)`` builds everything eagerly (`
 Noise: element (k, j) of the [K, *S] noise is Triton's ``tl.randn(seed, k * N + j)``
 (Philox4x32-10, csrc/philox.h), so the C++, CUDA and Triton backends draw the same eps for a seed
 (the Philox integers bit for bit; the C++ backend's float32 Box-Muller uses vectorised polynomial
-log / cos, within 1e-6 of Triton's, see tests/test_native.py).
+log / cos, within 1e-6 of Triton's, see tests/test_native.py; the shared backend suite is
+tests/test_backends.py).
 
 CPU threading: the C++ kernels run on torch's intra-op pool (``at::parallel_for``, so
 ``torch.set_num_threads`` applies) and stay on the calling thread below ~32k normals / ~128k head
@@ -204,7 +210,10 @@ class NativeExtension:
         return True, self.reason
 
 
-CPU_EXT = NativeExtension("hvae_fast_ou_cpu", ("ou_cpu.cpp",))
+CPU_SOURCES = ("ou_cpu.cpp", "ou_cpu_kernels.cpp")  # headers: cpu_vec_math.h, cpu_philox.h, philox.h
+CPU_EXT = NativeExtension("hvae_fast_ou_cpu", CPU_SOURCES)
+# Test-only entry points (raw Philox, vm accuracy) over the same kernels and flags; only tests build it.
+CPU_TEST_EXT = NativeExtension("hvae_fast_ou_cpu_testing", ("ou_cpu_testing.cpp", "ou_cpu_kernels.cpp"))
 CUDA_EXT = NativeExtension("hvae_fast_ou_cuda", ("ou_cuda.cpp", "ou_cuda_kernels.cu"), cuda=True)
 
 

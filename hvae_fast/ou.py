@@ -74,6 +74,7 @@ def gaussian_head_reference(mean_raw, scale_raw, target, mode: str = "mean-std",
 # ----------------------------------------------------------------------------------------------
 
 def _torch_correlated_samples(z, mu, sigma, rho, K, seed):
+    check_ou_args(rho, K)
     eps = torch_correlated_noise(seed, K, z.shape, z.device, dtype=z.dtype)
     return correlated_samples_reference(z, mu, sigma, rho, eps)
 

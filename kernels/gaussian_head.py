@@ -10,13 +10,14 @@ sigma_k = softplus(scale_raw_k) + min_scale (torch's softplus, threshold 20) and
 Forward: one kernel over the M = B * S elements (grid over element blocks, loop over k inside)
 writes the per-element log-density into an [B, S] buffer; the per-row sum is then ``.sum(1)`` in
 torch: deterministic (no atomics) and simple. The same kernel writes the [B, S] averages mu_bar,
-sigma_bar (and r_bar for "ratio") that the backward needs; no [K, B, S] intermediate is saved.
+sigma_bar that the backward needs; no [K, B, S] intermediate is saved.
 
 Backward: one kernel over the M elements, loop over k inside, recomputing sigma_k from scale_raw:
 with g the upstream grad of the row, t the target, m = mu_bar, s = sigma_bar:
     dm = g (t - m) / s^2,  ds = g (-1/s + (t - m)^2 / s^3),  dt = -dm
     mean-std: d mean_raw_k = dm / K;  d scale_raw_k = (ds / K) softplus'(scale_raw_k)
-    ratio:    dr = dm s;  ds_tot = ds + dm r;  d mean_raw_k = dr / (K sigma_k)
+    ratio:    dr = dm s;  ds_tot = ds + dm m / s = g (-1/s + (t - m) t / s^3) (no cancellation);
+              d mean_raw_k = dr / (K sigma_k)
               d sigma_k = ds_tot / K - dr mean_raw_k / (K sigma_k^2);  d scale_raw_k = d sigma_k softplus'
 softplus'(x) = 1 for x > 20 (torch's threshold), else e^x / (e^x + 1).
 
@@ -74,7 +75,7 @@ def _softplus_grad(x):
 
 @triton.jit
 def _gh_fwd_kernel(
-    mean_ptr, scale_ptr, t_ptr, logp_ptr, mbar_ptr, sbar_ptr, rbar_ptr, coef_ptr, M, K,
+    mean_ptr, scale_ptr, t_ptr, logp_ptr, mbar_ptr, sbar_ptr, coef_ptr, M, K,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -97,9 +98,7 @@ def _gh_fwd_kernel(
         idx += M
     s = acc_s / K
     if RATIO:
-        r = acc_m / K
-        m = s * r
-        tl.store(rbar_ptr + e, r, mask=mask)
+        m = s * (acc_m / K)
     else:
         m = acc_m / K
     t = tl.load(t_ptr + e, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -112,7 +111,7 @@ def _gh_fwd_kernel(
 
 @triton.jit
 def _gh_bwd_kernel(
-    g_ptr, mean_ptr, scale_ptr, t_ptr, mbar_ptr, sbar_ptr, rbar_ptr,
+    g_ptr, mean_ptr, scale_ptr, t_ptr, mbar_ptr, sbar_ptr,
     dmean_ptr, dscale_ptr, dt_ptr, coef_ptr, M, S, K,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -132,9 +131,10 @@ def _gh_bwd_kernel(
     tl.store(dt_ptr + e, (-dm).to(dt_ptr.dtype.element_ty), mask=mask)
     idx = e
     if RATIO:
-        r = tl.load(rbar_ptr + e, mask=mask, other=0.0).to(ACC_DTYPE)
+        # ds + dm * r with r = m / s, written as g (t (t - m) / s^2 - 1) / s: the same value without
+        # the cancellation of two large terms when |r| is large (as in csrc/ou_cpu_kernels.cpp)
         dr_k = dm * s / K
-        ds_k = (ds + dm * r) / K
+        ds_k = g * (diff * t * inv_s * inv_s - 1.0) * inv_s / K
         for _k in range(0, K):
             x = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
             mr = tl.load(mean_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -164,7 +164,7 @@ def _acc_dtype(*tensors) -> torch.dtype:
 
 
 def gaussian_head_forward(mean_raw, scale_raw, target, ratio: bool, min_scale: float):
-    """Contiguous inputs -> (logp_per_row [B], mu_bar, sigma_bar, r_bar or None), all in acc dtype."""
+    """Contiguous inputs -> (logp_per_row [B], mu_bar, sigma_bar), all in acc dtype."""
     K, B = mean_raw.shape[0], mean_raw.shape[1]
     M = target.numel()
     S = M // B if B else 0
@@ -172,20 +172,19 @@ def gaussian_head_forward(mean_raw, scale_raw, target, ratio: bool, min_scale: f
     dev = target.device
     mbar = torch.empty(target.shape, dtype=acc, device=dev)
     sbar = torch.empty(target.shape, dtype=acc, device=dev)
-    rbar = torch.empty(target.shape, dtype=acc, device=dev) if ratio else None
     if M == 0:
-        return torch.zeros(B, dtype=acc, device=dev), mbar, sbar, rbar
+        return torch.zeros(B, dtype=acc, device=dev), mbar, sbar
     logp = torch.empty((B, S), dtype=acc, device=dev)
     coef = torch.tensor([float(min_scale), HALF_LOG_2PI], dtype=acc, device=dev)
     block = elementwise_block(M)
     _gh_fwd_kernel[(triton.cdiv(M, block),)](
-        mean_raw, scale_raw, target, logp, mbar, sbar, rbar if ratio else sbar, coef, M, K,
+        mean_raw, scale_raw, target, logp, mbar, sbar, coef, M, K,
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
-    return logp.sum(1), mbar, sbar, rbar
+    return logp.sum(1), mbar, sbar
 
 
-def gaussian_head_backward(grad_out, mean_raw, scale_raw, target, mbar, sbar, rbar, ratio, min_scale,
+def gaussian_head_backward(grad_out, mean_raw, scale_raw, target, mbar, sbar, ratio, min_scale,
                            mean_dtype):
     """Returns (d mean_raw, d scale_raw, d target); grad_out [B] contiguous."""
     K, B = scale_raw.shape[0], scale_raw.shape[1]
@@ -201,8 +200,7 @@ def gaussian_head_backward(grad_out, mean_raw, scale_raw, target, mbar, sbar, rb
     coef = torch.tensor([float(min_scale)], dtype=acc, device=dev)
     block = elementwise_block(M)
     _gh_bwd_kernel[(triton.cdiv(M, block),)](
-        grad_out, mean_raw if ratio else scale_raw, scale_raw, target, mbar, sbar,
-        rbar if ratio else sbar, dmean, dscale, dt, coef, M, S, K,
+        grad_out, mean_raw if ratio else scale_raw, scale_raw, target, mbar, sbar, dmean, dscale, dt, coef, M, S, K,
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return dmean, dscale, dt
@@ -214,10 +212,10 @@ class GaussianHeadFunction(torch.autograd.Function):
     @staticmethod
     @ensure_contiguous
     def forward(ctx, mean_raw, scale_raw, target, ratio, min_scale):
-        out, mbar, sbar, rbar = gaussian_head_forward(mean_raw, scale_raw, target, ratio, min_scale)
+        out, mbar, sbar = gaussian_head_forward(mean_raw, scale_raw, target, ratio, min_scale)
         ctx.ratio, ctx.min_scale, ctx.mean_dtype = ratio, min_scale, mean_raw.dtype
         if ratio:
-            ctx.save_for_backward(mean_raw, scale_raw, target, mbar, sbar, rbar)
+            ctx.save_for_backward(mean_raw, scale_raw, target, mbar, sbar)
         else:  # mean-std: d mean_raw_k = dm / K does not read mean_raw
             ctx.save_for_backward(scale_raw, target, mbar, sbar)
         return out
@@ -226,12 +224,12 @@ class GaussianHeadFunction(torch.autograd.Function):
     @ensure_contiguous
     def backward(ctx, grad_out):
         if ctx.ratio:
-            mean_raw, scale_raw, target, mbar, sbar, rbar = ctx.saved_tensors
+            mean_raw, scale_raw, target, mbar, sbar = ctx.saved_tensors
         else:
             scale_raw, target, mbar, sbar = ctx.saved_tensors
-            mean_raw, rbar = None, None
+            mean_raw = None
         dmean, dscale, dt = gaussian_head_backward(
-            grad_out, mean_raw, scale_raw, target, mbar, sbar, rbar, ctx.ratio, ctx.min_scale, ctx.mean_dtype
+            grad_out, mean_raw, scale_raw, target, mbar, sbar, ctx.ratio, ctx.min_scale, ctx.mean_dtype
         )
         need = ctx.needs_input_grad
         return (dmean if need[0] else None, dscale if need[1] else None, dt if need[2] else None, None, None)

@@ -1,0 +1,42 @@
+// The CPU kernels of csrc/ou_cpu_kernels.cpp on raw contiguous buffers (float and double are
+// instantiated there). Shapes: every [K, B, *S] buffer is viewed as [K, N] with N = B * prod(S),
+// every [B, *S] buffer as [N]; S = N / B in the head's backward. Semantics: hvae_fast/ou.py.
+#pragma once
+
+#include <cstdint>
+
+namespace hvae {
+namespace cpu {
+
+// out [K, N] = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps, eps[k, j] = randn(seed, k N + j)
+template <typename T>
+void corr_fwd_kernel(const T* z, const T* mu, const T* sigma, T* out, int64_t N, int64_t K, double rho,
+                     uint64_t seed);
+// g [K, N] -> dz, dmu, dsigma [N] (dsigma = 0 unless need_sigma; the noise is regenerated)
+template <typename T>
+void corr_bwd_kernel(const T* g, T* dz, T* dmu, T* dsigma, int64_t N, int64_t K, double rho, uint64_t seed,
+                     bool need_sigma);
+// mr, sr [K, N], t [N] -> mbar, sbar, per-element log-density lp [N]
+template <typename T>
+void head_fwd_kernel(const T* mr, const T* sr, const T* t, T* mbar, T* sbar, T* lp, int64_t N, int64_t K,
+                     bool ratio, double min_scale);
+// g [B] -> dmr ([K, N] in the ratio mode, [N] in the mean-std mode), dsr [K, N], dt [N]
+template <typename T>
+void head_bwd_kernel(const T* g, const T* mr, const T* sr, const T* t, const T* mbar, const T* sbar, T* dmr,
+                     T* dsr, T* dt, int64_t N, int64_t S, int64_t K, bool ratio, double min_scale);
+// out[i] = randn(seed, start + i), i < n (the low counter word may wrap inside the range)
+void noise_kernel(uint64_t seed, uint64_t start, int64_t n, float* out);
+
+// The instruction set these files were compiled for (hvae_fast/native.py keys the build cache on it).
+inline const char* compiled_isa() {
+#if defined(__AVX2__) && defined(__FMA__)
+    return "avx2-fma";
+#elif defined(__AVX__)
+    return "avx";
+#else
+    return "baseline";
+#endif
+}
+
+}  // namespace cpu
+}  // namespace hvae
