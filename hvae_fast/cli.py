@@ -283,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="compile the C++/CUDA OU kernels now (otherwise on first use)")
     b.set_defaults(func=cmd_build)
 
-    from . import memory, plots
+    from . import memory, plots, report, sweep
 
     memory.add_parser(sub)
     plots.add_parser(sub)
+    sweep.add_parser(sub)
+    report.add_parser(sub)
     return p
 
 
