@@ -57,7 +57,8 @@ def flag(key: str) -> str:
 
 def load_spec_file(path) -> dict:
     """A JSON or TOML spec: {base: "train ..." or [...], grid: {k: [v]}, list: {k: [v]}, eval_iw_samples,
-    find_critical_rho: {threshold, rho_low, rho_high, iterations}}."""
+    eval_max_examples, find_critical_rho: {threshold, rho_low, rho_high, iterations}}; flags given on
+    the command line add axes and override the other fields."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -69,10 +70,10 @@ def load_spec_file(path) -> dict:
             d = json.loads(text)
     except (OSError, ValueError) as exc:
         raise HVAEError(f"cannot read the sweep spec {path}: {exc}; pass a JSON or .toml file") from exc
-    unknown = set(d) - {"base", "grid", "list", "eval_iw_samples", "find_critical_rho"}
+    unknown = set(d) - {"base", "grid", "list", "eval_iw_samples", "eval_max_examples", "find_critical_rho"}
     if unknown:
         raise HVAEError(f"sweep spec {path}: unknown keys {sorted(unknown)}; use base, grid, list, "
-                        f"eval_iw_samples, find_critical_rho")
+                        f"eval_iw_samples, eval_max_examples, find_critical_rho")
     return d
 
 
@@ -475,9 +476,12 @@ def cmd_sweep(args) -> int:
         critical = {"threshold": args.threshold, "rho_low": args.rho_low, "rho_high": args.rho_high,
                     "iterations": args.iterations}
     elif critical is not None:
+        if "threshold" not in critical:
+            raise HVAEError(f"{args.spec}: find_critical_rho needs a threshold (the top-layer KL in nats)")
         critical = {"rho_low": 0.0, "rho_high": 1.0, "iterations": 4, **critical}
-    spec = make_spec(base, axes, d.get("eval_iw_samples", args.eval_iw_samples),
-                     d.get("eval_max_examples", args.eval_max_examples), critical)
+    pick = lambda flag_value, key, default: flag_value if flag_value is not None else d.get(key, default)  # noqa: E731
+    spec = make_spec(base, axes, pick(args.eval_iw_samples, "eval_iw_samples", 100),
+                     pick(args.eval_max_examples, "eval_max_examples", 0), critical)
     if args.workers < 1:
         raise HVAEError("--workers must be >= 1")
     sweep_dir = Path(args.root) / args.name
@@ -529,8 +533,8 @@ def add_parser(sub) -> None:
     p.add_argument("--spec", type=Path, help="a JSON or .toml file with base, grid, list, eval_iw_samples, find_critical_rho")
     p.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="where sweep folders go (default runs/sweeps)")
     p.add_argument("--workers", type=int, default=1, help="points run at once; CPU threads are split between them")
-    p.add_argument("--eval-iw-samples", type=int, default=100, help="L of each point's IW bound (0 = skip)")
-    p.add_argument("--eval-max-examples", type=int, default=0, help="validation examples each eval uses (0 = all)")
+    p.add_argument("--eval-iw-samples", type=int, help="L of each point's IW bound (default 100; 0 = skip)")
+    p.add_argument("--eval-max-examples", type=int, help="validation examples each eval uses (default 0 = all)")
     p.add_argument("--print-commands", action="store_true", help="print each point's train && eval command line and exit")
     p.add_argument("--find-critical-rho", action="store_true", help="bisect rho on the top-layer KL instead of a rho grid")
     p.add_argument("--threshold", type=float, metavar="NATS", help="top-layer KL above which the top layer is not collapsed")

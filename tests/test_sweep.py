@@ -94,6 +94,25 @@ def test_print_commands_lists_each_point_and_writes_nothing(tmp_path, capsys):
     assert ev.endswith("--data-dir /data")  # eval reads the data the run was trained on
 
 
+def test_a_toml_spec_file_with_command_line_axes_and_overrides(tmp_path, capsys):
+    spec = tmp_path / "phase.toml"
+    spec.write_text('base = "train binarized-mnist --steps 5000"\neval_iw_samples = 50\n'
+                    '[grid]\nrho = [0.5, 0.9]\n[list]\nmethod = ["vae", "hvae"]\nou_samples = [1, 5]\n')
+    assert main(["sweep", "p", "--root", str(tmp_path), "--spec", str(spec), "--grid", "seed=0,1",
+                 "--eval-iw-samples", "10", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8
+    assert "train binarized-mnist --steps 5000 --rho 0.9 --method hvae --ou-samples 5 --seed 1 --out" in lines[-1]
+    assert "--iw-samples 10 " in lines[-1]  # the command line overrides the file
+    json_spec = tmp_path / "s.json"
+    json_spec.write_text(json.dumps({"base": ["train", "mnist"], "grid": {"seed": [0]}, "find_critical_rho": {}}))
+    assert main(["sweep", "q", "--root", str(tmp_path), "--spec", str(json_spec)]) == 2
+    assert "find_critical_rho needs a threshold" in capsys.readouterr().err
+    json_spec.write_text(json.dumps({"base": "train mnist", "grids": {}}))
+    assert main(["sweep", "q", "--root", str(tmp_path), "--spec", str(json_spec)]) == 2
+    assert "unknown keys ['grids']" in capsys.readouterr().err
+
+
 def test_a_different_spec_under_the_same_name_is_a_one_line_error(tmp_path, capsys):
     make_sweep(tmp_path, "s", [("grid", "seed=0,1")])
     rc = main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0,1,2", "--", *TINY])
@@ -134,6 +153,43 @@ def test_finished_points_are_skipped_without_starting_a_process(tmp_path, monkey
     assert rows[3]["active_units_total"] == "10" and rows[3]["status"] == "finished"
     js = json.loads((d / "results.json").read_text())
     assert js[0]["kl_per_layer"] == [1.0, 2.0, 1.0, 1.0] and js[0]["active_units"] == [4, 3, 2, 1]
+
+
+class FakeProcess:
+    """Stands in for a train/eval subprocess: exits 0 at once; train makes the run directory, eval
+    writes eval-valid.json there."""
+
+    launched = []
+
+    def __init__(self, cmd, env, **kw):
+        FakeProcess.launched.append((cmd[3], cmd[cmd.index("--out") + 1] if "--out" in cmd else cmd[4],
+                                     "--resume" in cmd, env["OMP_NUM_THREADS"]))
+        if cmd[3] == "train":
+            Path(cmd[cmd.index("--out") + 1]).mkdir(exist_ok=True)
+        else:
+            (Path(cmd[4]) / "eval-valid.json").write_text(json.dumps({"elbo": -1.0, "top_kl": 0.0}))
+        self.returncode = 0
+
+    def poll(self):
+        return 0
+
+
+def test_workers_split_threads_and_each_point_trains_then_evaluates(tmp_path, monkeypatch):
+    spec = sweep.make_spec(TINY, [sweep.parse_axis("grid", "seed=0,1,2")])
+    pts = [sweep.Point(tmp_path, {"seed": s}, spec) for s in "012"]
+    pts[1].dir.mkdir()
+    (pts[1].dir / "checkpoint-latest.pt").write_bytes(b"")
+    FakeProcess.launched = []
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    status = sweep.run_points(pts, workers=2, log=lambda m: None)
+    assert status == {"seed=0": "finished", "seed=1": "finished", "seed=2": "finished"}
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    by_point = {}
+    for stage, run, resume, t in FakeProcess.launched:
+        by_point.setdefault(Path(run).name, []).append((stage, resume))
+        assert t == threads
+    assert by_point == {"seed=0": [("train", False), ("eval", False)], "seed=1": [("train", True), ("eval", False)],
+                        "seed=2": [("train", False), ("eval", False)]}
 
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
