@@ -338,13 +338,14 @@ def collect_results(sweep_dir) -> list[dict]:
     ``kl_layer_i`` and ``active_units_layer_i``, bottom = 1, plus ``active_units_total``)."""
     sweep_dir = Path(sweep_dir)
     spec = read_spec(sweep_dir)
-    names = [] if spec.get("critical") else [point_name(v) for v in expand(spec["axes"])]
+    points = {} if spec.get("critical") else {point_name(v): v for v in expand(spec["axes"])}
     found = [d.name for d in sorted(sweep_dir.iterdir()) if d.is_dir()]
     found += [f.name[: -len(".failed.json")] for f in sorted((sweep_dir / "logs").glob("*.failed.json"))]
-    names += [n for n in dict.fromkeys(found) if n not in names and _parse_name(n, spec) is not None]
+    for name in dict.fromkeys(found):  # the critical search's points, named by the rho it chose
+        if name not in points and _parse_name(name, spec) is not None:
+            points[name] = _parse_name(name, spec)
     rows = []
-    for name in names:
-        vals = _parse_name(name, spec)
+    for name, vals in points.items():
         run = sweep_dir / name
         row = {"name": name}
         if (run / "config.json").exists():
@@ -522,6 +523,7 @@ class _SweepParser(argparse.ArgumentParser):
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="many train runs (a grid of flag values) as one resumable experiment",
+                       usage="hvae-fast sweep NAME [--grid FLAG=V1,V2 ...] [options] -- train DATASET [train flags]",
                        description="Run `hvae-fast train` once per point of a grid of flag values, evaluate each "
                                    "point on the validation split, and tabulate the results. Re-running the same "
                                    "command skips finished points and resumes interrupted ones.")

@@ -9,7 +9,7 @@ from hvae_fast import report, sweep
 from hvae_fast.cli import main
 from hvae_fast.errors import HVAEError
 
-from test_sweep import TINY, fake_point, make_sweep
+from test_sweep import fake_point, make_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

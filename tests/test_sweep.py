@@ -278,6 +278,13 @@ def test_summary_mean_std_n_over_seeds_by_hand(tmp_path):
     assert srows[1]["elbo_std"] == "" and srows[1]["n"] == "1"
 
 
+def test_a_sweep_without_axes_is_one_point_named_base(tmp_path):
+    d = make_sweep(tmp_path, "one", [])
+    fake_point(d, "base", elbo=-91.0)
+    (rows,) = sweep.write_results(d)
+    assert (rows["name"], rows["status"], rows["elbo"]) == ("base", "finished", -91.0)
+
+
 # -- critical rho --------------------------------------------------------------------------------------
 
 def test_bisection_pins_the_critical_rho_with_a_fake_runner():
