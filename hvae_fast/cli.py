@@ -480,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--output", type=_output(*PLOT_EXTS), default="curves.png",
                     help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
     pl.set_defaults(func=cmd_plot)
+
+    from . import report, sweep
+
+    sweep.add_parser(sub)
+    report.add_parser(sub)
     return p
 
 

@@ -1,0 +1,239 @@
+"""`hvae-fast report SWEEP_DIR`: the paper's figures and tables from a sweep, as PNGs and a Markdown report.
+
+- ``phase_transition.png`` (Fig. 1), when the sweep has two or more rho values: top-layer KL and
+  total active units against rho, one line per combination of the other axes (and dataset,
+  preset, method), error bars = std over seeds, the critical rho marked: the interval of
+  ``critical.json`` if the sweep ran ``--find-critical-rho``, else the largest rho whose mean top
+  KL is above ``--threshold``.
+- ``active_units_grid.png`` (Fig. 3), when the sweep has axes ``depth`` and ``width``, or an axis
+  ``latent_sizes`` (depth = its number of layers, width = its first layer's size): mean total
+  active units over depth x width.
+- ``curves.png``: the training curves of every point (``hvae-fast plot``).
+- ``report.md``: the figures, the sweep's rows beside the paper's Tables 3 and 4, and the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .errors import HVAEError
+from .plots import plot_runs
+from .sweep import read_spec, summarize, write_results
+
+# method.md, "Results to compare against": validation ELBO, top-layer KL (nats), active units
+# per layer (bottom to top), after the paper's 1M training steps.
+PAPER_STEPS = 1_000_000
+PAPER_ROWS = [
+    {"table": 3, "setting": "dynamic MNIST 64-32-16-8, HVAE rho=0.95", "preset": "mnist-mlp-64-32-16-8",
+     "method": "hvae", "rho": 0.95, "elbo": -81.6, "top_kl": 8.99, "active_units": [8, 16, 32, 54]},
+    {"table": 4, "setting": "static MNIST 40x4, VAE", "preset": "mnist-mlp-40x4",
+     "method": "vae", "rho": None, "elbo": -86.4, "top_kl": 0.82, "active_units": [1, 3, 9, 17]},
+    {"table": 4, "setting": "static MNIST 40x4, HVAE rho=0.9", "preset": "mnist-mlp-40x4",
+     "method": "hvae", "rho": 0.9, "elbo": -85.5, "top_kl": 19.5, "active_units": [40, 40, 40, 40]},
+]
+METRICS = ("elbo", "iw_bound", "top_kl", "active_units_total", "bpd")
+
+
+def _pm(row, m, fmt=".2f") -> str:
+    """'mean ± std' of summary column ``m`` ('-' if absent)."""
+    mean, std = row.get(f"{m}_mean"), row.get(f"{m}_std")
+    if mean is None:
+        return "-"
+    return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
+
+
+def _label(row, keys) -> str:
+    """``k=v, ...`` of ``keys`` (the preset and method when no key tells rows apart)."""
+    return ", ".join(f"{k}={row[k]}" for k in (keys or ("preset", "method")) if k in row) or "all points"
+
+
+def _varying(rows, exclude) -> list[str]:
+    """The key columns whose value differs between ``rows`` (what tells their lines apart)."""
+    keys = [k for k in rows[0] if k not in exclude and not k.endswith(("_mean", "_std")) and k not in ("n", "steps")]
+    return [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+
+
+def largest_rho_above(points, threshold: float):
+    """The largest rho whose mean top KL is above ``threshold`` (nats); ``points`` = [(rho, kl)]."""
+    above = [rho for rho, kl in points if kl is not None and kl > threshold]
+    return max(above) if above else None
+
+
+def plot_phase(summary, critical, threshold: float, output: Path) -> tuple[Path, list[str]] | None:
+    """Fig. 1 from summary rows; returns (png, Markdown lines naming the critical rho) or None."""
+    rows = [r for r in summary if isinstance(r.get("rho"), (int, float)) and "top_kl_mean" in r]
+    if len({r["rho"] for r in rows}) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = _varying(rows, exclude=("rho",))
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(k)) for k in keys), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    notes = []
+    for i, rs in enumerate(groups.values()):
+        rs = sorted(rs, key=lambda r: r["rho"])
+        color, label = f"C{i % 10}", _label(rs[0], keys)
+        rho = [r["rho"] for r in rs]
+        for ax, m in zip(axes, ("top_kl", "active_units_total")):
+            ax.errorbar(rho, [r.get(f"{m}_mean", math.nan) for r in rs], yerr=[r.get(f"{m}_std") or 0 for r in rs],
+                        marker="o", capsize=3, color=color, label=label)
+        if not critical:
+            crit = largest_rho_above([(r["rho"], r["top_kl_mean"]) for r in rs], threshold)
+            if crit is not None:
+                for ax in axes:
+                    ax.axvline(crit, color=color, ls="--", alpha=0.6)
+            notes.append(f"- {label}: largest rho with mean top-layer KL above {threshold:g} nats: "
+                         + (f"**{crit:g}**" if crit is not None else "none (collapsed at every rho)"))
+    for c in critical or []:
+        for ax in axes:
+            ax.axvspan(c["low"], c["high"], color="grey", alpha=0.25)
+        name = _label(c.get("group", {}), list(c.get("group", {})))
+        notes.append(f"- {name}: critical rho in **[{c['low']:g}, {c['high']:g}]** (bisection on top-layer KL > "
+                     f"{c['threshold']:g} nats, {c['iterations']} iterations, {c['runs']} runs)")
+    axes[0].set(title="top-layer KL (nats, validation)", xlabel="rho")
+    axes[1].set(title="active units, all layers (validation)", xlabel="rho")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output, notes
+
+
+def depth_width(row):
+    """(depth, width) of a row from its ``depth``/``width`` axes or its ``latent_sizes`` axis, else None."""
+    if "depth" in row and "width" in row:
+        return int(row["depth"]), int(row["width"])
+    if "latent_sizes" in row:
+        sizes = [int(s) for s in str(row["latent_sizes"]).replace("-", ",").split(",")]
+        return len(sizes), sizes[0]
+    return None
+
+
+def grid_values(rows):
+    """(depths, widths, {(depth, width): mean total active units}) of summary rows with those axes."""
+    cells = {depth_width(r): r["active_units_total_mean"] for r in rows}
+    return sorted({d for d, _ in cells}), sorted({w for _, w in cells}), cells
+
+
+def plot_grid(summary, output: Path) -> Path | None:
+    """Fig. 3: mean total active units over depth x width, one panel per other axis combination."""
+    rows = [r for r in summary if depth_width(r) is not None and "active_units_total_mean" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = _varying(rows, exclude=("depth", "width", "latent_sizes"))
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(k)) for k in keys), []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, rs in zip(axes[0], groups.values()):
+        depths, widths, cells = grid_values(rs)
+        grid = np.array([[cells.get((d, w), np.nan) for w in widths] for d in depths])
+        im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.3g}/{depths[i] * widths[j]}", ha="center", va="center", color="w", fontsize=8)
+        ax.set(xticks=range(len(widths)), xticklabels=widths, yticks=range(len(depths)), yticklabels=depths,
+               xlabel="width (units per stochastic layer)", ylabel="depth (stochastic layers)",
+               title=f"active units / total: {_label(rs[0], keys)}")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def paper_tables(summary) -> list[str]:
+    """Markdown: each Table 3/4 row of the paper beside the sweep's matching rows (same preset,
+    method, and rho for HVAE), with each one's training budget."""
+    out = ["| table | setting | steps | seeds | V. ELBO | top KL | active units |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in PAPER_ROWS:
+        out.append(f"| {p['table']} | paper: {p['setting']} | {PAPER_STEPS:,} | - | {p['elbo']} | {p['top_kl']} | "
+                   f"{', '.join(map(str, p['active_units']))} |")
+        match = [r for r in summary if r.get("preset") == p["preset"] and r.get("method") == p["method"]
+                 and (p["rho"] is None or (isinstance(r.get("rho"), (int, float)) and abs(r["rho"] - p["rho"]) < 1e-9))]
+        for r in match:
+            layers = sorted(k for k in r if k.startswith("active_units_layer_") and k.endswith("_mean"))
+            layers.sort(key=lambda k: int(k.split("_")[3]))
+            au = ", ".join(f"{r[k]:.1f}" for k in layers)
+            out.append(f"| {p['table']} | this sweep: {_label(r, _varying(summary, ()) or ['preset', 'method'])} | "
+                       f"{r.get('steps', '-'):,} | {r['n']} | {_pm(r, 'elbo')} | {_pm(r, 'top_kl')} | {au} |")
+        if not match:
+            out.append(f"| {p['table']} | this sweep: no point with preset {p['preset']}, method {p['method']}"
+                       + (f", rho {p['rho']}" if p["rho"] is not None else "") + " | | | | | |")
+    return out
+
+
+def summary_table(summary) -> list[str]:
+    keys = _varying(summary, ()) if len(summary) > 1 else ["preset", "method"]
+    cols = [m for m in METRICS if any(f"{m}_mean" in r for r in summary)]
+    out = ["| " + " | ".join(keys + ["steps", "n"] + cols) + " |", "|" + " --- |" * (len(keys) + 2 + len(cols))]
+    for r in summary:
+        out.append("| " + " | ".join([str(r.get(k, "-")) for k in keys] + [str(r.get("steps", "-")), str(r["n"])]
+                                     + [_pm(r, m) for m in cols]) + " |")
+    return out
+
+
+def make_report(sweep_dir, output=None, threshold: float = 1.0) -> Path:
+    """Write the figures and ``report.md`` of ``sweep_dir`` into ``output`` (default SWEEP_DIR/report)."""
+    sweep_dir = Path(sweep_dir)
+    spec = read_spec(sweep_dir)
+    out = Path(output) if output else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = write_results(sweep_dir)
+    axes = (["rho"] if spec.get("critical") else []) + [a["key"] for a in spec["axes"]]
+    summary = summarize(rows, axes)
+    if not summary:
+        raise HVAEError(f"no point of {sweep_dir} has finished (no eval-valid.json): run the sweep first, "
+                        f"or re-run its command to finish it")
+    crit_path = sweep_dir / "critical.json"
+    critical = json.loads(crit_path.read_text()) if crit_path.exists() else None
+    if critical:
+        threshold = critical[0]["threshold"]
+    done = [r for r in rows if r["status"] == "finished"]
+    budget = ", ".join(f"{s:,}" for s in sorted({r["step"] for r in done}))
+    md = [f"# Sweep `{sweep_dir.name}`", "",
+          f"Base command: `hvae-fast {' '.join(spec['base'])}`; axes: "
+          + ", ".join(f"{a['kind']} {a['key']} = {', '.join(a['values'])}" for a in spec["axes"])
+          + (" and rho by bisection" if critical else "") + f". {len(done)}/{len(rows)} points finished; "
+          f"each evaluated on the validation split (IW bound with L={spec['eval_iw_samples']}). "
+          f"Training budget: {budget} steps "
+          f"(the paper: {PAPER_STEPS:,} for Tables 3-4, 100,000 for Figs. 1 and 3).", ""]
+    phase = plot_phase(summary, critical, threshold, out / "phase_transition.png")
+    if phase:
+        md += ["## Phase transition (Fig. 1)", "", f"![phase transition]({phase[0].name})", "", *phase[1], ""]
+    grid = plot_grid(summary, out / "active_units_grid.png")
+    if grid:
+        md += ["## Active units over depth x width (Fig. 3)", "", f"![active units grid]({grid.name})", ""]
+    md += ["## Tables 3 and 4: the paper beside this sweep", "", *paper_tables(summary), "",
+           "## Summary (mean ± std over seeds)", "", *summary_table(summary), ""]
+    runs = [sweep_dir / r["name"] for r in done if (sweep_dir / r["name"] / "metrics.jsonl").exists()]
+    if runs:
+        plot_runs(runs, out / "curves.png")
+        md += ["## Training curves", "", "![training curves](curves.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="figures and tables of a sweep: phase transition, depth x width grid, Tables 3/4")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--output", type=Path, help="folder for the PNGs and report.md (default SWEEP_DIR/report)")
+    p.add_argument("--threshold", type=float, default=1.0, metavar="NATS",
+                   help="top-layer KL that marks the critical rho when the sweep ran no critical search")
+    p.set_defaults(func=lambda args: print(f"wrote {make_report(args.sweep_dir, args.output, args.threshold)}") or 0)
