@@ -283,10 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="compile the C++/CUDA OU kernels now (otherwise on first use)")
     b.set_defaults(func=cmd_build)
 
-    from . import memory, plots
+    from . import diagnostics, memory, plots
 
     memory.add_parser(sub)
     plots.add_parser(sub)
+    diagnostics.add_parser(sub, load_run)  # TODO(merge): diagnostics imports load_run from .trainer
     return p
 
 
