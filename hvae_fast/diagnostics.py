@@ -319,7 +319,7 @@ def cmd_gradvar(args) -> int:
 
 def plot_gradvar(result: dict, output: Path) -> Path:
     """Variance against bias, one panel per layer and one for the total; a line per (step, K)
-    through its rhos, each point labelled with its rho."""
+    through its rhos, each point labelled with its rho, with standard-error bars."""
     plt = _pyplot()
     names = [lay["layer"] for lay in result["points"][0]["per_layer"]] + ["total"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
@@ -331,7 +331,9 @@ def plot_gradvar(result: dict, output: Path) -> Path:
             pts = sorted((p for p in result["points"] if p["step"] == step and p["K"] == K), key=lambda p: p["rho"])
             get = (lambda p, k: p[k + "_total"]) if name == "total" else (lambda p, k: p["per_layer"][j][k])
             xs, ys = [get(p, "bias") for p in pts], [get(p, "variance") for p in pts]
-            ax.plot(xs, ys, marker="o", label=f"K={K}" + (f", step {step}" if multi_step else ""))
+            err = (lambda p, k: p[k]) if name == "total" else (lambda p, k: p["per_layer"][j][k])
+            ax.errorbar(xs, ys, xerr=[err(p, "bias_stderr") for p in pts], yerr=[err(p, "variance_stderr") for p in pts],
+                        marker="o", capsize=2, label=f"K={K}" + (f", step {step}" if multi_step else ""))
             for p, xv, yv in zip(pts, xs, ys):
                 ax.annotate(f"{p['rho']:g}", (xv, yv), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set(title=name, xlabel="bias: |E grad - E grad(rho=1)|", ylabel="gradient variance (trace)", yscale="log")

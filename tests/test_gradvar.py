@@ -169,3 +169,14 @@ def test_gradvar_bad_input_is_one_line(tiny_run, args, needle, capsys):
 def test_gradvar_missing_run_is_one_line(tmp_path, capsys):
     assert main(["gradvar", str(tmp_path / "nope"), "--no-progress"]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_checkpoint_files_keeps_every_nth_step_once(tmp_path):
+    for step in (100, 200, 300, 400):
+        torch.save({"step": step, "model": {}}, tmp_path / f"step{step}.pt")
+    torch.save({"step": 400, "model": {}}, tmp_path / "checkpoint-latest.pt")  # same step as step400.pt
+    got = dg.checkpoint_files(tmp_path, [tmp_path], 200)
+    assert [s for s, _ in got] == [200, 400]
+    assert [s for s, _ in dg.checkpoint_files(tmp_path, [tmp_path / "step300.pt", tmp_path], 0)] == [100, 200, 300, 400]
+    with pytest.raises(dg.HVAEError, match="lower --every"):
+        dg.checkpoint_files(tmp_path, None, 7)
