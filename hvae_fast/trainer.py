@@ -311,8 +311,9 @@ def scale_notes(cfg: RunConfig, device: torch.device, n_params: int) -> list:
     return notes
 
 
-def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one PNG grid."""
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one PNG grid at ``path`` (str or Path)."""
+    path = Path(path)
     import matplotlib
 
     matplotlib.use("Agg")
