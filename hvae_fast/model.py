@@ -9,8 +9,9 @@ Every Gaussian is diagonal with sigma = softplus(raw) + min_scale.
 objectives (ELBO, IW bound, IWAE, annealing, free bits) are built from those in objectives.py.
 With ``ou`` given (training only), each generator layer p(z_i|z_{i+1}) is replaced by its OU
 smoothing: K correlated samples around the posterior sample z_{i+1}, one batched pass of the layer
-over all K*B of them, and the averaged Gaussian head (HVAE+'s skipped latents are not smoothed); the OU backend (an ``ou.get_backend`` result
-the trainer passes in) does the two fused ops, so the model never imports ``ou``.
+over all K*B of them, and the averaged Gaussian head (HVAE+'s skipped latents are not smoothed);
+the OU backend (an ``ou.get_backend`` result the trainer passes in) does the two fused ops, so the
+model never imports ``ou``. ``forward(x, ou, k)`` draws k posterior samples per example (IWAE).
 
 Also the model registry: ``MODELS`` maps every method to its class (vae, hvae and iwae share
 ``HierarchicalVAE``; lvae and biva are in baselines.py) and ``build_model`` is the one entry point.
@@ -146,8 +147,8 @@ class HierarchicalVAE(StackedVAE):
         for i in reversed(range(L - 1)):
             above = zs[i + 2:] if self.cfg.skip else None
             log_p[i] = self.generator_logprob(i, zs[i + 1], zs[i], above, ou, (mus[i + 1], sigmas[i + 1]))
-        x = repeat_batch(x, k) if k > 1 else x
-        return Terms(self.likelihood.logprob(self.decode(zs[0], zs[1:] if self.cfg.skip else None), x), log_q, log_p, mus)
+        params = self.decode(zs[0], zs[1:] if self.cfg.skip else None)
+        return Terms(self.likelihood.logprob(params, repeat_batch(x, k) if k > 1 else x), log_q, log_p, mus)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -57,7 +57,9 @@ def _halvings(scale) -> int:
 
 def _resample(ch: int, n: int) -> list:
     """|n| (ELU, stride-2 conv) pairs: transposed (x2 each) for n > 0, strided (/2 each) for n < 0."""
-    conv = (lambda: nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1)) if n > 0 else (lambda: nn.Conv2d(ch, ch, 3, padding=1, stride=2))
+    def conv():
+        return nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1) if n > 0 else nn.Conv2d(ch, ch, 3, padding=1, stride=2)
+
     return [m for _ in range(abs(n)) for m in (nn.ELU(), conv())]
 
 
