@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .distributions import Terms, gaussian_logprob, split_gaussian, std_normal_logprob
+from .distributions import Terms, gaussian_logprob, repeat_batch, split_gaussian, std_normal_logprob
 from .errors import HVAEError
 from .stack import StackedVAE
 
@@ -89,8 +89,10 @@ class LadderVAE(_Baseline):
     def decode(self, z, state=None):
         return self.px(z)[0]
 
-    def forward(self, x, ou=None) -> Terms:
+    def forward(self, x, ou=None, k: int = 1) -> Terms:
+        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major."""
         self._check_ou(ou)
+        x = repeat_batch(x, k)
         ms, h = self.cfg.min_scale, x
         bu = []
         for enc in self.enc:  # deterministic bottom-up pass
@@ -140,8 +142,10 @@ class BIVA(_Baseline):
     def decode(self, z, h):
         return self.px(z if h is None else torch.cat([z, h], 1))[0]
 
-    def forward(self, x, ou=None) -> Terms:
+    def forward(self, x, ou=None, k: int = 1) -> Terms:
+        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major."""
         self._check_ou(ou)
+        x = repeat_batch(x, k)
         ms, L = self.cfg.min_scale, self.depth
         d, z_bu, q_bu = [], [], []  # bottom-up: deterministic features, samples, (mu, sigma, log q)
         for i, net in enumerate(self.bu):

@@ -45,8 +45,9 @@ class ModelConfig:
 
     arch: str = _f("mlp", "network family")
     latent_sizes: tuple = _f((40, 40, 40, 40), "MLP: units per stochastic layer, bottom to top", lo=1, metavar="N,N,...")
-    hidden_sizes: tuple = _f((200, 200, 200, 200), "MLP: width of the two deterministic layers below each stochastic "
+    hidden_sizes: tuple = _f((200, 200, 200, 200), "MLP: width of the deterministic layers below each stochastic "
                              "layer, bottom to top", lo=1, metavar="N,N,...")
+    hidden_layers: int = _f(2, "MLP: deterministic layers in each net (between stochastic layers, and next to x)", lo=1)
     activation: str = _f("tanh", "MLP nonlinearity")
     # ResNet latents have `latent_channels` maps at the feature resolution / `latent_stride`.
     num_layers: int = _f(4, "ResNet: stochastic layers", lo=1)
@@ -55,7 +56,8 @@ class ModelConfig:
     data_blocks: int = _f(16, "ResNet: blocks in the nets next to x, q(z_1|x) and p(x|z_1)", lo=0)
     latent_channels: int = _f(8, "ResNet: maps per stochastic layer", lo=1)
     latent_stride: int = _f(1, "ResNet: latents at the feature resolution / this", lo=1)
-    skip: bool = _f(False, "HVAE+: deterministic skip connections between generator layers")
+    skip: bool = _f(False, "HVAE+: stochastic skip connections: each generator layer and p(x|z_1) also read the "
+                    "latent samples of every layer above")
     likelihood: str = _f("bernoulli", flag=False, why="follows the dataset (bernoulli: binary images, "
                          "logistic: discretized logistic mixture)")
     n_mix: int = _f(10, "components of the discretized logistic mixture", lo=1)
@@ -100,7 +102,7 @@ class TrainConfig:
                           "throughout; reported ELBOs use weight 1)", lo=0, length=2, metavar="ZERO_STEPS,RAMP_STEPS")
     free_bits: float = _f(0.0, "per-layer floor: each stochastic layer's KL, averaged over the minibatch, is clamped "
                           "from below; 0 disables", lo=0, methods=ELBO_METHODS, metavar="NATS")
-    iw_samples_train: int = _f(1, "IWAE's k", lo=1, methods=("iwae",), metavar="k")
+    iw_samples_train: int = _f(5, "IWAE's k (the paper's 5)", lo=1, methods=("iwae",), metavar="k")
     log_every: int = _f(50, "steps between train-metric records", lo=1)
     eval_every: int = _f(2000, "steps between validations", lo=1)
     eval_examples: int = _f(2000, "validation examples per periodic evaluation (0 = all)", lo=0)
@@ -235,7 +237,7 @@ class RunConfig:
         if self.method not in ELBO_METHODS and t.free_bits > 0:
             raise HVAEError(f"--free-bits acts on the ELBO's per-layer KL terms; --method {self.method} trains another "
                             f"objective: drop --free-bits or pick one of {', '.join(ELBO_METHODS)}")
-        if self.method != "iwae" and t.iw_samples_train != 1:
+        if self.method != "iwae" and t.iw_samples_train != TrainConfig.iw_samples_train:
             raise HVAEError(f"--iw-samples-train is IWAE's k; --method {self.method} does not use it: drop it or "
                             f"pass --method iwae")
         if self.model.arch == "mlp" and len(self.model.latent_sizes) != len(self.model.hidden_sizes):
@@ -296,7 +298,10 @@ class Preset:
     method: str | None = None  # the method a preset is made for (lvae / biva models); None = any
 
 
-_MNIST_TRAIN = TrainConfig(steps=100_000, batch_size=100, lr=1e-3)
+# The paper's budgets: Figs. 1 and 3, 100k steps per model (the MNIST / OMNIGLOT presets' default);
+# Tables 3 and 4, 1M steps (PAPER_STEPS; pass --steps 1000000 on the preset of the table).
+PAPER_STEPS = {"fig1": 100_000, "fig3": 100_000, "table3": 1_000_000, "table4": 1_000_000}
+_MNIST_TRAIN = TrainConfig(steps=PAPER_STEPS["fig1"], batch_size=100, lr=1e-3)
 _CIFAR_TRAIN = TrainConfig(steps=300_000, batch_size=64, lr=2e-3, optimizer="adamax", eval_every=5000,
                            eval_examples=1000, grad_clip=200.0)
 
@@ -315,10 +320,10 @@ def _cifar(layers, skip=False, params=None, desc=""):
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("mnist-mlp-40x4", "binarized-mnist",
-           "static MNIST, 4 stochastic layers of 40 units, 2x200 tanh layers each (Tables 1, 4)",
+           "static MNIST, 4 stochastic layers of 40 units, 2x200 tanh layers each (Tables 1, 4: --steps 1000000; Fig. 1)",
            _mlp([40] * 4, [200] * 4), OUConfig(rho=0.9, samples=5), _MNIST_TRAIN),
     Preset("mnist-mlp-64-32-16-8", "mnist",
-           "dynamic MNIST, latents 64-32-16-8, 2 layers of 512/256/128/64 units (Table 3)",
+           "dynamic MNIST, latents 64-32-16-8, 2 layers of 512/256/128/64 units (Table 3: --steps 1000000)",
            _mlp([64, 32, 16, 8], [512, 256, 128, 64]), OUConfig(rho=0.95, samples=5), _MNIST_TRAIN),
     Preset("mnist-mlp-40x4-dynamic", "mnist",
            "dynamic MNIST, 4 stochastic layers of 40 units, 2x200 tanh layers each",
@@ -326,8 +331,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("mnist-mlp-5", "mnist",
            "dynamic MNIST, latents 64-32-16-8-4, 2 layers of 512..32 units (Table 2)",
            _mlp([64, 32, 16, 8, 4], [512, 256, 128, 64, 32]), OUConfig(rho=0.95, samples=5), _MNIST_TRAIN),
+    Preset("omniglot-mlp-40x4", "omniglot",
+           "OMNIGLOT, 4 stochastic layers of 40 units, 2x200 tanh layers each (Fig. 1, left)",
+           _mlp([40] * 4, [200] * 4), OUConfig(rho=0.9, samples=5), _MNIST_TRAIN),
+    Preset("omniglot-mlp-200x3", "omniglot",
+           "OMNIGLOT, 3 stochastic layers of 200 units, 2x200 tanh layers each (Fig. 1, middle)",
+           _mlp([200] * 3, [200] * 3), OUConfig(rho=0.9, samples=5), _MNIST_TRAIN),
     Preset("mnist-resnet", "mnist",
-           "dynamic MNIST ResNet: 4 stochastic layers of 8x7x7, 5 blocks of 64 maps at 14x14",
+           "dynamic MNIST ResNet: 4 stochastic layers of 8x7x7, 5 blocks of 64 maps at 14x14 (Fig. 1, right)",
            _resnet(4, 64, 5, 5, 8, 2, "bernoulli"), OUConfig(rho=0.9, samples=5), _MNIST_TRAIN),
     Preset("omniglot-resnet", "omniglot",
            "OMNIGLOT ResNet: 4 stochastic layers of 8x7x7, 5 blocks of 64 maps at 14x14",

@@ -55,3 +55,8 @@ def gaussian_logprob(x, mu, sigma):
 def std_normal_logprob(z):
     """log N(z | 0, I) summed over all but the batch dimension: [B]."""
     return (-0.5 * LOG_2PI - 0.5 * z * z).flatten(1).sum(1)
+
+
+def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, ...] -> [k * B, ...], sample-major, so results view as [k, B]."""
+    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])

@@ -9,8 +9,9 @@ Every Gaussian is diagonal with sigma = softplus(raw) + min_scale.
 objectives (ELBO, IW bound, IWAE, annealing, free bits) are built from those in objectives.py.
 With ``ou`` given (training only), each generator layer p(z_i|z_{i+1}) is replaced by its OU
 smoothing: K correlated samples around the posterior sample z_{i+1}, one batched pass of the layer
-over all K*B of them, and the averaged Gaussian head; the OU backend (an ``ou.get_backend`` result
-the trainer passes in) does the two fused ops, so the model never imports ``ou``.
+over all K*B of them, and the averaged Gaussian head (HVAE+'s skipped latents are not smoothed);
+the OU backend (an ``ou.get_backend`` result the trainer passes in) does the two fused ops, so the
+model never imports ``ou``. ``forward(x, ou, k)`` draws k posterior samples per example (IWAE).
 
 Also the model registry: ``MODELS`` maps every method to its class (vae, hvae and iwae share
 ``HierarchicalVAE``; lvae and biva are in baselines.py) and ``build_model`` is the one entry point.
@@ -29,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .backends import Backend, check_ou_args
 from .baselines import BIVA, LadderVAE
 from .config import ModelConfig
-from .distributions import Terms, gaussian_logprob, split_gaussian, std_normal_logprob
+from .distributions import Terms, gaussian_logprob, repeat_batch, split_gaussian, std_normal_logprob
 from .errors import HVAEError
 from .stack import StackedVAE
 
@@ -54,28 +55,43 @@ class OUSmoothing:
 
 
 class HierarchicalVAE(StackedVAE):
-    """The vanilla stacked VAE (methods vae, hvae and iwae share it; they differ in the objective)."""
+    """The vanilla stacked VAE (methods vae, hvae and iwae share it; they differ in the objective).
+
+    HVAE+ (``cfg.skip``): stochastic skip connections, wired as LVAE+ (BIVA paper): generator layer
+    p(z_i | z_{>i}) reads [z_{i+1}, z_{i+2}, ..., z_L] and p(x | z_{>=1}) reads [z_1, ..., z_L],
+    concatenated along dim 1 (units for MLPs, channels for ResNets: every latent has the same
+    spatial size). OU smoothing acts on the layer's own input z_{i+1} only; the skipped latents
+    are the posterior samples, unsmoothed, in training as in evaluation.
+    """
 
     def __init__(self, cfg: ModelConfig, image_shape):
-        if cfg.arch == "mlp" and cfg.skip:
-            raise HVAEError("skip connections (HVAE+) are implemented for the ResNet models only")
         super().__init__(cfg, image_shape)
         L, zc = self.depth, [s[0] for s in self.z_shapes]
         below = [self.image_shape] + self.z_shapes[:-1]
         self.enc = nn.ModuleList(self.net(below[i], i, 2 * zc[i], "in" if i == 0 else "") for i in range(L))
-        self.gen = nn.ModuleList(self.net(self.z_shapes[i + 1], i, 2 * zc[i]) for i in range(L - 1))
-        self.px = self.net(self.z_shapes[0], 0, self.n_out, "out")
+        self.gen = nn.ModuleList(self.net(self._reads(i + 1), i, 2 * zc[i]) for i in range(L - 1))
+        self.px = self.net(self._reads(0), 0, self.n_out, "out")
 
-    def prior(self, i: int, z_above, skip):
-        out, h = self.gen[i](z_above, skip)
-        return split_gaussian(out, self.cfg.min_scale), (h if self.cfg.skip else None)
+    def _reads(self, j: int):
+        """Per-example input shape of the net that reads latent j: z_j, or with skips [z_j, ..., z_L]."""
+        shapes = self.z_shapes[j:] if self.cfg.skip else self.z_shapes[j:j + 1]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
 
-    def decode(self, z, skip):
-        return self.px(z, skip)[0]
+    def _with_skips(self, z, above):
+        return torch.cat([z, *above], 1) if above else z
+
+    def prior(self, i: int, z_above, above=None):
+        """``above``: HVAE+'s latents above z_above (top last), else None; passes [z_above, *above] down."""
+        out = self.gen[i](self._with_skips(z_above, above))[0]
+        return split_gaussian(out, self.cfg.min_scale), ([z_above, *(above or [])] if self.cfg.skip else None)
+
+    def decode(self, z, above=None):
+        return self.px(self._with_skips(z, above))[0]
 
     # ------------------------------------------------------------------------------------------
-    def encode(self, x, ou: OUSmoothing | None = None):
-        """Sample the inference hierarchy: lists (z, mu, sigma, log_q), bottom to top."""
+    def encode(self, x, ou: OUSmoothing | None = None, k: int = 1):
+        """Sample the inference hierarchy, k samples per example of x [B, ...]: lists (z, mu, sigma,
+        log_q) of [k * B, ...] (sample-major), bottom to top. q(z_1|x)'s net runs once on the B rows."""
         zs, mus, sigmas, log_q = [], [], [], []
         for i, enc in enumerate(self.enc):
             if i > 0 and ou is not None and ou.smooth_inference:
@@ -89,48 +105,50 @@ class HierarchicalVAE(StackedVAE):
                 mu = mu_k.mean(0) if ou.target == "mean-std" else sigma * (mu_k / sigma_k).mean(0)
             else:
                 mu, sigma = split_gaussian(enc(x if i == 0 else zs[-1])[0], self.cfg.min_scale)
+                if i == 0 and k > 1:
+                    mu, sigma = repeat_batch(mu, k), repeat_batch(sigma, k)
             z = mu + sigma * torch.randn_like(mu)
             zs.append(z), mus.append(mu), sigmas.append(sigma)
             log_q.append(gaussian_logprob(z, mu, sigma))
         return zs, mus, sigmas, log_q
 
-    def generator_logprob(self, i: int, z_above, z, skip=None, ou: OUSmoothing | None = None, q_above=None):
-        """log p(z_i | z_{i+1}) for generator layer i: [B], and the skip features it passes down.
+    def generator_logprob(self, i: int, z_above, z, above=None, ou: OUSmoothing | None = None, q_above=None):
+        """log p(z_i | z_{i+1}, and with skips the latents ``above`` it): [B].
 
         With ``ou``, the layer is OU-smoothed around z_above using its posterior (mu, sigma) =
         ``q_above``: one batched pass over the K*B correlated samples, then the averaged head.
         """
         if ou is None:
-            (mu, sigma), h = self.prior(i, z_above, skip)
-            return gaussian_logprob(z, mu, sigma), h
+            (mu, sigma), _ = self.prior(i, z_above, above)
+            return gaussian_logprob(z, mu, sigma)
         gen = self.gen[i]
         K, B = ou.samples, z.shape[0]
         zp = ou.backend.correlated_samples(z_above, q_above[0], q_above[1], ou.rho, K, ou.seed())
-        if skip is not None:
-            skip = skip.unsqueeze(0).expand(K, *skip.shape).flatten(0, 1)
+        if above:
+            # Only the layer's own input is smoothed; the skips carry the posterior samples as they are.
+            skip = torch.cat(above, 1)
+            zp = torch.cat([zp, skip.unsqueeze(0).expand(K, *skip.shape)], 2)
         if ou.recompute and torch.is_grad_enabled():
             # Keep only the K*B inputs; the layer's activations are rebuilt in backward.
-            out, h = checkpoint(gen, zp.flatten(0, 1), skip, use_reentrant=False, preserve_rng_state=False)
+            out = checkpoint(gen, zp.flatten(0, 1), use_reentrant=False, preserve_rng_state=False)[0]
         else:
-            out, h = gen(zp.flatten(0, 1), skip)
+            out = gen(zp.flatten(0, 1))[0]
         out = out.view(K, B, *out.shape[1:])
         mean_raw, scale_raw = out.chunk(2, dim=2)
-        lp = ou.backend.gaussian_head_logprob(mean_raw, scale_raw, z, ou.target, self.cfg.min_scale)
-        # The skip feature passed down is the OU average of this layer's features.
-        return lp, h.view(K, B, *h.shape[1:]).mean(0)
+        return ou.backend.gaussian_head_logprob(mean_raw, scale_raw, z, ou.target, self.cfg.min_scale)
 
-    def forward(self, x, ou: OUSmoothing | None = None) -> Terms:
-        """x: [B, C, H, W] model input (binary, or in [-1, 1]). ou: smoothing, training only."""
-        zs, mus, sigmas, log_q = self.encode(x, ou)
+    def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
+        """x: [B, C, H, W] model input (binary, or in [-1, 1]); ou: smoothing, training only; k:
+        posterior samples per example. Terms of [k * B], sample-major."""
+        zs, mus, sigmas, log_q = self.encode(x, ou, k)
         L = self.depth
         log_p = [None] * L
         log_p[L - 1] = std_normal_logprob(zs[L - 1])
-        skip = None
         for i in reversed(range(L - 1)):
-            lp, h = self.generator_logprob(i, zs[i + 1], zs[i], skip, ou, (mus[i + 1], sigmas[i + 1]))
-            log_p[i] = lp
-            skip = h if self.cfg.skip else None
-        return Terms(self.likelihood.logprob(self.decode(zs[0], skip), x), log_q, log_p, mus)
+            above = zs[i + 2:] if self.cfg.skip else None
+            log_p[i] = self.generator_logprob(i, zs[i + 1], zs[i], above, ou, (mus[i + 1], sigmas[i + 1]))
+        params = self.decode(zs[0], zs[1:] if self.cfg.skip else None)
+        return Terms(self.likelihood.logprob(params, repeat_batch(x, k) if k > 1 else x), log_q, log_p, mus)
 
 
 def count_parameters(model: nn.Module) -> int:

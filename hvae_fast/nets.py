@@ -13,19 +13,20 @@ def activation(name: str) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """in_dim -> two deterministic layers of `hidden` units -> out_dim. [N, *in_shape] -> [N, *out_shape]."""
+    """in_dim -> ``layers`` deterministic layers of ``hidden`` units -> out_dim. [N, *in_shape] -> [N, *out_shape]."""
 
-    def __init__(self, in_shape, hidden: int, out_shape, act: str = "tanh"):
+    def __init__(self, in_shape, hidden: int, out_shape, act: str = "tanh", layers: int = 2):
         super().__init__()
         in_dim, out_dim = int(torch.Size(in_shape).numel()), int(torch.Size(out_shape).numel())
         self.out_shape = tuple(out_shape)
-        self.body = nn.Sequential(nn.Linear(in_dim, hidden), activation(act), nn.Linear(hidden, hidden), activation(act))
+        body = []
+        for j in range(layers):
+            body += [nn.Linear(in_dim if j == 0 else hidden, hidden), activation(act)]
+        self.body = nn.Sequential(*body)
         self.head = nn.Linear(hidden, out_dim)
 
-    def forward(self, x, skip=None):
+    def forward(self, x):
         h = self.body(x.flatten(1))
-        if skip is not None:
-            h = h + skip
         return self.head(h).view(-1, *self.out_shape), h
 
 
@@ -42,34 +43,45 @@ class ResBlock(nn.Module):
         return x + self.conv2(self.act(self.conv1(self.act(x))))
 
 
-class ConvNet(nn.Module):
-    """[N, in_ch, H, W] -> [N, out_ch, H * up / down, W * up / down] through `blocks` ResBlocks of `ch` maps.
+def _halvings(scale) -> int:
+    """log2 of a resampling factor 2^n or 1/2^n, as a signed count (+ up, - down)."""
+    n = 0
+    while scale > 1:
+        scale, n = scale / 2, n + 1
+    while scale < 1:
+        scale, n = scale * 2, n - 1
+    if scale != 1:
+        raise ValueError(f"resampling factors are powers of two, got {scale}")
+    return n
 
-    ``down``/``up`` are powers of two, applied by stride-2 convolutions before the blocks and
-    stride-2 transposed convolutions after them. Returns (output, features before the head); the
-    features feed the HVAE+ skip connections.
+
+def _resample(ch: int, n: int) -> list:
+    """|n| (ELU, stride-2 conv) pairs: transposed (x2 each) for n > 0, strided (/2 each) for n < 0."""
+    def conv():
+        return nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1) if n > 0 else nn.Conv2d(ch, ch, 3, padding=1, stride=2)
+
+    return [m for _ in range(abs(n)) for m in (nn.ELU(), conv())]
+
+
+class ConvNet(nn.Module):
+    """[N, in_ch, H, W] -> [N, out_ch, H * scale_in * scale_out, W * ...] through ``blocks`` ResBlocks of ``ch`` maps.
+
+    The input is resampled by ``scale_in`` (a power of two, or 1/power of two) before the blocks and
+    by ``scale_out`` after them: the blocks run at H * scale_in. Downsampling uses stride-2
+    convolutions, upsampling stride-2 transposed convolutions. Returns (output, the features the
+    head reads: [N, ch, H * scale_in * scale_out, ...]).
     """
 
-    def __init__(self, in_ch, ch, out_ch, blocks, down=1, up=1):
+    def __init__(self, in_ch, ch, out_ch, blocks, scale_in=1, scale_out=1):
         super().__init__()
-        stem = [nn.Conv2d(in_ch, ch, 3, padding=1, stride=2 if down > 1 else 1)]
-        d = down // 2
-        while d > 1:
-            stem += [nn.ELU(), nn.Conv2d(ch, ch, 3, padding=1, stride=2)]
-            d //= 2
-        self.stem = nn.Sequential(*stem)
+        n_in = _halvings(scale_in)
+        # A first downsampling is folded into the stem conv (the image reads at stride 2).
+        stem = [nn.Conv2d(in_ch, ch, 3, padding=1, stride=2 if n_in < 0 else 1)]
+        self.stem = nn.Sequential(*stem, *_resample(ch, n_in + 1 if n_in < 0 else n_in))
         self.blocks = nn.Sequential(*[ResBlock(ch) for _ in range(blocks)])
-        ups = []
-        u = up
-        while u > 1:
-            ups += [nn.ELU(), nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1)]
-            u //= 2
-        self.up = nn.Sequential(*ups)
+        self.post = nn.Sequential(*_resample(ch, _halvings(scale_out)))
         self.head = nn.Sequential(nn.ELU(), nn.Conv2d(ch, out_ch, 3, padding=1))
 
-    def forward(self, x, skip=None):
-        h = self.stem(x)
-        if skip is not None:
-            h = h + skip
-        h = self.up(self.blocks(h))
+    def forward(self, x):
+        h = self.post(self.blocks(self.stem(x)))
         return self.head(h), h

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .distributions import repeat_batch  # noqa: F401  (evaluate.py repeats batches with it too)
 from .errors import HVAEError
 
 
@@ -46,17 +47,14 @@ def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
 
 
-def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, ...] -> [k * B, ...], sample-major, so results view as [k, B]."""
-    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
-
-
 def iw_log_weights(model, x, k: int, ou=None, beta: float = 1.0) -> torch.Tensor:
     """Log importance weights of k posterior samples per example: [k, B].
 
     ``beta`` < 1 anneals the latent part: log p(x|z) + beta (log p(z) - log q(z|x)).
+    The model draws the k samples itself (``forward(x, ou, k)``): the vanilla stack runs the
+    deterministic part of q(z_1|x) once per example, not on k copies of x.
     """
-    t = model(repeat_batch(x, k), ou)
+    t = model(x, ou, k)
     lw = t.log_px + beta * (sum(t.log_p) - sum(t.log_q))
     return lw.view(k, x.shape[0])
 

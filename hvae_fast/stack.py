@@ -21,7 +21,8 @@ class StackedVAE(nn.Module):
     """Shapes and likelihood of an L-layer stack; layers are indexed 0..L-1 bottom (z_1) to top (z_L).
 
     ``z_shapes[i]``: per-example shape of one latent of layer i ([D] for MLPs, [C, H, W] for ResNets);
-    ``feat_shapes[i]``: shape of the features layer i's nets return; ``latent_shapes[i]``: the whole
+    ``feat_shapes[i]``: shape of the features layer i's nets return (ResNets: at the latent
+    resolution; their blocks run at image size / 2, latent_stride times finer); ``latent_shapes[i]``: the whole
     latent of layer i (a subclass whose layers hold several latents overrides it).
     """
 
@@ -42,8 +43,11 @@ class StackedVAE(nn.Module):
             self.feat_shapes = [(h,) for h in cfg.hidden_sizes]
         elif cfg.arch == "resnet":
             s = cfg.latent_stride
+            if s & (s - 1):
+                raise HVAEError(f"--latent-stride must be a power of two, got {s}: pass 1, 2, 4, ...")
             if H % (2 * s) or W % (2 * s):
                 raise HVAEError(f"image size {H}x{W} is not divisible by 2 * latent_stride = {2 * s}")
+            # The nets' blocks run at half the image size; latents (and the features nets return) at 1/s of that.
             hw = (H // (2 * s), W // (2 * s))
             self.z_shapes = [(cfg.latent_channels, *hw)] * L
             self.feat_shapes = [(cfg.channels, *hw)] * L
@@ -55,14 +59,17 @@ class StackedVAE(nn.Module):
         """A net of layer i: in_shape -> (out_ch Gaussian/likelihood params, features of layer i).
 
         data="in": reads the image (downsamples); data="out": writes image-sized likelihood params.
+        ResNet blocks run at image size / 2: a net upsamples a latent-resolution input by
+        latent_stride before its blocks and downsamples by it after them.
         """
         cfg = self.cfg
         if cfg.arch == "mlp":
             out = (out_ch, *self.image_shape[1:]) if data == "out" else (out_ch,)
-            return MLP(in_shape, cfg.hidden_sizes[i], out, cfg.activation)
-        down = 2 * cfg.latent_stride if data == "in" else 1
-        up = 2 * cfg.latent_stride if data == "out" else 1
-        return ConvNet(in_shape[0], cfg.channels, out_ch, cfg.data_blocks if data else cfg.blocks, down=down, up=up)
+            return MLP(in_shape, cfg.hidden_sizes[i], out, cfg.activation, cfg.hidden_layers)
+        s = cfg.latent_stride
+        scale_in = 0.5 if data == "in" else s
+        scale_out = 2 if data == "out" else 1 / s
+        return ConvNet(in_shape[0], cfg.channels, out_ch, cfg.data_blocks if data else cfg.blocks, scale_in, scale_out)
 
     @property
     def depth(self) -> int:
@@ -70,7 +77,8 @@ class StackedVAE(nn.Module):
 
     def prior(self, i: int, z_above, state):
         """Generator layer i < L-1: ((mu, sigma) of p(z_i | above), each [N, *latent_shapes[i]]), and
-        the ``state`` (skip features, or None) it passes down to layer i-1 and to ``decode``."""
+        the ``state`` (HVAE+: the latents above; BIVA: features; or None) it passes down to layer i-1
+        and to ``decode``."""
         raise NotImplementedError
 
     def decode(self, z, state):

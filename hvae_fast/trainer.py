@@ -506,8 +506,8 @@ class Trainer:
     def validate(self) -> dict:
         t = self.cfg.train
         batches = lambda: data_mod.eval_batches(self.valid_set, t.batch_size, 0, t.eval_examples)  # noqa: E731
-        # Few active-unit samples keep periodic validation cheap; `hvae-fast eval` uses 10.
-        return evaluate(self.model, batches, self.device, iw_samples=0, au_samples=3, seed=0)
+        # Active units with eval's estimator (10 samples), so metrics.jsonl and `hvae-fast eval` agree.
+        return evaluate(self.model, batches, self.device, iw_samples=0, au_samples=10, seed=0)
 
     def write_samples(self, name: str) -> Path:
         gen = torch.Generator(device=self.device).manual_seed(0)

@@ -64,22 +64,22 @@ def ancestral_sample(model, n, seed, method):
     """Ancestral sampling written out from each model's generative equations (module docstrings),
     with the same draws in the same order as the shared StackedVAE.sample: [n, C, H, W] means."""
     g, ms = torch.Generator().manual_seed(seed), model.cfg.min_scale
-    z, h = torch.randn((n, *model.latent_shapes[-1]), generator=g), None
+    z, h, above = torch.randn((n, *model.latent_shapes[-1]), generator=g), None, []
     for i in reversed(range(model.depth - 1)):
         if method == "biva":  # g_i([z_{i+1}, h_{i+1}]) -> p(z_i^BU), p(z_i^TD); z_i = [z^BU, z^TD]
             out, h = model.gen[i](z if h is None else torch.cat([z, h], 1))
             mu_b, raw_b, mu_t, raw_t = out.chunk(4, dim=1)
             mu, raw = torch.cat([mu_b, mu_t], 1), torch.cat([raw_b, raw_t], 1)
-        else:  # p(z_i | z_{i+1}) from gen_i; HVAE+ passes gen_i's features down as the skip
-            out, feat = model.gen[i](z, h) if method == "hvae" else model.gen[i](z)
+        else:  # p(z_i | z_{i+1}) from gen_i; HVAE+'s gen_i also reads the latents above z_{i+1}
+            out = model.gen[i](torch.cat([z, *above], 1))[0]
             mu, raw = out.chunk(2, dim=1)
-            h = feat if model.cfg.skip else None
+            above = [z, *above] if model.cfg.skip else []
         sigma = torch.nn.functional.softplus(raw) + ms
         z = mu + sigma * torch.randn(mu.shape, generator=g)
     if method == "biva":
         params = model.px(z if h is None else torch.cat([z, h], 1))[0]
     else:
-        params = (model.px(z, h) if method == "hvae" else model.px(z))[0]
+        params = model.px(torch.cat([z, *above], 1))[0]
     return model.likelihood.mean(params)
 
 

@@ -155,9 +155,9 @@ def test_omniglot_layout_and_splits(tmp_path, monkeypatch):
         assert d.images.dtype == torch.float32 and d.image_shape == (1, 28, 28)
         assert 0 <= d.images.min() and d.images.max() <= 1
         assert d.labels is None and d.binarize == "dynamic" and d.likelihood == "bernoulli"
-    want_tr, want_va = D.split_indices(1400, 1345, seed=123)
+    want_tr, want_va = D.split_indices(1400, 1345, seed=123, last=True)
     perm = np.random.RandomState(123).permutation(1400)
-    assert np.array_equal(np.sort(perm[:1345]), want_va)
+    assert np.array_equal(np.sort(perm[-1345:]), want_va)  # IWAE's protocol: the LAST 1,345
     assert np.array_equal(ds["valid"].indices.numpy(), want_va)
     assert np.array_equal(ds["train"].indices.numpy(), want_tr)
     # orientation: row-major images exactly as written

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from hvae_fast.baselines import BIVA, LadderVAE
 from hvae_fast.config import METHODS, PRESETS, ModelConfig
-from hvae_fast.distributions import Terms, gaussian_logprob, split_gaussian, std_normal_logprob
+from hvae_fast.distributions import Terms, gaussian_logprob, repeat_batch, split_gaussian, std_normal_logprob
 from hvae_fast.errors import HVAEError
 from hvae_fast.model import MODELS, HierarchicalVAE, OUSmoothing, build_model, count_parameters
 from hvae_fast.stack import StackedVAE
@@ -140,7 +140,7 @@ def test_smoothed_layer_matches_a_direct_computation():
     zs, mus, sigmas, _ = m.encode(x)
     seed_state = torch.get_rng_state()
     ou = OUSmoothing(0.7, 3, TORCH)
-    lp, _ = m.generator_logprob(0, zs[1], zs[0], None, ou, (mus[1], sigmas[1]))
+    lp = m.generator_logprob(0, zs[1], zs[0], None, ou, (mus[1], sigmas[1]))
     torch.set_rng_state(seed_state)
     seed = ou.seed()
     eps = TORCH.correlated_noise(seed, 3, zs[1].shape, dtype=torch.float64)
@@ -174,7 +174,8 @@ class LinearGaussian(nn.Module):
 
     a, b, s, c, d, t = 1.5, 0.3, 0.7, 0.4, -0.1, 0.9
 
-    def forward(self, x, ou=None):
+    def forward(self, x, ou=None, k=1):
+        x = repeat_batch(x, k)
         mu = self.c * x + self.d
         sig = torch.full_like(x, self.t)
         z = mu + sig * torch.randn_like(x)

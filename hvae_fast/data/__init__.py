@@ -17,8 +17,9 @@ Splits
 * ``binarized-mnist``: Larochelle & Murray's static ``.amat`` files (``.amat`` or ``.amat.gz``),
   50k / 10k / 10k, uint8 0/1.
 * ``omniglot``: the IWAE ``chardata.mat`` (keys ``data``, ``testdata``; 784 x N, column-major
-  images, grey levels in [0, 1]; 24,345 / 8,070 images); 1,345 training images held out for
-  validation with ``np.random.RandomState(123)``; float32, dynamically binarised.
+  images, grey levels in [0, 1]; 24,345 / 8,070 images); the LAST 1,345 images of the
+  ``np.random.RandomState(123)`` permutation held out for validation (IWAE's protocol,
+  ``split_indices(24345, 1345, 123, last=True)``); float32, dynamically binarised.
 * ``cifar10``: the python-version tarball, only ``b"data"`` and ``b"labels"``; 45,000 train /
   5,000 valid (``split_indices(50000, 5000, seed=0)``) / 10k test; uint8 [N, 3, 32, 32], model
   input scaled to [-1, 1].

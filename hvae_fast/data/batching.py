@@ -219,10 +219,12 @@ def eval_batches(dataset: ImageDataset, batch_size: int, seed: int = 0, limit: i
     return _gen()
 
 
-def split_indices(n: int, n_valid: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) indices into a training file of ``n`` images: ``valid`` is the first
-    ``n_valid`` entries of ``np.random.RandomState(seed).permutation(n)``, ``train`` the rest;
-    both sorted."""
+def split_indices(n: int, n_valid: int, seed: int, last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) indices into a training file of ``n`` images: ``valid`` is the first (or with
+    ``last``, the last) ``n_valid`` entries of ``np.random.RandomState(seed).permutation(n)``,
+    ``train`` the rest; both sorted."""
     perm = np.random.RandomState(seed).permutation(n)
-    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+    cut = n - n_valid if last else n_valid
+    train, valid = (perm[:cut], perm[cut:]) if last else (perm[cut:], perm[:cut])
+    return np.sort(train), np.sort(valid)
 

@@ -43,7 +43,8 @@ class DatasetSpec:
 
     ``files``: split -> the sources it is read from (``valid`` absent when it is carved out of the
     training file). ``file_sizes``: images in the file(s) of each split. ``valid_split``: (n_valid,
-    seed) of ``split_indices`` when the validation split is carved out of the training file.
+    seed) of ``split_indices`` when the validation split is carved out of the training file;
+    ``valid_last``: it holds out the permutation's last n_valid images (IWAE's OMNIGLOT protocol).
     ``class_counts``: images per label 0..9 in each split's file(s), given (and checked) where no
     content digest is published. ``format``: the parser that reads the files.
     """
@@ -56,6 +57,7 @@ class DatasetSpec:
     binarize: str
     file_sizes: dict[str, int]
     valid_split: tuple[int, int] | None = None
+    valid_last: bool = False
     class_counts: dict[str, tuple[int, ...]] | None = None
 
     @property
@@ -124,7 +126,7 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in [
                           "https://raw.githubusercontent.com/yburda/iwae/master/datasets/OMNIGLOT/chardata.mat"),)
                for s in ("train", "test")},
         image_shape=(1, 28, 28), binarize="dynamic",
-        file_sizes={"train": 24_345, "test": 8_070}, valid_split=(1_345, 123),
+        file_sizes={"train": 24_345, "test": 8_070}, valid_split=(1_345, 123), valid_last=True,
     ),
     # The offline copy is a lossless rebuild whose tarball bytes differ from the publisher's, so
     # the md5 is checked on downloads only and the structure on every copy.

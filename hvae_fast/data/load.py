@@ -21,7 +21,7 @@ def _splits_of(spec: DatasetSpec, parsed: dict[str, parsers.Arrays]) -> dict[str
     out = {s: (x, y, None) for s, (x, y) in parsed.items()}
     if spec.valid_split is not None and "train" in parsed:
         x, y = parsed["train"]
-        tr, va = split_indices(x.shape[0], *spec.valid_split)
+        tr, va = split_indices(x.shape[0], *spec.valid_split, last=spec.valid_last)
         for s, idx in (("train", tr), ("valid", va)):
             out[s] = (x[idx], None if y is None else y[idx], idx.astype(np.int64))
     return out
@@ -49,7 +49,9 @@ def load_dataset(
     if split not in SPLITS:
         raise HVAEError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     paths = sources.locate(spec, split, data_dir, download)
-    key = cache.split_key(spec.name, [sources.verify(src, p) for src, p in zip(spec.sources_for(split), paths)])
+    digests = [sources.verify(src, p) for src, p in zip(spec.sources_for(split), paths)]
+    # The split rule is part of the key, so a change of rule never reads splits cached under the old one.
+    key = cache.split_key(spec.name, [*digests, f"valid={spec.valid_split},last={spec.valid_last}"])
     arrays = cache.read_split(spec.name, split, key)
     if arrays is None:
         built = _splits_of(spec, parsers.parse_files(spec, split, paths))
