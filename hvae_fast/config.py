@@ -85,6 +85,15 @@ class OUConfig:
     # HVAE memory close to the VAE's, for one extra forward of the smoothed layers.
     recompute: bool = _f(False, "recompute the K-sample generator activations in backward (less memory, more time)",
                          flag="--ou-recompute", methods=OU_METHODS)
+    # A rho that changes during training (rho_control.py): a schedule, or a controller; not both.
+    rho_schedule: str = _f("constant", "rho per step: constant (--rho), linear:START:END:STEPS or "
+                           "cosine:START:END:STEPS, optionally :hold=STEPS (START for that many steps first)",
+                           flag="--rho-schedule", methods=OU_METHODS, metavar="SPEC")
+    rho_control: float = _f(0.0, "steer rho every step to keep the top layer's KL (a moving average over training "
+                            "minibatches) near this many nats, raising rho towards 1 while it holds; starts at --rho; "
+                            "0 disables", flag="--rho-control", lo=0, methods=OU_METHODS, metavar="TOP_KL_NATS")
+    rho_min: float = _f(0.5, "--rho-control keeps rho at or above this", flag="--rho-min", lo=0, hi=1,
+                        methods=OU_METHODS)
 
 
 @dataclass
@@ -240,11 +249,32 @@ class RunConfig:
         if self.method != "iwae" and t.iw_samples_train != TrainConfig.iw_samples_train:
             raise HVAEError(f"--iw-samples-train is IWAE's k; --method {self.method} does not use it: drop it or "
                             f"pass --method iwae")
+        self._validate_rho_steering()
         if self.model.arch == "mlp" and len(self.model.latent_sizes) != len(self.model.hidden_sizes):
             raise HVAEError("--latent-sizes and --hidden-sizes need one entry per stochastic layer, got "
                             f"{as_flag_value(self.model.latent_sizes)} and {as_flag_value(self.model.hidden_sizes)}: pass both, "
                             "with as many entries each")
         return self
+
+    def _validate_rho_steering(self) -> None:
+        from .rho_control import parse_schedule
+
+        o = self.ou
+        scheduled, controlled = parse_schedule(o.rho_schedule, o.rho).kind != "constant", o.rho_control > 0
+        if self.method not in OU_METHODS and (scheduled or controlled):
+            raise HVAEError(f"--rho-schedule and --rho-control steer the OU smoothing of --method hvae; --method "
+                            f"{self.method} has none: drop them, or pass --method hvae")
+        if scheduled and controlled:
+            raise HVAEError("--rho-schedule and --rho-control both set rho during training: pass only one of them")
+        if controlled and o.smooth_inference:
+            raise HVAEError("--rho-control reads the top layer's KL of the training forward, which --ou-inference "
+                            "smooths: drop one of them")
+        if controlled and o.rho < o.rho_min:
+            raise HVAEError(f"--rho-control starts at --rho {o.rho}, below --rho-min {o.rho_min}: pass --rho at or "
+                            f"above --rho-min")
+        if not controlled and o.rho_min != OUConfig.rho_min:
+            raise HVAEError(f"--rho-min bounds --rho-control only, which is off: pass --rho-control TOP_KL_NATS, or "
+                            f"drop --rho-min")
 
 
 def load_config(path) -> RunConfig:

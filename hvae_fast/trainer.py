@@ -6,7 +6,8 @@ Run directory layout::
     .train.lock              flock'ed by the one `train` process that owns the folder (holds its pid);
                              the OS releases it when that process dies, however it dies
     config.json              the full RunConfig, written once data and model are set up
-    metrics.jsonl            one JSON object per logged step (train) or evaluation (valid)
+    metrics.jsonl            one JSON object per logged step (train; an hvae run's holds the step's
+                             "rho") or evaluation (valid)
     checkpoint-latest.pt     the state to resume from: at step 0, at the first logged step, every
                              `checkpoint_every` steps, every `checkpoint_minutes`, on SIGINT/SIGTERM
                              and at the end
@@ -52,6 +53,7 @@ from .likelihoods import bits_per_dim
 from .model import OUSmoothing, build_model, count_parameters
 from .objectives import kl_weight, training_loss
 from .ou import get_backend
+from .rho_control import RhoController, RhoSchedule, parse_schedule
 
 log = logging.getLogger("hvae_fast.trainer")
 
@@ -62,6 +64,7 @@ RESUMABLE_CHANGES = {("train", "steps"), ("device",), ("ou", "backend"), ("train
                      ("train", "log_every"), ("train", "checkpoint_every"), ("train", "sample_every"),
                      ("train", "checkpoint_minutes")}
 LOCK_NAME = ".train.lock"
+# Also in every checkpoint: "rho_control", the RhoController's state (None without --rho-control).
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "stream", "rng_cpu", "skipped", "best_valid", "config")
 # Files a `train` run writes before its first checkpoint-latest.pt: a folder holding any of them is
 # the remains of an earlier attempt, never a fresh --out.
@@ -247,13 +250,15 @@ def lr_lambda(cfg):
 @dataclass
 class Training:
     """What one training step needs: the model, its optimizer and LR schedule, and the OU smoothing
-    (None unless method is hvae; ``backend`` names its OU backend)."""
+    (None unless method is hvae; ``backend`` names its OU backend, ``rho`` maps the step index to
+    the step's rho: a RhoSchedule, or the RhoController of --rho-control)."""
 
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     ou: OUSmoothing | None
     backend: str | None
+    rho: RhoSchedule | RhoController | None = None
 
 
 def build_training(cfg: RunConfig, device, image_shape=None) -> Training:
@@ -263,15 +268,17 @@ def build_training(cfg: RunConfig, device, image_shape=None) -> Training:
     global RNG (seed it first for a reproducible run)."""
     device = torch.device(device)
     model = build_model(cfg.method, cfg.model, image_shape or data_mod.image_shape(cfg.dataset)).to(device)
-    ou = backend = None
+    ou = backend = rho = None
     if cfg.method == "hvae":
-        b = get_backend(cfg.ou.backend, device)
-        ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, b, cfg.ou.target, cfg.ou.smooth_inference, cfg.ou.recompute)
+        o = cfg.ou
+        b = get_backend(o.backend, device)
+        ou = OUSmoothing(o.rho, o.samples, b, o.target, o.smooth_inference, o.recompute)
         backend = b.name
+        rho = RhoController(o.rho_control, o.rho_min, o.rho) if o.rho_control > 0 else parse_schedule(o.rho_schedule, o.rho)
     t = cfg.train
     opt = (torch.optim.Adamax if t.optimizer == "adamax" else torch.optim.Adam)(model.parameters(), lr=t.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    return Training(model, opt, sched, ou, backend)
+    return Training(model, opt, sched, ou, backend, rho)
 
 
 def config_diff(a: dict, b: dict, prefix=()) -> list:
@@ -370,6 +377,13 @@ class Trainer:
                                 f"{self.train_set.likelihood}: pick a preset made for {cfg.dataset} (`hvae-fast presets`)")
             tr = build_training(cfg, self.device, self.train_set.image_shape)
             self.model, self.opt, self.sched, self.ou, self.backend_name = tr.model, tr.opt, tr.sched, tr.ou, tr.backend
+            self.rho = tr.rho
+            self.controller = tr.rho if isinstance(tr.rho, RhoController) else None
+            self._top_kl = None
+            if self.controller is not None:
+                # The controller's input: the top layer's KL of the training forward (a hook, so the
+                # loss computation stays as it is); read in train_step right after that forward.
+                self.model.register_forward_hook(self._keep_top_kl)
             self.step = 0
             self.skipped = 0
             self._nonfinite_run = 0  # consecutive skipped steps; MAX_CONSECUTIVE_NONFINITE stops the run
@@ -435,9 +449,10 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _position(self) -> dict:
-        """Where the run stands between two steps: the step, the data stream and the RNGs."""
+        """Where the run stands between two steps: the step, the data stream, the RNGs and the rho controller."""
         return {"step": self.step, "stream": self.stream.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rho_control": self.controller.state_dict() if self.controller is not None else None}
 
     def _state(self, position=None) -> dict:
         return {**(position or self._position()),
@@ -470,6 +485,8 @@ class Trainer:
             raise HVAEError(f"checkpoint-latest.pt in {self.out} does not match this config's model or optimizer: "
                             f"{str(exc).splitlines()[0]}; resume with the run's own settings or start a new --out") from None
         self.stream.load_state_dict(st["stream"])
+        if self.controller is not None:
+            self.controller.load_state_dict(st.get("rho_control"))
         torch.set_rng_state(st["rng_cpu"].cpu())
         if st.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in st["rng_cuda"]])
@@ -517,9 +534,15 @@ class Trainer:
         return path
 
     # -- the loop -------------------------------------------------------------------------------
+    def _keep_top_kl(self, module, args, terms) -> None:
+        self._top_kl = terms.kl[-1].detach().mean()
+
     def train_step(self, x) -> dict:
         t = self.cfg.train
         beta = kl_weight(self.step, *t.kl_anneal)
+        rho = None
+        if self.ou is not None:
+            self.ou.rho = rho = self.rho(self.step)
         loss, bound = training_loss(self.model, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
         self.opt.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
@@ -535,6 +558,8 @@ class Trainer:
                 self._pending = None
             self.opt.step()
             self._nonfinite_run = 0
+            if self.controller is not None:
+                self.controller.observe(self._top_kl.item())
         else:
             self.skipped += 1
             self._nonfinite_run += 1
@@ -549,7 +574,7 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.sched.step()
         self.step += 1
-        return {"loss": loss.item(), "bound": bound.mean().item(), "kl_weight": beta, "finite": finite}
+        return {"loss": loss.item(), "bound": bound.mean().item(), "kl_weight": beta, "rho": rho, "finite": finite}
 
     def _oom(self, exc) -> HVAEError:
         t, k = self.cfg.train, self.cfg.ou.samples if self.cfg.method == "hvae" else 1
@@ -615,6 +640,8 @@ class Trainer:
                     record = {"split": "train", "step": self.step, "loss": out["loss"], "train_bound": out["bound"],
                               "kl_weight": out["kl_weight"], "lr": self.sched.get_last_lr()[0],
                               "skipped": self.skipped, "steps_per_s": sps, **self._unsmoothed_stats(x)}
+                    if out["rho"] is not None:
+                        record["rho"] = out["rho"]  # the rho this step trained with
                     self._log(record)
                     bar.set_postfix(loss=f"{out['loss']:.2f}", top_kl=f"{record['top_kl']:.2f}", it_s=f"{sps:.1f}")
                     if not self.progress and (first_log or now - last_status >= STATUS_SECONDS or self.step == t.steps):
