@@ -108,6 +108,8 @@ class TrainConfig:
     checkpoint_every: int = _f(1000, "steps between checkpoints", lo=1)
     checkpoint_minutes: float = _f(10.0, "also checkpoint at least this often (minutes), so a slow run loses little",
                                    gt=0)
+    compile: bool = _f(False, "run each training step (model forward, loss, backward) under torch.compile; the "
+                       "first step compiles (minutes on CPU)")
 
 
 SECTIONS = {"model": ModelConfig, "ou": OUConfig, "train": TrainConfig}
