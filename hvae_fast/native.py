@@ -33,6 +33,11 @@ Noise: element (k, j) of the [K, *S] noise is Triton's ``tl.randn(seed, k * N + 
 log / cos, within 1e-6 of Triton's, see tests/test_native.py; the shared backend suite is
 tests/test_backends.py).
 
+Operators: the four kernels are ``torch.ops.hvae_fast.{correlated_samples,gaussian_head}_{fwd,bwd}``
+(schemas in csrc/ou_cpu.cpp's TORCH_LIBRARY, CPU kernels there, CUDA kernels under the same names in
+csrc/ou_cuda.cpp); their fake kernels and autograd are registered once, below, so torch.compile keeps
+them as graph nodes. Seeds and noise offsets follow backends.py (``check_seed``, ``check_offsets``).
+
 CPU threading: the C++ kernels run on torch's intra-op pool (``at::parallel_for``, so
 ``torch.set_num_threads`` applies) and stay on the calling thread below ~32k normals / ~128k head
 elements, where a parallel region costs more than it saves (and a whole time slice on a busy machine).

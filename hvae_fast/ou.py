@@ -16,7 +16,8 @@ convolutional ones):
       mode "ratio":    mu_bar = sigma_bar * mean_k (mean_raw_k / sigma_k), sigma_bar = mean_k sigma_k
     (the ratio mode smooths mu/sigma, the paper's alternative parameterisation).
 
-The ``torch`` backend here is the ground truth; fused backends (``triton``, ``cpp``, ``cuda``)
+The ``torch`` backend here is the ground truth (its correlated samples are the custom op
+``hvae_fast_ref::correlated_samples``, so torch.compile need not trace its torch.Generator); fused backends (``triton``, ``cpp``, ``cuda``)
 are loaded into ``BACKENDS`` on first use and are tested against it. They implement the
 ``Backend`` record of backends.py (which sits below this module, so loading them is no import
 cycle). The model never knows which one runs: the trainer calls ``get_backend(name, device)``

@@ -79,6 +79,13 @@ def test_a_compiled_training_run_follows_the_eager_run(name, shared_data, tmp_pa
 
 
 def test_compile_is_a_train_flag_and_resumable():
+    import subprocess
+    import sys
+
     from hvae_fast.trainer import RESUMABLE_CHANGES
 
     assert TrainConfig().compile is False and ("train", "compile") in RESUMABLE_CHANGES
+    p = subprocess.run([sys.executable, "-m", "hvae_fast", "train", "binarized-mnist", "--compile", "--print-config"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["train"]["compile"] is True
