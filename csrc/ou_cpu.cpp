@@ -8,6 +8,12 @@
 //   ou_cpu_testing.cpp  test-only functions (raw Philox, vm accuracy), a separate extension that only
 //                       the tests build (hvae_fast.native.CPU_TEST_EXT)
 // hvae_fast/native.py compiles ou_cpu.cpp + ou_cpu_kernels.cpp (flags: see there).
+//
+// The four kernels are torch operators (torch.ops.hvae_fast.*): this file holds the one
+// TORCH_LIBRARY(hvae_fast) with their schemas and registers the CPU kernels; ou_cuda.cpp registers
+// the CUDA kernels under the same names; autograd and the fake (meta) kernels are registered once,
+// in Python (hvae_fast/native.py). Seeds and offsets are int64 here: the seed policy and the offset
+// limit are hvae_fast/backends.py's.
 
 // Narrow includes instead of <torch/extension.h>: a third of the compile time of the first use.
 #include <ATen/Dispatch.h>
@@ -16,9 +22,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "ou_cpu_kernels.h"
@@ -32,13 +40,15 @@ void check_cpu_float(const at::Tensor& x, const char* name) {
     TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
 }
 
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
 void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
     TORCH_CHECK(a.scalar_type() == b.scalar_type(), name, " must have dtype ", a.scalar_type());
 }
 
 // z, mu, sigma: [B, *S] contiguous, same shape and dtype -> [K, B, *S]
 at::Tensor correlated_samples_fwd(const at::Tensor& z, const at::Tensor& mu, const at::Tensor& sigma, double rho,
-                                  int64_t K, int64_t seed) {
+                                  int64_t K, int64_t seed, int64_t offset_base) {
     check_cpu_float(z, "z");
     check_cpu_float(mu, "mu");
     check_cpu_float(sigma, "sigma");
@@ -54,14 +64,15 @@ at::Tensor correlated_samples_fwd(const at::Tensor& z, const at::Tensor& mu, con
     if (N == 0) return out;
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "correlated_samples_fwd", [&] {
         hvae::cpu::corr_fwd_kernel<scalar_t>(z.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(),
-                                  out.data_ptr<scalar_t>(), N, K, rho, (uint64_t)seed);
+                                  out.data_ptr<scalar_t>(), N, K, rho, (uint64_t)seed,
+                                             (uint64_t)offset_base);
     });
     return out;
 }
 
 // g: [K, B, *S] contiguous -> (dz, dmu, dsigma), each [B, *S]
-std::vector<at::Tensor> correlated_samples_bwd(const at::Tensor& g, double rho, int64_t K, int64_t seed,
-                                               bool need_sigma) {
+Tensor3 correlated_samples_bwd(const at::Tensor& g, double rho, int64_t K, int64_t seed, int64_t offset_base,
+                               bool need_sigma) {
     check_cpu_float(g, "grad");
     TORCH_CHECK(g.dim() >= 1 && g.size(0) == K, "grad must have K rows");
     auto shape = g.sizes().slice(1);
@@ -72,13 +83,14 @@ std::vector<at::Tensor> correlated_samples_bwd(const at::Tensor& g, double rho, 
     if (N == 0) return {dz, dmu, dsigma};
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "correlated_samples_bwd", [&] {
         hvae::cpu::corr_bwd_kernel<scalar_t>(g.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), dmu.data_ptr<scalar_t>(),
-                                  dsigma.data_ptr<scalar_t>(), N, K, rho, (uint64_t)seed, need_sigma);
+                                  dsigma.data_ptr<scalar_t>(), N, K, rho, (uint64_t)seed, (uint64_t)offset_base,
+                                             need_sigma);
     });
     return {dz, dmu, dsigma};
 }
 
 // mean_raw, scale_raw: [K, B, *S]; target [B, *S] -> (logprob [B], mu_bar [B, *S], sigma_bar [B, *S])
-std::vector<at::Tensor> gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_raw,
+Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_raw,
                                           const at::Tensor& target, bool ratio, double min_scale) {
     check_cpu_float(mean_raw, "mean_raw");
     check_cpu_float(scale_raw, "scale_raw");
@@ -110,7 +122,7 @@ std::vector<at::Tensor> gaussian_head_fwd(const at::Tensor& mean_raw, const at::
 // g [B] -> (d mean_raw, d scale_raw [K, B, *S], d target [B, *S]). d mean_raw is [K, B, *S] in the
 // ratio mode and [B, *S] in the mean-std mode, where it does not depend on k (the caller expands it
 // over K, as torch's mean backward does, instead of writing K copies).
-std::vector<at::Tensor> gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw,
+Tensor3 gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw,
                                           const at::Tensor& scale_raw, const at::Tensor& target,
                                           const at::Tensor& mbar, const at::Tensor& sbar, bool ratio,
                                           double min_scale) {
@@ -136,11 +148,11 @@ std::vector<at::Tensor> gaussian_head_bwd(const at::Tensor& g, const at::Tensor&
     return {dmr, dsr, dt};
 }
 
-// eps of element (k, j) for every k < K, j < N: float32 [K * N], eps[i] = randn(seed, i).
-at::Tensor noise(int64_t seed, int64_t K, int64_t N) {
+// eps of element (k, j) for every k < K, j < N: float32 [K * N], eps[i] = randn(seed, offset_base + i).
+at::Tensor noise(int64_t seed, int64_t K, int64_t N, int64_t offset_base) {
     TORCH_CHECK(K >= 0 && N >= 0, "K and N must be >= 0");
     auto out = at::empty({K * N}, at::TensorOptions().dtype(at::kFloat));
-    hvae::cpu::noise_kernel((uint64_t)seed, 0, K * N, out.data_ptr<float>());
+    hvae::cpu::noise_kernel((uint64_t)seed, (uint64_t)offset_base, K * N, out.data_ptr<float>());
     return out;
 }
 
@@ -152,11 +164,27 @@ std::string isa() { return hvae::cpu::compiled_isa(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "hvae-fast OU ops, CPU (OpenMP, SIMD) kernels";
-    m.def("correlated_samples_fwd", &correlated_samples_fwd);
-    m.def("correlated_samples_bwd", &correlated_samples_bwd);
-    m.def("gaussian_head_fwd", &gaussian_head_fwd);
-    m.def("gaussian_head_bwd", &gaussian_head_bwd);
     m.def("noise", &noise);
     m.def("num_threads", &num_threads);
     m.def("isa", &isa);
+}
+
+// The schemas of the four ops (seed and offset_base are SymInt so that torch.compile can pass the
+// seed it draws inside the graph; the kernels read them as int64).
+TORCH_LIBRARY(hvae_fast, m) {
+    m.def("correlated_samples_fwd(Tensor z, Tensor mu, Tensor sigma, float rho, int K, SymInt seed, "
+          "SymInt offset_base) -> Tensor");
+    m.def("correlated_samples_bwd(Tensor grad, float rho, int K, SymInt seed, SymInt offset_base, "
+          "bool need_sigma) -> (Tensor, Tensor, Tensor)");
+    m.def("gaussian_head_fwd(Tensor mean_raw, Tensor scale_raw, Tensor target, bool ratio, float min_scale) "
+          "-> (Tensor, Tensor, Tensor)");
+    m.def("gaussian_head_bwd(Tensor grad, Tensor mean_raw, Tensor scale_raw, Tensor target, Tensor mu_bar, "
+          "Tensor sigma_bar, bool ratio, float min_scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
+    m.impl("correlated_samples_fwd", &correlated_samples_fwd);
+    m.impl("correlated_samples_bwd", &correlated_samples_bwd);
+    m.impl("gaussian_head_fwd", &gaussian_head_fwd);
+    m.impl("gaussian_head_bwd", &gaussian_head_bwd);
 }

@@ -72,7 +72,7 @@ inline void for_chunks(int64_t N, int64_t K, int64_t min_work, const F& body) {
 
 template <typename T>
 void corr_fwd_kernel(const T* z, const T* mu, const T* sigma, T* out, int64_t N, int64_t K, double rho,
-                     uint64_t seed) {
+                     uint64_t seed, uint64_t offset_base) {
     const T a = T(rho), b = T(1.0 - rho);
     const T c = T(std::sqrt(std::max(0.0, 1.0 - rho * rho)));
     for_chunks(N, c == T(0) ? 1 : K, PAR_WORK_NOISE, [&](int64_t c_begin, int64_t c_end) {
@@ -93,7 +93,7 @@ void corr_fwd_kernel(const T* z, const T* mu, const T* sigma, T* out, int64_t N,
                     std::memcpy(o, base, sizeof(T) * n);
                     continue;
                 }
-                randn_block(seed, (uint64_t)(k * N + j0), n, eps);
+                randn_block(seed, offset_base + (uint64_t)(k * N + j0), n, eps);
 #pragma omp simd
                 for (int64_t j = 0; j < n; ++j) o[j] = base[j] + scale[j] * T(eps[j]);
             }
@@ -103,7 +103,7 @@ void corr_fwd_kernel(const T* z, const T* mu, const T* sigma, T* out, int64_t N,
 
 template <typename T>
 void corr_bwd_kernel(const T* g, T* dz, T* dmu, T* dsigma, int64_t N, int64_t K, double rho, uint64_t seed,
-                     bool need_sigma) {
+                     uint64_t offset_base, bool need_sigma) {
     const T a = T(rho), b = T(1.0 - rho);
     const T c = T(std::sqrt(std::max(0.0, 1.0 - rho * rho)));
     const bool gen = need_sigma && c != T(0);
@@ -118,7 +118,7 @@ void corr_bwd_kernel(const T* g, T* dz, T* dmu, T* dsigma, int64_t N, int64_t K,
             for (int64_t k = 0; k < K; ++k) {
                 const T* __restrict gk = g + k * N + j0;
                 if (gen) {
-                    randn_block(seed, (uint64_t)(k * N + j0), n, eps);
+                    randn_block(seed, offset_base + (uint64_t)(k * N + j0), n, eps);
 #pragma omp simd
                     for (int64_t j = 0; j < n; ++j) {
                         sg[j] += gk[j];
@@ -264,8 +264,9 @@ void noise_kernel(uint64_t seed, uint64_t start, int64_t n, float* out) {
 }
 
 #define HVAE_INSTANTIATE(T)                                                                                   \
-    template void corr_fwd_kernel<T>(const T*, const T*, const T*, T*, int64_t, int64_t, double, uint64_t);  \
-    template void corr_bwd_kernel<T>(const T*, T*, T*, T*, int64_t, int64_t, double, uint64_t, bool);         \
+    template void corr_fwd_kernel<T>(const T*, const T*, const T*, T*, int64_t, int64_t, double, uint64_t,    \
+                                     uint64_t);                                                          \
+    template void corr_bwd_kernel<T>(const T*, T*, T*, T*, int64_t, int64_t, double, uint64_t, uint64_t, bool); \
     template void head_fwd_kernel<T>(const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, bool, double); \
     template void head_bwd_kernel<T>(const T*, const T*, const T*, const T*, const T*, const T*, T*, T*, T*,   \
                                      int64_t, int64_t, int64_t, bool, double);

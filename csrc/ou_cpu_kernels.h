@@ -8,14 +8,15 @@
 namespace hvae {
 namespace cpu {
 
-// out [K, N] = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps, eps[k, j] = randn(seed, k N + j)
+// out [K, N] = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps,
+// eps[k, j] = randn(seed, offset_base + k N + j)
 template <typename T>
 void corr_fwd_kernel(const T* z, const T* mu, const T* sigma, T* out, int64_t N, int64_t K, double rho,
-                     uint64_t seed);
+                     uint64_t seed, uint64_t offset_base);
 // g [K, N] -> dz, dmu, dsigma [N] (dsigma = 0 unless need_sigma; the noise is regenerated)
 template <typename T>
 void corr_bwd_kernel(const T* g, T* dz, T* dmu, T* dsigma, int64_t N, int64_t K, double rho, uint64_t seed,
-                     bool need_sigma);
+                     uint64_t offset_base, bool need_sigma);
 // mr, sr [K, N], t [N] -> mbar, sbar, per-element log-density lp [N]
 template <typename T>
 void head_fwd_kernel(const T* mr, const T* sr, const T* t, T* mbar, T* sbar, T* lp, int64_t N, int64_t K,

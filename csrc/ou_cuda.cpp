@@ -1,6 +1,8 @@
 // Torch bindings for the CUDA launchers of csrc/ou_cuda_kernels.cu (float32 / float16 / bfloat16
 // inputs, float32 accumulation; mu_bar and sigma_bar are kept in float32 for the backward).
-// Built by hvae_fast/native.py only when torch has CUDA and a device is present.
+// Built by hvae_fast/native.py only when torch has CUDA and a device is present, after the C++
+// extension whose TORCH_LIBRARY(hvae_fast) (csrc/ou_cpu.cpp) holds the schemas: this file registers
+// the CUDA kernels of the same four ops, mirroring ou_cpu.cpp's CPU registration line for line.
 
 // Narrow includes instead of <torch/extension.h>: a third of the compile time of the first use.
 #include <ATen/Dispatch.h>
@@ -8,21 +10,23 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 // Prototypes of the launchers in ou_cuda_kernels.cu (C linkage: keep the two files in sync).
 extern "C" {
 const char* hvae_cuda_error_string(int code);
 int hvae_cuda_corr_fwd(int dtype, const void* z, const void* mu, const void* sigma, void* out, int64_t N, int64_t K,
-                       double rho, uint64_t seed, void* stream);
+                       double rho, uint64_t seed, uint64_t offset_base, void* stream);
 int hvae_cuda_corr_bwd(int dtype, const void* g, void* dz, void* dmu, void* dsigma, int64_t N, int64_t K, double rho,
-                       uint64_t seed, int need_sigma, void* stream);
-int hvae_cuda_noise(float* out, int64_t total, uint64_t seed, void* stream);
+                       uint64_t seed, uint64_t offset_base, int need_sigma, void* stream);
+int hvae_cuda_noise(float* out, int64_t total, uint64_t seed, uint64_t offset_base, void* stream);
 int hvae_cuda_head_fwd(int dtype, const void* mr, const void* sr, const void* t, float* mbar, float* sbar, float* lp,
                        int64_t N, int64_t K, int ratio, double min_scale, void* stream);
 int hvae_cuda_head_bwd(int dtype, const float* g, const void* mr, const void* sr, const void* t, const float* mbar,
@@ -31,6 +35,8 @@ int hvae_cuda_head_bwd(int dtype, const float* g, const void* mr, const void* sr
 }
 
 namespace {
+
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 int dtype_code(const at::Tensor& x) {
     switch (x.scalar_type()) {
@@ -56,7 +62,7 @@ void check_launch(int code) {
 void* stream_of(const at::Tensor& x) { return (void*)c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
 
 at::Tensor correlated_samples_fwd(const at::Tensor& z, const at::Tensor& mu, const at::Tensor& sigma, double rho,
-                                  int64_t K, int64_t seed) {
+                                  int64_t K, int64_t seed, int64_t offset_base) {
     check_input(z, z, "z");
     check_input(mu, z, "mu");
     check_input(sigma, z, "sigma");
@@ -68,12 +74,12 @@ at::Tensor correlated_samples_fwd(const at::Tensor& z, const at::Tensor& mu, con
     for (auto s : z.sizes()) shape.push_back(s);
     auto out = at::empty(shape, z.options());
     check_launch(hvae_cuda_corr_fwd(dtype_code(z), z.data_ptr(), mu.data_ptr(), sigma.data_ptr(), out.data_ptr(),
-                                    z.numel(), K, rho, (uint64_t)seed, stream_of(z)));
+                                    z.numel(), K, rho, (uint64_t)seed, (uint64_t)offset_base, stream_of(z)));
     return out;
 }
 
-std::vector<at::Tensor> correlated_samples_bwd(const at::Tensor& g, double rho, int64_t K, int64_t seed,
-                                               bool need_sigma) {
+Tensor3 correlated_samples_bwd(const at::Tensor& g, double rho, int64_t K, int64_t seed, int64_t offset_base,
+                               bool need_sigma) {
     check_input(g, g, "grad");
     TORCH_CHECK(g.dim() >= 1 && g.size(0) == K, "grad must have K rows");
     const c10::cuda::CUDAGuard guard(g.device());
@@ -82,11 +88,12 @@ std::vector<at::Tensor> correlated_samples_bwd(const at::Tensor& g, double rho, 
     auto dmu = at::empty(shape, g.options());
     auto dsigma = at::empty(shape, g.options());
     check_launch(hvae_cuda_corr_bwd(dtype_code(g), g.data_ptr(), dz.data_ptr(), dmu.data_ptr(), dsigma.data_ptr(),
-                                    dz.numel(), K, rho, (uint64_t)seed, need_sigma ? 1 : 0, stream_of(g)));
+                                    dz.numel(), K, rho, (uint64_t)seed, (uint64_t)offset_base, need_sigma ? 1 : 0,
+                                    stream_of(g)));
     return {dz, dmu, dsigma};
 }
 
-std::vector<at::Tensor> gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_raw,
+Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_raw,
                                           const at::Tensor& target, bool ratio, double min_scale) {
     check_input(target, target, "target");
     check_input(mean_raw, target, "mean_raw");
@@ -109,7 +116,7 @@ std::vector<at::Tensor> gaussian_head_fwd(const at::Tensor& mean_raw, const at::
     return {out, mbar, sbar};
 }
 
-std::vector<at::Tensor> gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw,
+Tensor3 gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw,
                                           const at::Tensor& scale_raw, const at::Tensor& target,
                                           const at::Tensor& mbar, const at::Tensor& sbar, bool ratio,
                                           double min_scale) {
@@ -135,11 +142,12 @@ std::vector<at::Tensor> gaussian_head_bwd(const at::Tensor& g, const at::Tensor&
     return {dmr, dsr, dt};
 }
 
-at::Tensor noise(int64_t seed, int64_t K, int64_t N, int64_t device_index) {
+at::Tensor noise(int64_t seed, int64_t K, int64_t N, int64_t offset_base, int64_t device_index) {
     TORCH_CHECK(K >= 0 && N >= 0, "K and N must be >= 0");
     const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device_index);
     auto out = at::empty({K * N}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_index));
-    check_launch(hvae_cuda_noise(out.data_ptr<float>(), K * N, (uint64_t)seed, stream_of(out)));
+    check_launch(hvae_cuda_noise(out.data_ptr<float>(), K * N, (uint64_t)seed, (uint64_t)offset_base,
+                                 stream_of(out)));
     return out;
 }
 
@@ -147,9 +155,12 @@ at::Tensor noise(int64_t seed, int64_t K, int64_t N, int64_t device_index) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "hvae-fast OU ops, CUDA kernels";
-    m.def("correlated_samples_fwd", &correlated_samples_fwd);
-    m.def("correlated_samples_bwd", &correlated_samples_bwd);
-    m.def("gaussian_head_fwd", &gaussian_head_fwd);
-    m.def("gaussian_head_bwd", &gaussian_head_bwd);
     m.def("noise", &noise);
+}
+
+TORCH_LIBRARY_IMPL(hvae_fast, CUDA, m) {
+    m.impl("correlated_samples_fwd", &correlated_samples_fwd);
+    m.impl("correlated_samples_bwd", &correlated_samples_bwd);
+    m.impl("gaussian_head_fwd", &gaussian_head_fwd);
+    m.impl("gaussian_head_bwd", &gaussian_head_bwd);
 }

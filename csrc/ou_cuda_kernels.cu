@@ -7,7 +7,8 @@
 // ou_cuda.cpp in sync with this file.
 //
 // Layout as in ou_cpu.cpp: [K, B, *S] tensors are contiguous [K, N], [B, *S] ones [N]; the noise of
-// element (k, j) is hvae::philox_randn(seed, k * N + j) == Triton's tl.randn(seed, k * N + j).
+// element (k, j) is hvae::philox_randn(seed, offset_base + k * N + j) == Triton's
+// tl.randn(seed, offset_base + k * N + j).
 // One thread per element j (grid-stride), looping over k: every access is coalesced in j.
 //
 // dtype codes: 0 = float32, 1 = float16, 2 = bfloat16. Launchers return a cudaError_t as int.
@@ -52,13 +53,13 @@ inline unsigned int n_blocks(int64_t n) {
 template <typename T>
 __global__ void corr_fwd_kernel(const T* __restrict__ z, const T* __restrict__ mu, const T* __restrict__ sigma,
                                 T* __restrict__ out, int64_t N, int64_t K, float a, float b, float c,
-                                uint64_t seed) {
+                                uint64_t seed, uint64_t offset_base) {
     for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < N; j += (int64_t)gridDim.x * blockDim.x) {
         const float base = a * ld(z, j) + b * ld(mu, j);
         const float scale = c * ld(sigma, j);
         for (int64_t k = 0; k < K; ++k) {
             const int64_t i = k * N + j;
-            const float eps = c != 0.0f ? hvae::philox_randn(seed, (uint64_t)i) : 0.0f;
+            const float eps = c != 0.0f ? hvae::philox_randn(seed, offset_base + (uint64_t)i) : 0.0f;
             st(out, i, base + scale * eps);
         }
     }
@@ -67,14 +68,14 @@ __global__ void corr_fwd_kernel(const T* __restrict__ z, const T* __restrict__ m
 template <typename T>
 __global__ void corr_bwd_kernel(const T* __restrict__ g, T* __restrict__ dz, T* __restrict__ dmu,
                                 T* __restrict__ dsigma, int64_t N, int64_t K, float a, float b, float c,
-                                uint64_t seed, int gen) {
+                                uint64_t seed, uint64_t offset_base, int gen) {
     for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < N; j += (int64_t)gridDim.x * blockDim.x) {
         float sg = 0.0f, sge = 0.0f;
         for (int64_t k = 0; k < K; ++k) {
             const int64_t i = k * N + j;
             const float gk = ld(g, i);
             sg += gk;
-            if (gen) sge += gk * hvae::philox_randn(seed, (uint64_t)i);
+            if (gen) sge += gk * hvae::philox_randn(seed, offset_base + (uint64_t)i);
         }
         st(dz, j, a * sg);
         st(dmu, j, b * sg);
@@ -82,9 +83,9 @@ __global__ void corr_bwd_kernel(const T* __restrict__ g, T* __restrict__ dz, T* 
     }
 }
 
-__global__ void noise_kernel(float* __restrict__ out, int64_t total, uint64_t seed) {
+__global__ void noise_kernel(float* __restrict__ out, int64_t total, uint64_t seed, uint64_t offset_base) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x)
-        out[i] = hvae::philox_randn(seed, (uint64_t)i);
+        out[i] = hvae::philox_randn(seed, offset_base + (uint64_t)i);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -155,24 +156,24 @@ __global__ void head_bwd_kernel(const float* __restrict__ g, const T* __restrict
 
 template <typename T>
 int corr_fwd_t(const void* z, const void* mu, const void* sigma, void* out, int64_t N, int64_t K, double rho,
-               uint64_t seed, cudaStream_t stream) {
+               uint64_t seed, uint64_t offset_base, cudaStream_t stream) {
     const float a = (float)rho, b = (float)(1.0 - rho);
     const double c2 = 1.0 - rho * rho;
     const float c = (float)(c2 > 0.0 ? sqrt(c2) : 0.0);
     corr_fwd_kernel<T><<<n_blocks(N), THREADS, 0, stream>>>((const T*)z, (const T*)mu, (const T*)sigma, (T*)out, N, K,
-                                                            a, b, c, seed);
+                                                            a, b, c, seed, offset_base);
     return (int)cudaGetLastError();
 }
 
 template <typename T>
 int corr_bwd_t(const void* g, void* dz, void* dmu, void* dsigma, int64_t N, int64_t K, double rho, uint64_t seed,
-               int need_sigma, cudaStream_t stream) {
+               uint64_t offset_base, int need_sigma, cudaStream_t stream) {
     const float a = (float)rho, b = (float)(1.0 - rho);
     const double c2 = 1.0 - rho * rho;
     const float c = (float)(c2 > 0.0 ? sqrt(c2) : 0.0);
     const int gen = (need_sigma && c != 0.0f) ? 1 : 0;
     corr_bwd_kernel<T><<<n_blocks(N), THREADS, 0, stream>>>((const T*)g, (T*)dz, (T*)dmu, (T*)dsigma, N, K, a, b, c,
-                                                            seed, gen);
+                                                            seed, offset_base, gen);
     return (int)cudaGetLastError();
 }
 
@@ -210,32 +211,32 @@ const char* hvae_cuda_error_string(int code) {
 }
 
 int hvae_cuda_corr_fwd(int dtype, const void* z, const void* mu, const void* sigma, void* out, int64_t N, int64_t K,
-                       double rho, uint64_t seed, void* stream) {
+                       double rho, uint64_t seed, uint64_t offset_base, void* stream) {
     if (N <= 0 || K <= 0) return 0;
     cudaStream_t s = (cudaStream_t)stream;
     switch (dtype) {
-        case 0: return corr_fwd_t<float>(z, mu, sigma, out, N, K, rho, seed, s);
-        case 1: return corr_fwd_t<__half>(z, mu, sigma, out, N, K, rho, seed, s);
-        case 2: return corr_fwd_t<__nv_bfloat16>(z, mu, sigma, out, N, K, rho, seed, s);
+        case 0: return corr_fwd_t<float>(z, mu, sigma, out, N, K, rho, seed, offset_base, s);
+        case 1: return corr_fwd_t<__half>(z, mu, sigma, out, N, K, rho, seed, offset_base, s);
+        case 2: return corr_fwd_t<__nv_bfloat16>(z, mu, sigma, out, N, K, rho, seed, offset_base, s);
         default: return BAD_DTYPE;
     }
 }
 
 int hvae_cuda_corr_bwd(int dtype, const void* g, void* dz, void* dmu, void* dsigma, int64_t N, int64_t K, double rho,
-                       uint64_t seed, int need_sigma, void* stream) {
+                       uint64_t seed, uint64_t offset_base, int need_sigma, void* stream) {
     if (N <= 0 || K <= 0) return 0;
     cudaStream_t s = (cudaStream_t)stream;
     switch (dtype) {
-        case 0: return corr_bwd_t<float>(g, dz, dmu, dsigma, N, K, rho, seed, need_sigma, s);
-        case 1: return corr_bwd_t<__half>(g, dz, dmu, dsigma, N, K, rho, seed, need_sigma, s);
-        case 2: return corr_bwd_t<__nv_bfloat16>(g, dz, dmu, dsigma, N, K, rho, seed, need_sigma, s);
+        case 0: return corr_bwd_t<float>(g, dz, dmu, dsigma, N, K, rho, seed, offset_base, need_sigma, s);
+        case 1: return corr_bwd_t<__half>(g, dz, dmu, dsigma, N, K, rho, seed, offset_base, need_sigma, s);
+        case 2: return corr_bwd_t<__nv_bfloat16>(g, dz, dmu, dsigma, N, K, rho, seed, offset_base, need_sigma, s);
         default: return BAD_DTYPE;
     }
 }
 
-int hvae_cuda_noise(float* out, int64_t total, uint64_t seed, void* stream) {
+int hvae_cuda_noise(float* out, int64_t total, uint64_t seed, uint64_t offset_base, void* stream) {
     if (total <= 0) return 0;
-    noise_kernel<<<n_blocks(total), THREADS, 0, (cudaStream_t)stream>>>(out, total, seed);
+    noise_kernel<<<n_blocks(total), THREADS, 0, (cudaStream_t)stream>>>(out, total, seed, offset_base);
     return (int)cudaGetLastError();
 }
 

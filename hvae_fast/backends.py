@@ -10,12 +10,17 @@ up to ``ou``. Shapes and semantics of the two ops: see ou.py.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
 from .errors import HVAEError
 
 OU_TARGETS = ("mean-std", "ratio")
+# Every backend's noise of element (k, j) sits at the Philox offset offset_base + k * N + j, an int64
+# in the kernels: 2**62 leaves headroom for that sum to stay positive.
+MAX_PHILOX_OFFSET = 2**62
+SEED_LIMIT = 2**63  # seeds are integers in [0, 2**63): one int64 for the C++/CUDA schemas and Triton
 BACKEND_NAMES = ("auto", "triton", "cuda", "cpp", "torch")  # what --backend accepts
 
 
@@ -25,6 +30,33 @@ def check_ou_args(rho: float, K: int) -> None:
         raise HVAEError(f"rho must lie in [0, 1], got {rho!r}: pass --rho between 0 and 1 (1 = no smoothing)")
     if not (isinstance(K, int) and K >= 1):
         raise HVAEError(f"the number of OU samples K must be an integer >= 1, got {K!r}: pass --ou-samples 1 or more")
+
+
+def check_seed(seed) -> int:
+    """The seed policy of every backend: an integer in [0, 2**63), else HVAEError.
+
+    Backends skip it under torch.compile, where the seed is a traced integer drawn in the graph by
+    ``OUSmoothing.seed`` from [0, 2**62) whose value exists only at run time."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)  # ints, numpy integers, integer 0-d tensors; not floats
+    except TypeError:
+        raise HVAEError(f"the OU seed must be an integer, got {seed!r}: pass an int in [0, 2**63)") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise HVAEError(f"the OU seed must lie in [0, 2**63), got {seed}: reduce it modulo 2**63")
+    return seed
+
+
+def check_offsets(K: int, n: int, offset_base: int = 0) -> None:
+    """The Philox offsets offset_base + k * n + j (k < K, j < n) must stay below MAX_PHILOX_OFFSET."""
+    if offset_base < 0:
+        raise HVAEError(f"offset_base must be >= 0, got {offset_base}: pass a non-negative noise offset")
+    if offset_base + K * n >= MAX_PHILOX_OFFSET:
+        raise HVAEError(
+            f"K * numel = {K} * {n} (+ offset_base {offset_base}) reaches 2**62 Philox noise offsets: "
+            "reduce --ou-samples or --batch-size"
+        )
 
 
 @dataclass(frozen=True)

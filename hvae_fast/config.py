@@ -119,6 +119,8 @@ class TrainConfig:
     checkpoint_every: int = _f(1000, "steps between checkpoints", lo=1)
     checkpoint_minutes: float = _f(10.0, "also checkpoint at least this often (minutes), so a slow run loses little",
                                    gt=0)
+    compile: bool = _f(False, "run each training step (model forward, loss, backward) under torch.compile; the "
+                       "first step compiles (minutes on CPU)")
 
 
 SECTIONS = {"model": ModelConfig, "ou": OUConfig, "train": TrainConfig}
@@ -266,6 +268,11 @@ class RunConfig:
                             f"{self.method} has none: drop them, or pass --method hvae")
         if scheduled and controlled:
             raise HVAEError("--rho-schedule and --rho-control both set rho during training: pass only one of them")
+        if (scheduled or controlled) and self.train.compile:
+            # The compiled step holds rho as a constant (a new rho would recompile every step) and the
+            # controller reads the KL through a forward hook that the compiled graph does not run.
+            raise HVAEError("--compile traces the step with a fixed rho; --rho-schedule / --rho-control change it "
+                            "every step: drop --compile, or train with a constant rho")
         if controlled and o.smooth_inference:
             raise HVAEError("--rho-control reads the top layer's KL of the training forward, which --ou-inference "
                             "smooths: drop one of them")

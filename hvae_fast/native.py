@@ -33,6 +33,11 @@ Noise: element (k, j) of the [K, *S] noise is Triton's ``tl.randn(seed, k * N + 
 log / cos, within 1e-6 of Triton's, see tests/test_native.py; the shared backend suite is
 tests/test_backends.py).
 
+Operators: the four kernels are ``torch.ops.hvae_fast.{correlated_samples,gaussian_head}_{fwd,bwd}``
+(schemas in csrc/ou_cpu.cpp's TORCH_LIBRARY, CPU kernels there, CUDA kernels under the same names in
+csrc/ou_cuda.cpp); their fake kernels and autograd are registered once, below, so torch.compile keeps
+them as graph nodes. Seeds and noise offsets follow backends.py (``check_seed``, ``check_offsets``).
+
 CPU threading: the C++ kernels run on torch's intra-op pool (``at::parallel_for``, so
 ``torch.set_num_threads`` applies) and stay on the calling thread below ~32k normals / ~128k head
 elements, where a parallel region costs more than it saves (and a whole time slice on a busy machine).
@@ -49,12 +54,10 @@ from pathlib import Path
 import torch
 
 from .errors import HVAEError
-from .backends import OU_TARGETS, Backend, check_ou_args
+from .backends import OU_TARGETS, Backend, check_offsets, check_ou_args, check_seed
 
 log = logging.getLogger("hvae_fast.native")
 
-_MASK64 = (1 << 64) - 1
-_MAX_OFFSET = 1 << 62
 _ERROR_LINES = 12  # lines of compiler output kept in the warning and the probe's reason
 
 
@@ -130,8 +133,10 @@ class NativeExtension:
     """One lazily built extension. ``get()`` returns the module or None; ``reason`` says why not."""
 
     def __init__(self, name: str, sources: tuple[str, ...], cuda: bool = False, src_dir: Path | None = None,
-                 build_dir: Path | None = None):
+                 build_dir: Path | None = None, defines_ops: bool = False, needs: "NativeExtension | None" = None):
         self.name = name
+        self.defines_ops = defines_ops  # holds TORCH_LIBRARY(hvae_fast): register fakes + autograd on load
+        self.needs = needs  # the extension whose TORCH_LIBRARY this one's TORCH_LIBRARY_IMPL fills
         self.sources = sources
         self.cuda = cuda
         self._src_dir = src_dir
@@ -147,6 +152,8 @@ class NativeExtension:
                 return "this torch build has no CUDA support"
             if not torch.cuda.is_available():
                 return "no CUDA device available"
+        if self.needs is not None and self.needs.get() is None:
+            return f"it needs the {self.needs.name} extension (the op schemas): {self.needs.reason}"
         return None
 
     def get(self, verbose: bool = False):
@@ -193,6 +200,8 @@ class NativeExtension:
             if self.cuda:
                 kwargs["extra_cuda_cflags"] = ["-O3"]
             self.module = cpp_extension.load(**kwargs)
+            if self.defines_ops:
+                _register_ops()
             self.reason = f"built in {build_dir}" + ("" if isa is None else f", {isa}")
         except BaseException as exc:  # compile errors, missing ninja/compiler, SystemExit from a tool
             if isinstance(exc, KeyboardInterrupt):
@@ -211,10 +220,10 @@ class NativeExtension:
 
 
 CPU_SOURCES = ("ou_cpu.cpp", "ou_cpu_kernels.cpp")  # headers: cpu_vec_math.h, cpu_philox.h, philox.h
-CPU_EXT = NativeExtension("hvae_fast_ou_cpu", CPU_SOURCES)
+CPU_EXT = NativeExtension("hvae_fast_ou_cpu", CPU_SOURCES, defines_ops=True)
 # Test-only entry points (raw Philox, vm accuracy) over the same kernels and flags; only tests build it.
 CPU_TEST_EXT = NativeExtension("hvae_fast_ou_cpu_testing", ("ou_cpu_testing.cpp", "ou_cpu_kernels.cpp"))
-CUDA_EXT = NativeExtension("hvae_fast_ou_cuda", ("ou_cuda.cpp", "ou_cuda_kernels.cu"), cuda=True)
+CUDA_EXT = NativeExtension("hvae_fast_ou_cuda", ("ou_cuda.cpp", "ou_cuda_kernels.cu"), cuda=True, needs=CPU_EXT)
 
 
 def build_all(verbose: bool = False) -> dict[str, tuple[bool, str]]:
@@ -234,19 +243,10 @@ def _module(ext: NativeExtension):
 
 
 # ----------------------------------------------------------------------------------------------
-# Argument handling
+# The ops: torch.ops.hvae_fast.* (schemas and CPU kernels in csrc/ou_cpu.cpp, CUDA kernels in
+# csrc/ou_cuda.cpp); their fake kernels and autograd are registered here, once, after the C++
+# extension that defines them has loaded (as pytorch/extension-cpp's ops.py does).
 # ----------------------------------------------------------------------------------------------
-
-def _seed64(seed) -> int:
-    """Any integer seed -> the int64 whose bits are the uint64 seed Triton's philox uses."""
-    s = int(seed) & _MASK64
-    return s - (1 << 64) if s >= (1 << 63) else s
-
-
-def _check_offsets(K: int, N: int) -> None:
-    if K * N >= _MAX_OFFSET:
-        raise HVAEError(f"K * numel = {K * N} is too large for the 64-bit noise offsets (limit 2**62)")
-
 
 def _compute_dtype(ext: NativeExtension, dtype: torch.dtype) -> torch.dtype:
     if ext.cuda:
@@ -261,72 +261,98 @@ def _check_device(ext: NativeExtension, *tensors) -> None:
             raise HVAEError(f"the {'cuda' if ext.cuda else 'cpp'} OU backend runs on {want} tensors, got {t.device}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Autograd functions (one pair, parameterised by the extension module)
-# ----------------------------------------------------------------------------------------------
-
-class CorrelatedSampleFn(torch.autograd.Function):
-    """z' = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps_k; eps regenerated in the backward."""
-
-    @staticmethod
-    def forward(ctx, z, mu, sigma, rho, K, seed, mod):
-        ctx.rho, ctx.K, ctx.seed, ctx.mod = rho, K, seed, mod
-        return mod.correlated_samples_fwd(z, mu, sigma, rho, K, seed)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        need_sigma = ctx.needs_input_grad[2]
-        dz, dmu, dsigma = ctx.mod.correlated_samples_bwd(g.contiguous(), ctx.rho, ctx.K, ctx.seed, need_sigma)
-        return (
-            dz if ctx.needs_input_grad[0] else None,
-            dmu if ctx.needs_input_grad[1] else None,
-            dsigma if need_sigma else None,
-            None, None, None, None,
-        )
+def _head_acc(t: torch.Tensor) -> torch.dtype:
+    """dtype of the head's [B] output and saved averages: float32 on CUDA, the input's on CPU."""
+    return torch.float32 if t.device.type == "cuda" else t.dtype
 
 
-class GaussianHeadFn(torch.autograd.Function):
-    """Averaged Gaussian head log-density; saves only the [B, *S] averages besides the inputs."""
-
-    @staticmethod
-    def forward(ctx, mean_raw, scale_raw, target, ratio, min_scale, mod):
-        out, mbar, sbar = mod.gaussian_head_fwd(mean_raw, scale_raw, target, ratio, min_scale)
-        ctx.save_for_backward(mean_raw, scale_raw, target, mbar, sbar)
-        ctx.ratio, ctx.min_scale, ctx.mod = ratio, min_scale, mod
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        mean_raw, scale_raw, target, mbar, sbar = ctx.saved_tensors
-        g = g.to(target.dtype if not mean_raw.is_cuda else torch.float32).contiguous()
-        dmr, dsr, dt = ctx.mod.gaussian_head_bwd(g, mean_raw, scale_raw, target, mbar, sbar, ctx.ratio, ctx.min_scale)
-        if dmr.dim() == target.dim():  # mean-std mode (C++): one [B, *S] for all k, expanded like torch's mean
-            dmr = dmr.unsqueeze(0).expand_as(mean_raw)
-        return (
-            dmr if ctx.needs_input_grad[0] else None,
-            dsr if ctx.needs_input_grad[1] else None,
-            dt if ctx.needs_input_grad[2] else None,
-            None, None, None,
-        )
+def _fake_cs_fwd(z, mu, sigma, rho, K, seed, offset_base):
+    return z.new_empty((K, *z.shape))
 
 
-# Names the brief's callers may look for.
-CorrelatedSampleCpp = CorrelatedSampleFn
-GaussianHeadCpp = GaussianHeadFn
+def _fake_cs_bwd(grad, rho, K, seed, offset_base, need_sigma):
+    return tuple(grad.new_empty(grad.shape[1:]) for _ in range(3))
+
+
+def _fake_head_fwd(mean_raw, scale_raw, target, ratio, min_scale):
+    acc = _head_acc(target)
+    return (target.new_empty(target.shape[:1], dtype=acc), target.new_empty(target.shape, dtype=acc),
+            target.new_empty(target.shape, dtype=acc))
+
+
+def _fake_head_bwd(grad, mean_raw, scale_raw, target, mu_bar, sigma_bar, ratio, min_scale):
+    # CPU mean-std: one [B, *S] d mean_raw for all k (the autograd formula expands it over K)
+    dmr_shape = mean_raw.shape if (ratio or target.device.type == "cuda") else target.shape
+    return mean_raw.new_empty(dmr_shape), torch.empty_like(scale_raw), torch.empty_like(target)
+
+
+def _cs_setup(ctx, inputs, output):
+    _, _, _, ctx.rho, ctx.K, ctx.seed, ctx.offset_base = inputs
+
+
+def _cs_backward(ctx, grad):
+    need = ctx.needs_input_grad
+    dz, dmu, dsigma = torch.ops.hvae_fast.correlated_samples_bwd(grad.contiguous(), ctx.rho, ctx.K, ctx.seed,
+                                                                 ctx.offset_base, need[2])
+    return dz if need[0] else None, dmu if need[1] else None, dsigma if need[2] else None, None, None, None, None
+
+
+def _head_setup(ctx, inputs, output):
+    mean_raw, scale_raw, target, ctx.ratio, ctx.min_scale = inputs
+    _, mbar, sbar = output
+    # mean-std: d mean_raw_k = dm / K never reads mean_raw, so it is not kept
+    ctx.save_for_backward(mean_raw if ctx.ratio else None, scale_raw, target, mbar, sbar)
+
+
+def _head_backward(ctx, grad, _grad_mbar, _grad_sbar):
+    mean_raw, scale_raw, target, mbar, sbar = ctx.saved_tensors
+    g = grad.to(mbar.dtype).contiguous()
+    # the kernels do not read mean_raw in the mean-std mode: scale_raw stands in for the argument
+    dmr, dsr, dt = torch.ops.hvae_fast.gaussian_head_bwd(g, mean_raw if ctx.ratio else scale_raw, scale_raw, target,
+                                                          mbar, sbar, ctx.ratio, ctx.min_scale)
+    if dmr.dim() == target.dim():  # mean-std mode (C++): one [B, *S] for all k, expanded like torch's mean
+        dmr = dmr.unsqueeze(0).expand_as(scale_raw)
+    need = ctx.needs_input_grad
+    return dmr if need[0] else None, dsr if need[1] else None, dt if need[2] else None, None, None
+
+
+_ops_registered = False
+
+
+def _register_ops() -> None:
+    """Fake kernels and autograd of the four torch.ops.hvae_fast ops; once, after their schemas exist."""
+    global _ops_registered
+    if _ops_registered:
+        return
+    _ops_registered = True
+    lib = torch.library
+    lib.register_fake("hvae_fast::correlated_samples_fwd")(_fake_cs_fwd)
+    lib.register_fake("hvae_fast::correlated_samples_bwd")(_fake_cs_bwd)
+    lib.register_fake("hvae_fast::gaussian_head_fwd")(_fake_head_fwd)
+    lib.register_fake("hvae_fast::gaussian_head_bwd")(_fake_head_bwd)
+    lib.register_autograd("hvae_fast::correlated_samples_fwd", _cs_backward, setup_context=_cs_setup)
+    lib.register_autograd("hvae_fast::gaussian_head_fwd", _head_backward, setup_context=_head_setup)
+
+
+def _module(ext: NativeExtension):
+    mod = ext.get()
+    if mod is None:
+        raise HVAEError(f"the {ext.name} extension is not available: {ext.reason}. Pass --backend torch")
+    return mod
 
 
 def _make_ops(ext: NativeExtension):
-    def correlated_samples(z, mu, sigma, rho, K, seed):
+    def correlated_samples(z, mu, sigma, rho, K, seed, *, offset_base: int = 0):
         check_ou_args(rho, K)
+        seed = seed if torch.compiler.is_compiling() else check_seed(seed)
         _check_device(ext, z, mu, sigma)
         z, mu, sigma = torch.broadcast_tensors(z, mu, sigma)
-        _check_offsets(K, z.numel())
+        check_offsets(K, z.numel(), offset_base)
         dtype = _compute_dtype(ext, torch.promote_types(torch.promote_types(z.dtype, mu.dtype), sigma.dtype))
         orig = z.dtype
         z, mu, sigma = (t.to(dtype).contiguous() for t in (z, mu, sigma))
-        out = CorrelatedSampleFn.apply(z, mu, sigma, float(rho), int(K), _seed64(seed), _module(ext))
+        _module(ext)
+        out = torch.ops.hvae_fast.correlated_samples_fwd(z, mu, sigma, float(rho), int(K), seed, int(offset_base))
         return out if out.dtype == orig else out.to(orig)
 
     def gaussian_head_logprob(mean_raw, scale_raw, target, mode="mean-std", min_scale=1e-3):
@@ -345,9 +371,10 @@ def _make_ops(ext: NativeExtension):
                                                         target.dtype))
         mean_raw, scale_raw, target = (t.to(dtype).contiguous() for t in (mean_raw, scale_raw, target))
         # float32 and float64 inputs give a [B] of their own dtype; float16 / bfloat16 give float32
-        return GaussianHeadFn.apply(mean_raw, scale_raw, target, mode == "ratio", float(min_scale), _module(ext))
+        _module(ext)
+        return torch.ops.hvae_fast.gaussian_head_fwd(mean_raw, scale_raw, target, mode == "ratio", float(min_scale))[0]
 
-    def correlated_noise(seed, K, shape, device=None):
+    def correlated_noise(seed, K, shape, device=None, *, offset_base: int = 0):
         shape = tuple(int(s) for s in (shape if not isinstance(shape, int) else (shape,)))
         n = 1
         for s in shape:
@@ -355,14 +382,15 @@ def _make_ops(ext: NativeExtension):
         K = int(K)
         if K < 0:
             raise HVAEError(f"K must be >= 0, got {K}")
-        _check_offsets(K, n)
+        check_offsets(K, n, offset_base)
+        seed = check_seed(seed)
         mod = _module(ext)
         if ext.cuda:
             dev = torch.device(device) if device is not None else torch.device("cuda")
             index = dev.index if dev.index is not None else torch.cuda.current_device()
-            flat = mod.noise(_seed64(seed), K, n, index)
+            flat = mod.noise(seed, K, n, int(offset_base), index)
         else:
-            flat = mod.noise(_seed64(seed), K, n)
+            flat = mod.noise(seed, K, n, int(offset_base))
         return flat.view(K, *shape)
 
     def probe(device):

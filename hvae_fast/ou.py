@@ -16,7 +16,8 @@ convolutional ones):
       mode "ratio":    mu_bar = sigma_bar * mean_k (mean_raw_k / sigma_k), sigma_bar = mean_k sigma_k
     (the ratio mode smooths mu/sigma, the paper's alternative parameterisation).
 
-The ``torch`` backend here is the ground truth; fused backends (``triton``, ``cpp``, ``cuda``)
+The ``torch`` backend here is the ground truth (its correlated samples are the custom op
+``hvae_fast_ref::correlated_samples``, so torch.compile need not trace its torch.Generator); fused backends (``triton``, ``cpp``, ``cuda``)
 are loaded into ``BACKENDS`` on first use and are tested against it. They implement the
 ``Backend`` record of backends.py (which sits below this module, so loading them is no import
 cycle). The model never knows which one runs: the trainer calls ``get_backend(name, device)``
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 # check_ou_args is not used here: ou re-exports it with the rest of the backend contract.
-from .backends import BACKEND_NAMES, OU_TARGETS, Backend, check_ou_args
+from .backends import BACKEND_NAMES, OU_TARGETS, Backend, check_ou_args, check_seed
 from .distributions import gaussian_logprob
 from .errors import HVAEError
 
@@ -73,10 +74,56 @@ def gaussian_head_reference(mean_raw, scale_raw, target, mode: str = "mean-std",
 # Backend registry
 # ----------------------------------------------------------------------------------------------
 
-def _torch_correlated_samples(z, mu, sigma, rho, K, seed):
-    check_ou_args(rho, K)
+# The reference's noise comes from a torch.Generator, which torch.compile cannot create inside a
+# graph: the reference is a custom op (opaque to the compiler), its gradient a second one that
+# regenerates eps from the seed. Inputs: z, mu, sigma of one shape (each its own dtype); eps is
+# drawn in z's dtype, as ``torch_correlated_noise(seed, K, z.shape, dtype=z.dtype)``.
+
+@torch.library.custom_op("hvae_fast_ref::correlated_samples", mutates_args=())
+def _ref_correlated_samples(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, rho: float, K: int,
+                            seed: int) -> torch.Tensor:
     eps = torch_correlated_noise(seed, K, z.shape, z.device, dtype=z.dtype)
     return correlated_samples_reference(z, mu, sigma, rho, eps)
+
+
+@_ref_correlated_samples.register_fake
+def _(z, mu, sigma, rho, K, seed):
+    dtype = torch.promote_types(torch.promote_types(z.dtype, mu.dtype), sigma.dtype)
+    return z.new_empty((K, *z.shape), dtype=dtype)
+
+
+@torch.library.custom_op("hvae_fast_ref::correlated_samples_bwd", mutates_args=())
+def _ref_correlated_samples_bwd(grad: torch.Tensor, rho: float, K: int, seed: int,
+                                eps_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad [K, *S] -> (dz, dmu, dsigma) [*S]: rho sum_k g, (1 - rho) sum_k g, c sum_k g eps_k."""
+    eps = torch_correlated_noise(seed, K, grad.shape[1:], grad.device, dtype=eps_dtype)
+    gs = grad.sum(0)
+    return rho * gs, (1.0 - rho) * gs, math.sqrt(max(0.0, 1.0 - rho * rho)) * (grad * eps).sum(0)
+
+
+@_ref_correlated_samples_bwd.register_fake
+def _(grad, rho, K, seed, eps_dtype):
+    return tuple(grad.new_empty(grad.shape[1:]) for _ in range(3))
+
+
+def _ref_setup(ctx, inputs, output):
+    z, _, _, ctx.rho, ctx.K, ctx.seed = inputs
+    ctx.eps_dtype = z.dtype
+
+
+def _ref_backward(ctx, grad):
+    dz, dmu, dsigma = _ref_correlated_samples_bwd(grad, ctx.rho, ctx.K, ctx.seed, ctx.eps_dtype)
+    return dz, dmu, dsigma, None, None, None  # autograd casts each to its input's dtype
+
+
+_ref_correlated_samples.register_autograd(_ref_backward, setup_context=_ref_setup)
+
+
+def _torch_correlated_samples(z, mu, sigma, rho, K, seed):
+    check_ou_args(rho, K)
+    seed = seed if torch.compiler.is_compiling() else check_seed(seed)
+    z, mu, sigma = torch.broadcast_tensors(z, mu, sigma)
+    return _ref_correlated_samples(z, mu, sigma, float(rho), int(K), seed)
 
 
 BACKENDS: dict[str, Backend] = {

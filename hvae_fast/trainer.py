@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ MAX_CONSECUTIVE_NONFINITE = 50
 # Fields that may differ between a run's saved config and a resume request.
 RESUMABLE_CHANGES = {("train", "steps"), ("device",), ("ou", "backend"), ("train", "eval_every"),
                      ("train", "log_every"), ("train", "checkpoint_every"), ("train", "sample_every"),
-                     ("train", "checkpoint_minutes")}
+                     ("train", "checkpoint_minutes"), ("train", "compile")}
 LOCK_NAME = ".train.lock"
 # Also in every checkpoint: "rho_control", the RhoController's state (None without --rho-control).
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "stream", "rng_cpu", "skipped", "best_valid", "config")
@@ -537,13 +538,30 @@ class Trainer:
     def _keep_top_kl(self, module, args, terms) -> None:
         self._top_kl = terms.kl[-1].detach().mean()
 
+    @functools.cached_property
+    def _compiled_loss(self):
+        """training_loss under torch.compile (--compile): model forward and loss in one graph
+        (fullgraph: a graph break is an error), their backward compiled by AOTAutograd. The OU seeds
+        the model draws with .item() stay in the graph (capture_scalar_outputs); fallback_random keeps
+        torch's RNG stream, so a compiled run draws the eager run's noise and resumes exactly; beta
+        goes in as a 0-d tensor so that KL annealing does not recompile."""
+        fn = torch.compile(training_loss, fullgraph=True)
+
+        def loss(model, x, method, ou, beta, free_bits, iw_k):
+            with torch._dynamo.config.patch(capture_scalar_outputs=True), \
+                    torch._inductor.config.patch(fallback_random=True):
+                return fn(model, x, method, ou, torch.tensor(beta, device=x.device), free_bits, iw_k)
+
+        return loss
+
     def train_step(self, x) -> dict:
         t = self.cfg.train
         beta = kl_weight(self.step, *t.kl_anneal)
         rho = None
         if self.ou is not None:
             self.ou.rho = rho = self.rho(self.step)
-        loss, bound = training_loss(self.model, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
+        loss_fn = self._compiled_loss if t.compile else training_loss
+        loss, bound = loss_fn(self.model, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
         self.opt.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         if finite:

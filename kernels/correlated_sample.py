@@ -28,18 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hvae_fast.errors import HVAEError
-from hvae_fast.backends import check_ou_args
+from torch.library import triton_op, wrap_triton
 
-from .utils import (
-    check_float_dtype,
-    check_philox_range,
-    check_same,
-    compute_dtype,
-    elementwise_block,
-    ensure_contiguous,
-    num_warps_for,
-)
+from hvae_fast.errors import HVAEError
+from hvae_fast.backends import check_offsets, check_ou_args, check_seed
+
+from .utils import check_float_dtype, check_same, compute_dtype, elementwise_block, num_warps_for
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 # CUDA caps grid dimension 1 at 65535; K runs on that axis in the forward and noise kernels.
@@ -114,17 +108,6 @@ def _ou_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        try:
-            seed = int(seed)
-        except (TypeError, ValueError):
-            raise HVAEError(f"seed must be an integer, got {seed!r}") from None
-    if not (0 <= seed < 2**63):
-        raise HVAEError(f"seed must lie in [0, 2**63), got {seed}")
-    return seed
-
-
 def _check_k(K: int) -> None:
     if K > MAX_K:
         raise HVAEError(f"the Triton OU kernels support K <= {MAX_K} samples, got {K}: reduce --ou-samples")
@@ -139,11 +122,11 @@ def correlated_noise(seed: int, K: int, shape, device=None, *, offset_base: int 
     """The eps [K, *shape] (float32) the Triton kernels draw for ``seed``: randn(seed, base + k*N + j)."""
     check_ou_args(0.5, K)
     _check_k(K)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     shape = tuple(int(s) for s in shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
     n = math.prod(shape)
-    check_philox_range(K, n, offset_base)
+    check_offsets(K, n, offset_base)
     out = torch.empty((K, *shape), dtype=torch.float32, device=device)
     if n == 0:
         return out
@@ -154,8 +137,13 @@ def correlated_noise(seed: int, K: int, shape, device=None, *, offset_base: int 
     return out
 
 
-def correlated_samples_forward(z, mu, sigma, rho: float, K: int, seed: int, offset_base: int = 0):
-    """Launch the forward kernel on contiguous inputs; returns [K, *z.shape] in z's dtype."""
+# The two kernels as torch operators (torch.library.triton_op: torch.compile sees through them to
+# the kernels); autograd is registered on the forward op, the fake kernels are traced by torch.
+
+@triton_op("hvae_fast_triton::correlated_samples_fwd", mutates_args=())
+def correlated_samples_fwd(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, rho: float, K: int, seed: int,
+                           offset_base: int) -> torch.Tensor:
+    """Contiguous z, mu, sigma [*S] of one dtype -> [K, *S] in that dtype."""
     n = z.numel()
     out = torch.empty((K, *z.shape), dtype=z.dtype, device=z.device)
     if n == 0:
@@ -163,62 +151,62 @@ def correlated_samples_forward(z, mu, sigma, rho: float, K: int, seed: int, offs
     acc = compute_dtype(z.dtype)
     coef = _coefs(rho, acc, z.device)
     block = elementwise_block(n)
-    _ou_fwd_kernel[(triton.cdiv(n, block), K)](
-        z, mu, sigma, out, coef, n, seed, int(offset_base),
+    wrap_triton(_ou_fwd_kernel)[(triton.cdiv(n, block), K)](
+        z, mu, sigma, out, coef, n, seed, offset_base,
         BLOCK=block, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return out
 
 
-def correlated_samples_backward(grad_out, shape, dtypes, rho: float, K: int, seed: int, offset_base: int = 0):
-    """Launch the backward kernel; grad_out [K, *shape] contiguous. Returns (dz, dmu, dsigma)."""
-    device = grad_out.device
-    dz, dmu, dsigma = (torch.empty(shape, dtype=dt, device=device) for dt in dtypes)
+@triton_op("hvae_fast_triton::correlated_samples_bwd", mutates_args=())
+def correlated_samples_bwd(grad: torch.Tensor, rho: float, K: int, seed: int,
+                           offset_base: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous grad [K, *S] -> (dz, dmu, dsigma), each [*S] in grad's dtype; eps regenerated."""
+    shape = grad.shape[1:]
+    dz, dmu, dsigma = (torch.empty(shape, dtype=grad.dtype, device=grad.device) for _ in range(3))
     n = dz.numel()
     if n == 0:
         return dz, dmu, dsigma
-    acc = compute_dtype(dtypes[0]) if torch.float64 not in dtypes else torch.float64
-    coef = _coefs(rho, acc, device)
+    acc = compute_dtype(grad.dtype)
+    coef = _coefs(rho, acc, grad.device)
     block = elementwise_block(n)
-    _ou_bwd_kernel[(triton.cdiv(n, block),)](
-        grad_out, dz, dmu, dsigma, coef, n, K, seed, int(offset_base),
+    wrap_triton(_ou_bwd_kernel)[(triton.cdiv(n, block),)](
+        grad, dz, dmu, dsigma, coef, n, K, seed, offset_base,
         BLOCK=block, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return dz, dmu, dsigma
 
 
-class CorrelatedSampleFunction(torch.autograd.Function):
-    """autograd wrapper: saves no tensors (the backward needs only rho, K, seed and the shape)."""
+# Explicit fake kernels: the Triton CPU interpreter runs wrap_triton's kernels even on fake tensors,
+# so the traced default does not work under TRITON_INTERPRET=1.
+@correlated_samples_fwd.register_fake
+def _(z, mu, sigma, rho, K, seed, offset_base):
+    return z.new_empty((K, *z.shape))
 
-    @staticmethod
-    @ensure_contiguous
-    def forward(ctx, z, mu, sigma, rho, K, seed, offset_base=0):
-        out = correlated_samples_forward(z, mu, sigma, rho, K, seed, offset_base)
-        ctx.rho, ctx.K, ctx.seed, ctx.offset_base = rho, K, seed, offset_base
-        ctx.shape = z.shape
-        ctx.dtypes = (z.dtype, mu.dtype, sigma.dtype)
-        return out
 
-    @staticmethod
-    @ensure_contiguous
-    def backward(ctx, grad_out):
-        dz, dmu, dsigma = correlated_samples_backward(
-            grad_out, ctx.shape, ctx.dtypes, ctx.rho, ctx.K, ctx.seed, ctx.offset_base
-        )
-        need = ctx.needs_input_grad
-        return (
-            dz if need[0] else None,
-            dmu if need[1] else None,
-            dsigma if need[2] else None,
-            None, None, None, None,
-        )
+@correlated_samples_bwd.register_fake
+def _(grad, rho, K, seed, offset_base):
+    return tuple(grad.new_empty(grad.shape[1:]) for _ in range(3))
+
+
+def _setup(ctx, inputs, output):
+    _, _, _, ctx.rho, ctx.K, ctx.seed, ctx.offset_base = inputs
+
+
+def _backward(ctx, grad):
+    dz, dmu, dsigma = correlated_samples_bwd(grad.contiguous(), ctx.rho, ctx.K, ctx.seed, ctx.offset_base)
+    need = ctx.needs_input_grad
+    return dz if need[0] else None, dmu if need[1] else None, dsigma if need[2] else None, None, None, None, None
+
+
+torch.library.register_autograd("hvae_fast_triton::correlated_samples_fwd", _backward, setup_context=_setup)
 
 
 def correlated_samples(z, mu, sigma, rho: float, K: int, seed: int, *, offset_base: int = 0):
     """z' [K, *z.shape] = rho z + (1 - rho) mu + sigma sqrt(1 - rho^2) eps, eps drawn in-kernel."""
     check_ou_args(rho, K)
     _check_k(K)
-    seed = _check_seed(seed)
+    seed = seed if torch.compiler.is_compiling() else check_seed(seed)
     names = ("z", "mu", "sigma")
     tensors = (z, mu, sigma)
     for n_, t in zip(names, tensors):
@@ -226,5 +214,6 @@ def correlated_samples(z, mu, sigma, rho: float, K: int, seed: int, *, offset_ba
     check_same(names, tensors, "shape")
     check_same(names, tensors, "dtype")
     check_same(names, tensors, "device")
-    check_philox_range(K, z.numel(), offset_base)
-    return CorrelatedSampleFunction.apply(z, mu, sigma, float(rho), int(K), seed, int(offset_base))
+    check_offsets(K, z.numel(), offset_base)
+    return correlated_samples_fwd(z.contiguous(), mu.contiguous(), sigma.contiguous(), float(rho), int(K), seed,
+                                  int(offset_base))

@@ -33,16 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
+from torch.library import triton_op, wrap_triton
+
 from hvae_fast.errors import HVAEError
 from hvae_fast.backends import OU_TARGETS
 
-from .utils import (
-    check_float_dtype,
-    check_same,
-    elementwise_block,
-    ensure_contiguous,
-    num_warps_for,
-)
+from .utils import check_float_dtype, check_same, elementwise_block, num_warps_for
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -163,8 +159,12 @@ def _acc_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def gaussian_head_forward(mean_raw, scale_raw, target, ratio: bool, min_scale: float):
-    """Contiguous inputs -> (logp_per_row [B], mu_bar, sigma_bar), all in acc dtype."""
+# The two kernels as torch operators (torch.library.triton_op); autograd on the forward op.
+
+@triton_op("hvae_fast_triton::gaussian_head_fwd", mutates_args=())
+def gaussian_head_fwd(mean_raw: torch.Tensor, scale_raw: torch.Tensor, target: torch.Tensor, ratio: bool,
+                      min_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous inputs -> (logp_per_row [B], mu_bar, sigma_bar [B, *S]), all in the acc dtype."""
     K, B = mean_raw.shape[0], mean_raw.shape[1]
     M = target.numel()
     S = M // B if B else 0
@@ -177,16 +177,19 @@ def gaussian_head_forward(mean_raw, scale_raw, target, ratio: bool, min_scale: f
     logp = torch.empty((B, S), dtype=acc, device=dev)
     coef = torch.tensor([float(min_scale), HALF_LOG_2PI], dtype=acc, device=dev)
     block = elementwise_block(M)
-    _gh_fwd_kernel[(triton.cdiv(M, block),)](
+    wrap_triton(_gh_fwd_kernel)[(triton.cdiv(M, block),)](
         mean_raw, scale_raw, target, logp, mbar, sbar, coef, M, K,
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return logp.sum(1), mbar, sbar
 
 
-def gaussian_head_backward(grad_out, mean_raw, scale_raw, target, mbar, sbar, ratio, min_scale,
-                           mean_dtype):
-    """Returns (d mean_raw, d scale_raw, d target); grad_out [B] contiguous."""
+@triton_op("hvae_fast_triton::gaussian_head_bwd", mutates_args=())
+def gaussian_head_bwd(grad: torch.Tensor, mean_raw: torch.Tensor, scale_raw: torch.Tensor, target: torch.Tensor,
+                      mbar: torch.Tensor, sbar: torch.Tensor, ratio: bool, min_scale: float,
+                      mean_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad [B] -> (d mean_raw in mean_dtype, d scale_raw, d target). mean_raw is read in the ratio
+    mode only (callers pass scale_raw in its place in the mean-std mode)."""
     K, B = scale_raw.shape[0], scale_raw.shape[1]
     M = target.numel()
     S = M // B if B else 0
@@ -199,40 +202,44 @@ def gaussian_head_backward(grad_out, mean_raw, scale_raw, target, mbar, sbar, ra
         return dmean, dscale, dt
     coef = torch.tensor([float(min_scale)], dtype=acc, device=dev)
     block = elementwise_block(M)
-    _gh_bwd_kernel[(triton.cdiv(M, block),)](
-        grad_out, mean_raw if ratio else scale_raw, scale_raw, target, mbar, sbar, dmean, dscale, dt, coef, M, S, K,
+    wrap_triton(_gh_bwd_kernel)[(triton.cdiv(M, block),)](
+        grad, mean_raw, scale_raw, target, mbar, sbar, dmean, dscale, dt, coef, M, S, K,
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return dmean, dscale, dt
 
 
-class GaussianHeadFunction(torch.autograd.Function):
-    """Saves the inputs the backward reads plus the [B, *S] averages; never a [K, B, *S] temporary."""
+# Explicit fake kernels: the Triton CPU interpreter runs wrap_triton's kernels even on fake tensors,
+# so the traced default does not work under TRITON_INTERPRET=1.
+@gaussian_head_fwd.register_fake
+def _(mean_raw, scale_raw, target, ratio, min_scale):
+    acc = _acc_dtype(mean_raw, scale_raw, target)
+    return (target.new_empty(target.shape[:1], dtype=acc), target.new_empty(target.shape, dtype=acc),
+            target.new_empty(target.shape, dtype=acc))
 
-    @staticmethod
-    @ensure_contiguous
-    def forward(ctx, mean_raw, scale_raw, target, ratio, min_scale):
-        out, mbar, sbar = gaussian_head_forward(mean_raw, scale_raw, target, ratio, min_scale)
-        ctx.ratio, ctx.min_scale, ctx.mean_dtype = ratio, min_scale, mean_raw.dtype
-        if ratio:
-            ctx.save_for_backward(mean_raw, scale_raw, target, mbar, sbar)
-        else:  # mean-std: d mean_raw_k = dm / K does not read mean_raw
-            ctx.save_for_backward(scale_raw, target, mbar, sbar)
-        return out
 
-    @staticmethod
-    @ensure_contiguous
-    def backward(ctx, grad_out):
-        if ctx.ratio:
-            mean_raw, scale_raw, target, mbar, sbar = ctx.saved_tensors
-        else:
-            scale_raw, target, mbar, sbar = ctx.saved_tensors
-            mean_raw = None
-        dmean, dscale, dt = gaussian_head_backward(
-            grad_out, mean_raw, scale_raw, target, mbar, sbar, ctx.ratio, ctx.min_scale, ctx.mean_dtype
-        )
-        need = ctx.needs_input_grad
-        return (dmean if need[0] else None, dscale if need[1] else None, dt if need[2] else None, None, None)
+@gaussian_head_bwd.register_fake
+def _(grad, mean_raw, scale_raw, target, mbar, sbar, ratio, min_scale, mean_dtype):
+    return scale_raw.new_empty(scale_raw.shape, dtype=mean_dtype), torch.empty_like(scale_raw), torch.empty_like(target)
+
+
+def _setup(ctx, inputs, output):
+    mean_raw, scale_raw, target, ctx.ratio, ctx.min_scale = inputs
+    _, mbar, sbar = output
+    ctx.mean_dtype = mean_raw.dtype
+    # the inputs the backward reads plus the [B, *S] averages; mean-std never reads mean_raw
+    ctx.save_for_backward(mean_raw if ctx.ratio else None, scale_raw, target, mbar, sbar)
+
+
+def _backward(ctx, grad, _grad_mbar, _grad_sbar):
+    mean_raw, scale_raw, target, mbar, sbar = ctx.saved_tensors
+    dmean, dscale, dt = gaussian_head_bwd(grad.contiguous(), mean_raw if ctx.ratio else scale_raw, scale_raw, target,
+                                          mbar, sbar, ctx.ratio, ctx.min_scale, ctx.mean_dtype)
+    need = ctx.needs_input_grad
+    return dmean if need[0] else None, dscale if need[1] else None, dt if need[2] else None, None, None
+
+
+torch.library.register_autograd("hvae_fast_triton::gaussian_head_fwd", _backward, setup_context=_setup)
 
 
 def gaussian_head_logprob(mean_raw, scale_raw, target, mode: str = "mean-std", min_scale: float = 1e-3):
@@ -253,4 +260,5 @@ def gaussian_head_logprob(mean_raw, scale_raw, target, mode: str = "mean-std", m
     min_scale = float(min_scale)
     if not (min_scale >= 0.0 and math.isfinite(min_scale)):
         raise HVAEError(f"min_scale must be a finite number >= 0, got {min_scale}")
-    return GaussianHeadFunction.apply(mean_raw, scale_raw, target, mode == "ratio", min_scale)
+    return gaussian_head_fwd(mean_raw.contiguous(), scale_raw.contiguous(), target.contiguous(), mode == "ratio",
+                             min_scale)[0]

@@ -1,4 +1,4 @@
-"""Launch helpers shared by the fused Triton ops (block size, warps, contiguity, dtypes).
+"""Launch helpers shared by the fused Triton ops (block size, warps, dtypes).
 
 Importing this module never needs a GPU. ``triton`` is imported lazily by the op modules; this
 file only uses it for ``triton.next_power_of_2`` when it is importable.
@@ -6,7 +6,6 @@ file only uses it for ``triton.next_power_of_2`` when it is importable.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -18,10 +17,6 @@ from hvae_fast.errors import HVAEError
 # so large blocks (fewer programs) are much faster there.
 MAX_BLOCK = 1024
 INTERPRETER_BLOCK = 4096
-
-# Philox offsets are computed in int64 inside the kernels; 2**62 leaves headroom for the
-# offset_base + k * N + j sum to stay positive in a signed 64-bit integer.
-MAX_PHILOX_OFFSET = 2**62
 
 # Supported floating dtypes and what the kernels compute in for each.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -54,18 +49,6 @@ def num_warps_for(block: int) -> int:
     return 1
 
 
-def ensure_contiguous(fn):
-    """Decorator (as in Liger-Kernel): make every tensor argument contiguous before calling ``fn``."""
-
-    @functools.wraps(fn)
-    def wrapper(ctx, *args, **kwargs):
-        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
-        kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        return fn(ctx, *args, **kwargs)
-
-    return wrapper
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / arithmetic dtype: float64 stays float64, everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -85,14 +68,3 @@ def check_same(names, tensors, what: str = "shape") -> None:
     if any(v != vals[0] for v in vals[1:]):
         desc = ", ".join(f"{n} {tuple(v) if what == 'shape' else v}" for n, v in zip(names, vals))
         raise HVAEError(f"the OU op needs {', '.join(names)} with the same {what}, got {desc}")
-
-
-def check_philox_range(K: int, n: int, offset_base: int = 0) -> None:
-    """The Philox offsets offset_base + k * n + j must fit in int64 with headroom (< 2**62)."""
-    if offset_base < 0:
-        raise HVAEError(f"offset_base must be >= 0, got {offset_base}")
-    if offset_base + K * n >= MAX_PHILOX_OFFSET:
-        raise HVAEError(
-            f"K * numel = {K} * {n} (+ offset_base {offset_base}) reaches 2**62 Philox offsets: "
-            "reduce the number of OU samples K or the batch size"
-        )

@@ -1,7 +1,8 @@
 """What only the fused Triton OU kernels (hvae_fast.kernels) have.
 
 The forward / gradient / gradcheck / noise-statistics grids of every backend, Triton included, are
-in tests/test_backends.py. Here: half precision (CUDA only), the Triton-specific argument checks,
+in tests/test_backends.py. Here: half precision (CUDA; on CPU, the interpreter checks that float16 /
+bfloat16 inputs accumulate in float32), the Triton-specific argument checks,
 ``offset_base`` rows and 64-bit offsets against an independent Philox model, the probe.
 
 Without CUDA the kernels run under the Triton CPU interpreter (TRITON_INTERPRET=1, set below
@@ -199,3 +200,50 @@ def test_backend_probe(monkeypatch):
     if torch.cuda.is_available():
         ok, why = probe(torch.device("cuda"))
         assert ok and why.startswith("triton ")
+
+
+# ----------------------------------------------------------------------------------------------
+# Half precision under the CPU interpreter: the kernels accumulate in float32
+# ----------------------------------------------------------------------------------------------
+
+def _half_sum_error(terms: torch.Tensor, dtype) -> torch.Tensor:
+    """|sum_k terms_k accumulated in dtype - the float64 sum|: what a half-precision accumulator loses."""
+    acc = torch.zeros_like(terms[0], dtype=dtype)
+    for t in terms:
+        acc = acc + t.to(dtype)
+    return (acc.double() - terms.double().sum(0)).abs()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CUDA half-precision tests above run on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_float32_under_the_interpreter(dtype):
+    K, shape, rho, seed = 64, (2, 64), 0.3, 5
+    # Op 2: sigma_bar and mu_bar are means of K = 64 terms; the output is float32. Against the
+    # float64 reference on the same rounded inputs: rtol 1e-5 (float32 arithmetic only), while a
+    # dtype accumulator misses the sum of sigma by more (checked below, so the test can fail).
+    m, s, t = _head_inputs(K, shape, 4, extreme=False, dtype=dtype)
+    for mode in ("mean-std", "ratio"):
+        out = gaussian_head_logprob(m, s, t, mode=mode)
+        assert out.dtype == torch.float32
+        ref = gaussian_head_reference(m.double(), s.double(), t.double(), mode=mode)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    sig = torch.nn.functional.softplus(s.double()) + 1e-3
+    assert (_half_sum_error(sig, dtype) / sig.sum(0)).max() > 1e-4
+    # Op 1 backward: dsigma = c sum_k g_k eps_k over K = 64 samples, rounded once to dtype: within one
+    # ulp of dtype of the float64 sum (the interpreter's conversion may truncate), which a running
+    # sum in dtype is not.
+    z, mu, sigma = (x.to(dtype).requires_grad_(True) for x in _inputs(shape, 2))
+    out = correlated_samples(z, mu, sigma, rho, K, seed)
+    assert out.dtype == dtype
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    out.backward(g)
+    eps = correlated_noise(seed, K, shape, DEVICE).double()
+    c = (1 - rho * rho) ** 0.5
+    want = c * (g.double() * eps).sum(0)
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)  # one ulp, relative
+    err = (sigma.grad.double() - want).abs()
+    assert (err <= ulp * want.abs() + 1e-6).all(), err.max()
+    assert (_half_sum_error(c * g.double() * eps, dtype) > ulp * want.abs() + 1e-6).any()
+    # Op 1 forward: a z + b mu + c sigma eps in float32, rounded once to dtype
+    want = (rho * z.float() + (1 - rho) * mu.float() + c * sigma.float() * eps.float()).to(dtype)
+    torch.testing.assert_close(out.detach().float(), want.float(), rtol=ulp, atol=1e-6)

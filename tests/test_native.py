@@ -4,7 +4,8 @@ The forward / gradient / gradcheck / noise-statistics grids of every backend, th
 are in tests/test_backends.py. Here: Philox known answers, the vectorised float32 math and noise
 against independent models, bit compatibility with Triton's tl.randn, 64-bit offsets, the
 build machinery (ISA-keyed cache, failed builds reported, the nvcc compile of the CUDA source),
-the production / test-only extension split.
+the production / test-only extension split, the OpenMP paths above each parallel threshold, and the
+64-bit offsets of the forward and backward kernels (C++ and Triton) through offset_base.
 
 The whole module is skipped only when the cpp backend cannot be built here AND HVAE_REQUIRE_CPP is
 not "1" (CI sets it, so a broken build fails CI instead of vanishing). The first run compiles the
@@ -89,15 +90,8 @@ def test_correlated_samples_only_some_grads_and_broadcast():
     torch.testing.assert_close(mu_row.grad, torch.full((1, 5), 0.5 * 3 * 6), rtol=1e-6, atol=1e-5)
 
 
-def test_offset_limit():
-    # K * N offsets must fit the 64-bit Philox counter with room to spare: 2**62 is refused.
-    with pytest.raises(HVAEError, match="2\\*\\*62"):
-        native._check_offsets(2**31, 2**31)
-    native._check_offsets(2**31, 2**31 - 1)
-
-
 def test_correlated_samples_seeds():
-    # Exact: same seed -> bit-identical output; other seeds (and negative / >= 2**63 ones) differ.
+    # Exact: same seed -> bit-identical output; other seeds differ; seeds outside [0, 2**63) are refused.
     z, mu, sigma = _posterior((8, 16), torch.float32)
     a = CPP.correlated_samples(z, mu, sigma, 0.3, 4, 99)
     b = CPP.correlated_samples(z, mu, sigma, 0.3, 4, 99)
@@ -105,8 +99,9 @@ def test_correlated_samples_seeds():
     d = CPP.correlated_samples(z, mu, sigma, 0.3, 4, 2**40 + 99)
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
-    # a negative seed is its uint64 two's complement, as Triton's seed.to(uint64)
-    assert torch.equal(CPP.correlated_noise(-5, 2, (3,)), CPP.correlated_noise(2**64 - 5, 2, (3,)))
+    for bad in (-5, 2**63):
+        with pytest.raises(HVAEError, match="seed"):
+            CPP.correlated_samples(z, mu, sigma, 0.3, 4, bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,10 +124,13 @@ def test_gaussian_head_saves_no_k_sized_tensors():
     # Exact: the autograd graph keeps the inputs and [B, *S] averages only.
     K, shape = 6, (4, 5)
     m, s, t = (x.requires_grad_(True) for x in _head_inputs(shape, K, torch.float32, False))
-    out = CPP.gaussian_head_logprob(m, s, t, "ratio", 1e-3)
-    saved = out.grad_fn.saved_tensors
-    extra = [x for x in saved if not any(x.data_ptr() == y.data_ptr() for y in (m, s, t))]
-    assert all(tuple(x.shape) == shape for x in extra), [tuple(x.shape) for x in extra]
+    for mode in ("ratio", "mean-std"):
+        out = CPP.gaussian_head_logprob(m, s, t, mode, 1e-3)
+        saved = [x for x in out.grad_fn.saved_tensors if x is not None]
+        extra = [x for x in saved if not any(x.data_ptr() == y.data_ptr() for y in (m, s, t))]
+        assert all(tuple(x.shape) == shape for x in extra), [tuple(x.shape) for x in extra]
+        # mean-std: d mean_raw_k = dm / K never reads mean_raw, so it is not kept
+        assert any(x.data_ptr() == m.data_ptr() for x in saved) == (mode == "ratio")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +296,7 @@ def test_vectorised_noise_matches_model_over_many_draws():
     # the arbitrary-offset path (randn_at) draws the same numbers as the block path
     offs = torch.arange(start, start + 2**20, dtype=torch.int64)
     assert torch.equal(_ext().randn_at(seed, offs), ours)
-    assert torch.equal(_ext().noise_range(seed, 0, 1000), native.CPU_EXT.get().noise(seed, 1, 1000))
+    assert torch.equal(_ext().noise_range(seed, 0, 1000), native.CPU_EXT.get().noise(seed, 1, 1000, 0))
 
 
 def test_extension_isa_matches_build_choice():
@@ -440,3 +438,102 @@ def test_cuda_bindings_syntax(tmp_path):
     cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=x"] + [f"-I{i}" for i in incs]
     p = subprocess.run(cmd + [str(native.csrc_dir() / "ou_cuda.cpp")], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The OpenMP paths: sizes above each parallel threshold (csrc/ou_cpu_kernels.cpp: PAR_WORK_NOISE =
+# 2**15 normals, PAR_WORK_HEAD = 2**17 head elements x K, in chunks of 512 elements), with more
+# threads than parallel chunks and fewer. Each element's arithmetic does not depend on the split, so
+# every thread count must give bit-identical results; a race on a shared buffer breaks that.
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def threads():
+    n = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(n)
+
+
+def _all_threads(threads, counts, fn):
+    outs = []
+    for n in counts:
+        threads(n)
+        outs.append(fn())
+    return outs
+
+
+# (K, B, S): K=4: head grain = 64 chunks, so 80k elements are 3 parallel tasks (8 threads > tasks)
+# and 640k are 20 tasks (2 threads < tasks)
+@pytest.mark.parametrize("K,B,S", [(4, 4, 20_000), (4, 8, 80_000)])
+@pytest.mark.parametrize("mode", ["mean-std", "ratio"])
+def test_head_parallel_paths_match_one_thread_and_the_reference(threads, K, B, S, mode):
+    from hvae_fast.ou import gaussian_head_reference
+
+    m, s, t = _head_inputs((B, S), K, torch.float64, True)
+
+    def run():
+        leaves = [x.clone().requires_grad_(True) for x in (m, s, t)]
+        out = CPP.gaussian_head_logprob(*leaves, mode, 1e-3)
+        out.backward(torch.linspace(0.5, 1.5, B, dtype=torch.float64))
+        return [out.detach()] + [x.grad for x in leaves]
+
+    one, many, few = _all_threads(threads, (1, 8, 2), run)
+    for a, b, c in zip(one, many, few):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    leaves = [x.clone().requires_grad_(True) for x in (m, s, t)]
+    ref = gaussian_head_reference(*leaves, mode, 1e-3)
+    ref.backward(torch.linspace(0.5, 1.5, B, dtype=torch.float64))
+    torch.testing.assert_close(one[0], ref.detach(), rtol=1e-10, atol=1e-8)
+    for got, want in zip(one[1:], (x.grad for x in leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+# K=4: noise grain = 16 chunks; 3 * 16 chunks are 3 tasks (8 threads), 40 * 16 are 40 tasks (2 threads)
+@pytest.mark.parametrize("N", [3 * 16 * 512 + 100, 40 * 16 * 512])
+def test_correlated_samples_parallel_paths_match_one_thread(threads, N):
+    z, mu, sigma = _posterior((N,), torch.float32)
+
+    def run():
+        leaves = [x.clone().requires_grad_(True) for x in (z, mu, sigma)]
+        out = CPP.correlated_samples(*leaves, 0.6, 4, 77)
+        out.backward(torch.ones_like(out) + out.detach())
+        return [out.detach()] + [x.grad for x in leaves]
+
+    one, many, few = _all_threads(threads, (1, 8, 2), run)
+    for a, b, c in zip(one, many, few):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    eps = CPP.correlated_noise(77, 4, (N,))
+    torch.testing.assert_close(one[0], 0.6 * z + 0.4 * mu + sigma * 0.8 * eps, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# 64-bit offsets of the forward and backward kernels (C++ and Triton), through offset_base, against
+# the independent numpy Philox model: the ranges cross 2**32 (the carry into the second counter
+# word) and start far above it.
+# ----------------------------------------------------------------------------------------------
+
+def _fused(name):
+    from hvae_fast.ou import backend_status, get_backend
+
+    ok, why = backend_status("cpu")[name]
+    if not ok:
+        pytest.skip(f"{name} unavailable: {why}")
+    return get_backend(name, "cpu")
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("base", [2**32 - 37, 2**33 + 2**32 + 5, 2**61 + 3])
+def test_forward_and_backward_kernels_use_64bit_offsets(name, base):
+    # Tolerance 1e-5: float32 Box-Muller against the float64 model on the same Philox integers.
+    b, K, N, rho, seed = _fused(name), 3, 24, 0.3, 2**40 + 17
+    z, mu, sigma = (x.double().requires_grad_(True) for x in _posterior((4, 6), torch.float32))
+    out = b.correlated_samples(z, mu, sigma, rho, K, seed, offset_base=base)
+    eps = torch.from_numpy(_randn_numpy(seed, [base + i for i in range(K * N)])).view(K, 4, 6)
+    c = math.sqrt(1 - rho * rho)
+    torch.testing.assert_close(out.detach(), rho * z + (1 - rho) * mu + c * sigma * eps, rtol=0, atol=1e-5)
+    g = torch.randn(K, 4, 6, dtype=torch.float64)
+    out.backward(g)
+    torch.testing.assert_close(sigma.grad, c * (g * eps).sum(0), rtol=0, atol=1e-4)
+    torch.testing.assert_close(b.correlated_noise(seed, K, (4, 6), offset_base=base).double(), eps, rtol=0, atol=1e-5)
+    # and offset_base = 0 draws something else (the base is not dropped on the way to the kernel)
+    assert not torch.allclose(b.correlated_samples(z, mu, sigma, rho, K, seed), out)

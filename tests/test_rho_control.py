@@ -203,3 +203,12 @@ def test_controlled_run_resumes_bit_identical(shared_data, tmp_path, monkeypatch
     assert resumed.controller.state_dict() == full.controller.state_dict()
     resumed_rho = {r["step"]: r["rho"] for r in records(tmp_path / "part")}  # steps 11..13 logged twice: last wins
     assert [resumed_rho[s] for s in range(1, 21)] == rho_full
+
+
+@pytest.mark.parametrize("flag", [["--rho-schedule", "linear:0.5:1.0:100"], ["--rho-control", "2"]])
+def test_a_changing_rho_is_refused_with_compile(flag, capsys):
+    from hvae_fast.cli import main
+
+    assert main(["train", "binarized-mnist", "--compile", *flag, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--compile" in err and "constant rho" in err
