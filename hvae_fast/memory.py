@@ -61,6 +61,8 @@ COLUMNS = ["model", "layers", "parameters", "memory_bytes", "memory_kind", "rati
            "rss_peak_bytes", "step_seconds",
            "paper_memory_gb", "paper_parameters", "batch_size", "samples", "backend", "device"]
 CPU_MEASURE = ("saved-for-backward tensors (deduplicated by storage) + parameters + gradients + optimizer state")
+CPU_PEAK = ("CPU peak: the true peak of the step, torch's CPU allocator (torch.profiler memory events) over the "
+            "step plus what is live at its start (parameters, buffers, optimizer state, the batch)")
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -274,6 +276,8 @@ def format_table(rows: list) -> str:
     w = [max(len(x[i]) for x in out + [head]) for i in range(len(head))]
     lines = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head))]
     lines += ["  ".join(c.rjust(w[i]) for i, c in enumerate(x)) for x in out]
+    if any(r["cpu_peak_bytes"] is not None for r in rows):
+        lines.append(CPU_PEAK)
     return "\n".join(lines)
 
 

@@ -34,6 +34,16 @@ def test_cli_subcommand_refuses_the_same_way(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("hvae-fast: error: no CUDA GPU here")
 
 
+@NO_CUDA
+def test_shell_wrapper(tmp_path):
+    sh = gpucheck.REPO / "bench" / "gpu_check.sh"
+    p = subprocess.run(["sh", str(sh)], capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHON=PY))
+    assert p.returncode != 0 and "usage: bench/gpu_check.sh DIR" in p.stderr
+    p = subprocess.run(["sh", str(sh), "rel/gc", "--budget", "60"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=dict(os.environ, PYTHON=PY))
+    assert p.returncode == 2 and p.stderr.startswith("hvae-fast: error: no CUDA GPU here") and p.stderr.count("\n") == 1
+
+
 def _py(code):
     return [PY, "-c", code]
 
@@ -119,9 +129,8 @@ def test_goal_verdicts_from_results(tmp_path):
 def test_allow_cpu_rehearsal_writes_both_reports(tmp_path):
     # About 2 minutes on 2 cores: every stage in quick CPU mode.
     out = tmp_path / "gc"
-    env = dict(os.environ, HVAE_BENCH_JSON="")
     p = subprocess.run([PY, "-m", "hvae_fast", "gpucheck", "--out", str(out), "--allow-cpu"], capture_output=True,
-                       text=True, timeout=900, env=env)
+                       text=True, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     rep = json.loads((out / "report.json").read_text())
     names = [s.name for s in gpucheck.stages(out, cpu=True)]

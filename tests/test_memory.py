@@ -87,7 +87,7 @@ def test_memory_command_small_cpu(tmp_path, capsys):
                    "--backend", "torch", "--samples", "3", "--json", str(js), "--csv", str(cs), "--plot", str(png)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "synthetic" in out and "CPU measure" in out
+    assert "synthetic" in out and "CPU measure" in out and "CPU peak: the true peak" in out
     rows = json.loads(js.read_text())["rows"]
     assert [(r["model"], r["layers"]) for r in rows] == [("vae", 2), ("hvae", 2), ("iwae", 2), ("lvae", 2), ("biva", 2)]
     with open(cs) as f:
