@@ -261,7 +261,8 @@ def _gib(b):
 
 
 def format_table(rows: list) -> str:
-    head = ["model", "layers", "params", "memory", "x VAE", "saved", "CPU peak", "peak x VAE", "peak RSS", "paper mem", "paper x VAE", "paper params"]
+    head = ["model", "layers", "params", "memory", "x VAE", "saved", "CPU peak", "peak x VAE", "peak RSS", "paper mem",
+            "paper x VAE", "paper params"]
     paper_vae = {d: v[0] for (m, d), v in PAPER.items() if m == "vae"}
     out = []
     for r in rows:
