@@ -481,11 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
     pl.set_defaults(func=cmd_plot)
 
-    from . import diagnostics, report, sweep
+    from . import diagnostics, gpucheck, report, sweep
 
     sweep.add_parser(sub)
     report.add_parser(sub)
     diagnostics.add_parser(sub)
+    gpucheck.add_parser(sub)
     return p
 
 

@@ -23,9 +23,15 @@ The memory figure:
           + params + grads + optimizer state (every tensor in optimizer.state)
         i.e. the memory that must be live at the start of backward plus the persistent training
         state. Temporaries of the forward that autograd does not keep, and the transient buffers
-        of backward, are not in it. Next to it: the process peak RSS (resource.getrusage
-        ru_maxrss), which is monotone over the process, so for every model after the first it is
-        "the peak so far", not a per-model figure.
+        of backward (the activations --recompute rebuilds, say), are not in it.
+        Next to it, the true peak (column ``cpu_peak_bytes``): every allocation and free of torch's
+        CPU allocator during the step, read from torch.profiler (profile_memory=True); the peak of
+        their running sum plus what is live at the step's start (parameters, buffers, optimizer
+        state, the input batch) is the step's peak. Memory taken outside torch's allocator
+        (oneDNN scratch space, thread stacks) is not in it. And the process peak RSS
+        (resource.getrusage ru_maxrss), monotone over the process, so for every model after the
+        first it is "the peak so far", not a per-model figure. On CPU ``step_seconds`` includes
+        the profiler's overhead.
   On CUDA the count above is reported too (column ``counted_bytes``), so the two can be compared.
 """
 
@@ -51,9 +57,12 @@ PAPER = {("vae", 4): (2.12, 12.4e6), ("vae", 6): (2.45, 16.8e6), ("iwae", 4): (8
          ("hvae", 4): (3.74, 12.4e6), ("hvae", 6): (4.6, 16.8e6)}
 IMAGE_SHAPE = (3, 32, 32)
 COLUMNS = ["model", "layers", "parameters", "memory_bytes", "memory_kind", "ratio_to_vae", "saved_bytes",
-           "param_bytes", "grad_bytes", "optimizer_bytes", "counted_bytes", "rss_peak_bytes", "step_seconds",
+           "param_bytes", "grad_bytes", "optimizer_bytes", "counted_bytes", "cpu_peak_bytes", "cpu_peak_ratio_to_vae",
+           "rss_peak_bytes", "step_seconds",
            "paper_memory_gb", "paper_parameters", "batch_size", "samples", "backend", "device"]
 CPU_MEASURE = ("saved-for-backward tensors (deduplicated by storage) + parameters + gradients + optimizer state")
+CPU_PEAK = ("CPU peak: the true peak of the step, torch's CPU allocator (torch.profiler memory events) over the "
+            "step plus what is live at its start (parameters, buffers, optimizer state, the batch)")
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -97,11 +106,30 @@ def _storages_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def step_memory(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, device) -> dict:
+def cpu_peak(fn):
+    """Run ``fn()`` and return ``(fn's result, peak, net)``: the peak of the running sum of the bytes
+    torch's CPU allocator hands out and takes back inside ``fn`` (0 if it only frees), and that sum at
+    the end. Memory live before the call is not in it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), i, e.nbytes()) for i, e in enumerate(prof.profiler.kineto_results.events())
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    peak = run = 0
+    for _, _, n in events:
+        run += n
+        peak = max(peak, run)
+    return out, peak, run
+
+
+def step_memory(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, device, inputs=()) -> dict:
     """Memory of one training step ``loss_fn(model).backward(); optimizer.step()``, after a warm-up step.
 
     Returns bytes: ``saved``, ``params``, ``grads``, ``optimizer``, ``counted`` (their sum, the CPU
-    measure), ``cuda_peak`` (CUDA only, else None), ``rss_peak`` (process, monotone), and ``seconds``.
+    count), ``cpu_peak`` (CPU only, else None: the allocator's peak over the step plus the bytes live at
+    its start, parameters, buffers, optimizer state and the tensors ``inputs``), ``cuda_peak`` (CUDA
+    only, else None), ``rss_peak`` (process, monotone), and ``seconds``.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -123,16 +151,22 @@ def step_memory(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimize
         torch.cuda.reset_peak_memory_stats(device)
     params = list(model.parameters())
     counter = SavedTensorCounter(exclude={p.untyped_storage().data_ptr() for p in params})
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    live = _storages_bytes([*params, *model.buffers(), *state, *inputs])  # grads are None here
     t0 = time.perf_counter()
-    step(counter)
     if cuda:
+        step(counter)
         torch.cuda.synchronize(device)
+        rise = None
+    else:
+        _, rise, _ = cpu_peak(lambda: step(counter))
     seconds = time.perf_counter() - t0
     cuda_peak = torch.cuda.max_memory_allocated(device) if cuda else None
     state = [v for s in optimizer.state.values() for v in s.values()]
     out = {"saved": counter.bytes, "params": _storages_bytes(params),
            "grads": _storages_bytes(p.grad for p in params if p.grad is not None),
            "optimizer": _storages_bytes(state), "cuda_peak": cuda_peak,
+           "cpu_peak": None if rise is None else live + rise,
            "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
            "seconds": seconds}
     out["counted"] = out["saved"] + out["params"] + out["grads"] + out["optimizer"]
@@ -163,9 +197,9 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
             channels: int | None = None, blocks: int | None = None, data_blocks: int | None = None,
             rho: float = 0.9, seed: int = 0, recompute: bool = False) -> dict:
     """One row of the table: the memory of one training step of ``model`` (see the module docstring)."""
-    from .model import OUSmoothing, build_model, count_parameters
+    from .model import count_parameters
     from .objectives import training_loss
-    from .ou import get_backend
+    from .trainer import build_training
 
     if model not in MODELS:
         raise HVAEError(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
@@ -174,33 +208,31 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
     device = torch.device(device)
     torch.manual_seed(seed)
     cfg = model_config(model, layers, channels, blocks, data_blocks)
-    net = build_model(model, cfg.model, IMAGE_SHAPE).to(device)
+    cfg.ou.rho, cfg.ou.samples, cfg.ou.backend, cfg.ou.recompute = rho, samples, backend, recompute
+    tr = build_training(cfg, device, IMAGE_SHAPE)
+    net, opt, ou = tr.model, tr.opt, tr.ou
     net.train()
     n_params = count_parameters(net)
-    opt_cls = torch.optim.Adamax if cfg.train.optimizer == "adamax" else torch.optim.Adam
-    opt = opt_cls(net.parameters(), lr=cfg.train.lr)
-    ou, backend_name = None, "-"
-    if model == "hvae":
-        b = get_backend(backend, device)
-        ou, backend_name = OUSmoothing(rho=rho, samples=samples, backend=b, recompute=recompute), b.name
+    backend_name = tr.backend or "-"
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.randint(0, 256, (batch_size, *IMAGE_SHAPE), generator=gen).float() / 127.5 - 1.0).to(device)
 
     def loss_fn(m):
         return training_loss(m, x, model, ou, beta=1.0, free_bits=0.0, iw_k=samples)[0]
 
-    r = step_memory(net, loss_fn, opt, device)
+    r = step_memory(net, loss_fn, opt, device, inputs=(x,))
     cuda = device.type == "cuda"
     paper = PAPER.get((model, layers), (None, None))
     row = {"model": model, "layers": layers, "parameters": n_params,
            "memory_bytes": r["cuda_peak"] if cuda else r["counted"],
            "memory_kind": "cuda max_memory_allocated" if cuda else "cpu saved+params+grads+optimizer",
            "ratio_to_vae": None, "saved_bytes": r["saved"], "param_bytes": r["params"], "grad_bytes": r["grads"],
-           "optimizer_bytes": r["optimizer"], "counted_bytes": r["counted"], "rss_peak_bytes": r["rss_peak"],
+           "optimizer_bytes": r["optimizer"], "counted_bytes": r["counted"], "cpu_peak_bytes": r["cpu_peak"],
+           "cpu_peak_ratio_to_vae": None, "rss_peak_bytes": r["rss_peak"],
            "step_seconds": round(r["seconds"], 4), "paper_memory_gb": paper[0], "paper_parameters": paper[1],
            "batch_size": batch_size, "samples": samples, "backend": backend_name, "recompute": recompute,
            "device": str(device)}
-    del net, opt, x
+    del net, opt, x, tr
     if cuda:
         torch.cuda.empty_cache()
     return row
@@ -214,10 +246,13 @@ def run_table(models=("vae", "iwae", "hvae", "lvae", "biva"), depths=(4, 6), bas
         for d in (baseline_depths if m in ("lvae", "biva") else depths):
             log.info("measuring %s with %d stochastic layers", m, d)
             rows.append(measure(m, d, **kw))
-    vae = {r["layers"]: r["memory_bytes"] for r in rows if r["model"] == "vae"}
+    vae = {r["layers"]: r for r in rows if r["model"] == "vae"}
     for r in rows:
-        if r["layers"] in vae:
-            r["ratio_to_vae"] = round(r["memory_bytes"] / vae[r["layers"]], 3)
+        v = vae.get(r["layers"])
+        if v is not None:
+            r["ratio_to_vae"] = round(r["memory_bytes"] / v["memory_bytes"], 3)
+            if r["cpu_peak_bytes"] is not None:
+                r["cpu_peak_ratio_to_vae"] = round(r["cpu_peak_bytes"] / v["cpu_peak_bytes"], 3)
     return rows
 
 
@@ -226,7 +261,8 @@ def _gib(b):
 
 
 def format_table(rows: list) -> str:
-    head = ["model", "layers", "params", "memory", "x VAE", "saved", "peak RSS", "paper mem", "paper x VAE", "paper params"]
+    head = ["model", "layers", "params", "memory", "x VAE", "saved", "CPU peak", "peak x VAE", "peak RSS", "paper mem",
+            "paper x VAE", "paper params"]
     paper_vae = {d: v[0] for (m, d), v in PAPER.items() if m == "vae"}
     out = []
     for r in rows:
@@ -234,11 +270,15 @@ def format_table(rows: list) -> str:
         pr = f"{pm / paper_vae[r['layers']]:.2f}" if pm is not None and r["layers"] in paper_vae else "-"
         out.append([r["model"].upper(), str(r["layers"]), f"{r['parameters'] / 1e6:.2f}M", _gib(r["memory_bytes"]),
                     "-" if r["ratio_to_vae"] is None else f"{r['ratio_to_vae']:.2f}", _gib(r["saved_bytes"]),
+                    _gib(r["cpu_peak_bytes"]),
+                    "-" if r["cpu_peak_ratio_to_vae"] is None else f"{r['cpu_peak_ratio_to_vae']:.2f}",
                     _gib(r["rss_peak_bytes"]), "-" if pm is None else f"{pm}G", pr,
                     "-" if r["paper_parameters"] is None else f"{r['paper_parameters'] / 1e6:.1f}M"])
     w = [max(len(x[i]) for x in out + [head]) for i in range(len(head))]
     lines = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head))]
     lines += ["  ".join(c.rjust(w[i]) for i, c in enumerate(x)) for x in out]
+    if any(r["cpu_peak_bytes"] is not None for r in rows):
+        lines.append(CPU_PEAK)
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hvae_fast import cli
-from hvae_fast.memory import COLUMNS, SavedTensorCounter, step_memory
+from hvae_fast.memory import COLUMNS, SavedTensorCounter, cpu_peak, step_memory
 
 F32 = 4
 
@@ -37,6 +37,39 @@ def test_step_memory_of_linear_tanh_by_hand():
     assert r["cuda_peak"] is None and r["rss_peak"] > 0
 
 
+def test_cpu_peak_of_known_allocations():
+    # a: 4000 B, b: 8000 B (peak 12000), a freed, c: 2000 B; b and c returned (live at the end).
+    def toy():
+        a = torch.empty(1000)
+        b = torch.empty(2000)
+        del a
+        c = torch.empty(500)
+        return b, c
+
+    (b, c), peak, net = cpu_peak(toy)
+    assert (peak, net) == (12000, 10000)
+    # Frees of memory allocated before the call lower the running sum; they never raise the peak.
+    _, peak, net = cpu_peak(lambda: b.resize_(0).untyped_storage().resize_(0))
+    assert (peak, net) == (0, -8000)
+
+
+def test_true_cpu_peak_of_linear_tanh_sgd_step_by_hand():
+    """loss = tanh(x W^T + b).sum(), Linear(I=7, O=5), x [3, 7], plain SGD (updates in place).
+
+    Live at the start: W, b (35 + 5 floats) and x (21): 244 B. The forward's addmm output (15 floats)
+    is freed once tanh has its output y; backward frees y after tanh_backward. The peak comes at the
+    end of backward: the loss and its grad (1 + 1 floats), dL/dy's tanh_backward output (15), and the
+    gradients of W and b (35 + 5): 228 B above the start, 472 B in all.
+    """
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(7, 5)
+    x = torch.randn(3, 7)
+    r = step_memory(lin, lambda m: torch.tanh(m(x)).sum(), torch.optim.SGD(lin.parameters(), lr=0.1), "cpu",
+                    inputs=(x,))
+    assert r["cpu_peak"] == (40 + 21) * F32 + (2 + 15 + 40) * F32 == 472
+    assert r["counted"] == r["saved"] + 2 * 40 * F32 == (21 + 15) * F32 + 80 * F32
+
+
 def test_saved_tensor_counter_dedups_storages_and_skips_excluded():
     w = torch.nn.Parameter(torch.randn(6))
     x = torch.randn(6)
@@ -54,7 +87,7 @@ def test_memory_command_small_cpu(tmp_path, capsys):
                    "--backend", "torch", "--samples", "3", "--json", str(js), "--csv", str(cs), "--plot", str(png)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "synthetic" in out and "CPU measure" in out
+    assert "synthetic" in out and "CPU measure" in out and "CPU peak: the true peak" in out
     rows = json.loads(js.read_text())["rows"]
     assert [(r["model"], r["layers"]) for r in rows] == [("vae", 2), ("hvae", 2), ("iwae", 2), ("lvae", 2), ("biva", 2)]
     with open(cs) as f:
@@ -69,6 +102,9 @@ def test_memory_command_small_cpu(tmp_path, capsys):
                                                            + r["optimizer_bytes"])
         assert r["parameters"] * F32 == r["param_bytes"] == r["grad_bytes"]
         assert r["ratio_to_vae"] == pytest.approx(r["memory_bytes"] / by["vae"]["memory_bytes"], rel=1e-2)
+        # The true peak holds the step's transients too; on these shapes every model has some.
+        assert r["cpu_peak_bytes"] > r["param_bytes"] + r["optimizer_bytes"]
+        assert r["cpu_peak_ratio_to_vae"] == pytest.approx(r["cpu_peak_bytes"] / by["vae"]["cpu_peak_bytes"], rel=1e-2)
     assert by["hvae"]["memory_bytes"] > by["vae"]["memory_bytes"]
     assert by["iwae"]["memory_bytes"] > by["hvae"]["memory_bytes"]
     assert by["hvae"]["backend"] == "torch" and by["vae"]["ratio_to_vae"] == 1.0
