@@ -197,7 +197,7 @@ def test_the_model_rooms_import_only_downwards():
     assert short["hvae_fast.distributions"] <= {"errors"}
     assert short["hvae_fast.backends"] == {"errors"}
     assert short["hvae_fast.stack"] == {"config", "errors", "likelihoods", "nets"}
-    assert short["hvae_fast.baselines"] == {"config", "distributions", "errors", "stack"}
+    assert short["hvae_fast.baselines"] == {"config", "distributions", "errors", "nets", "stack"}
     assert short["hvae_fast.model"] == {"backends", "baselines", "config", "distributions", "errors", "stack"}
     assert short["hvae_fast.ou"] == {"backends", "distributions", "errors", "kernels.backend", "native"}
     assert short["hvae_fast.rho_control"] == {"errors"}
