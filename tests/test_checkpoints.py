@@ -102,7 +102,7 @@ def in_process(*argv):
     return subprocess.CompletedProcess(argv, code, "", err.getvalue())
 
 
-@pytest.mark.parametrize("runner", [in_process, pytest.param(run_cli, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("runner", [in_process, run_cli])
 def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(tiny_run, tmp_path, shared_data, runner):
     # The payload is live: a plain torch.load would create the marker file.
     probe = tmp_path / "probe"
@@ -288,7 +288,6 @@ def test_a_signal_stops_after_the_step_and_the_resumed_run_ends_bit_identical(tm
         assert torch.equal(v, b["model"][k]), k
 
 
-@pytest.mark.slow
 def test_sigint_checkpoints_the_current_step_and_prints_the_resume_command(tmp_path, shared_data):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "hvae_fast", *cli_train(out, shared_data, steps=100_000)]

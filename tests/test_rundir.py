@@ -36,7 +36,6 @@ def test_a_second_trainer_is_refused_while_the_lock_is_held(tmp_path, shared_dat
     assert main(cli_train(out, shared_data, steps=2)) == 0
 
 
-@pytest.mark.slow
 def test_a_running_trainer_owns_its_folder_and_sigterm_checkpoints_it(tmp_path, shared_data):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "hvae_fast", *cli_train(out, shared_data, steps=100_000)],
