@@ -4,9 +4,10 @@ Benchmark names: ``vae`` (the plain stacked VAE: the baseline), ``hvae-torch`` (
 generator layers on the eager torch backend), ``hvae-<backend>`` for each available fused backend
 (``hvae-triton``, ``hvae-cuda``, ``hvae-cpp``; the rest are skipped with the probe's reason), and
 ``hvae-torch-recompute`` (the K-sample generator activations rebuilt in backward, ``--ou-recompute``).
-Groups: ``step-<preset>``. Every variant starts from the same weights (seed 0) and the same
-synthetic batch, and runs the step the trainer runs (trainer.Trainer.train_step: loss, zero_grad,
-backward, clip_grad_norm_, finiteness checks, optimizer step) with the preset's optimizer and lr.
+Groups: ``step-<preset>``. Every variant is set up by the trainer's ``build_training`` (model,
+optimizer, OU smoothing) from the same weights (seed 0), gets the same synthetic batch, and runs the
+step the trainer runs (trainer.Trainer.train_step: loss, zero_grad, backward, clip_grad_norm_,
+finiteness checks, optimizer step) with the preset's optimizer at its step-0 learning rate.
 
 Memory (``extra_info``, measured on one untimed step: on CUDA after a warm-up step, so optimizer state exists;
 on CPU it is the first step, and grads and optimizer state are counted explicitly):
@@ -28,9 +29,8 @@ import pytest
 import torch
 
 from hvae_fast.config import preset_config
-from hvae_fast.model import OUSmoothing, build_model
 from hvae_fast.objectives import training_loss
-from hvae_fast.ou import get_backend
+from hvae_fast.trainer import build_training
 
 IMAGE_SHAPES = {"binarized-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 QUICK = os.environ.get("HVAE_BENCH_QUICK", "").strip() == "1"  # CI: does every benchmark run (bench/conftest.py)
@@ -58,24 +58,20 @@ class Step:
         cfg = preset_config(preset)
         if QUICK and cfg.model.arch == "resnet":  # the preset's layers, 8 channels, one block per net
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, channels=8, blocks=1, data_blocks=1))
-        self.cfg = cfg
         self.method = "vae" if variant == "vae" else "hvae"
+        name = variant.removeprefix("hvae-")
+        cfg = dataclasses.replace(cfg, method=self.method, ou=dataclasses.replace(
+            cfg.ou, backend=name.removesuffix("-recompute"), recompute=name.endswith("-recompute")))
+        self.cfg = cfg
         shape = IMAGE_SHAPES[cfg.dataset]
         torch.manual_seed(0)
-        self.model = build_model(self.method, cfg.model, shape).to(device)
+        tr = build_training(cfg, device, shape)  # the trainer's set-up; its LR schedule is not stepped here
+        self.model, self.opt, self.ou = tr.model, tr.opt, tr.ou
         t = cfg.train
-        opt_cls = torch.optim.Adamax if t.optimizer == "adamax" else torch.optim.Adam
-        self.opt = opt_cls(self.model.parameters(), lr=t.lr)
         self.grad_clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         self.batch = batch or t.batch_size
         self.x = _batch(cfg, self.batch, shape, device)
         self.device = device
-        self.ou = None
-        if self.method == "hvae":
-            name = variant.removeprefix("hvae-")
-            backend = get_backend(name.removesuffix("-recompute"), device)
-            self.ou = OUSmoothing(cfg.ou.rho, cfg.ou.samples, backend, cfg.ou.target, cfg.ou.smooth_inference,
-                                  recompute=name.endswith("-recompute"))
 
     def forward(self):
         return training_loss(self.model, self.x, self.method, self.ou, 1.0, 0.0, 1)[0]

@@ -12,7 +12,7 @@
   ``bench/results/<device-kind>-latest.json`` (``cpu-latest.json``, ``cuda-H100-latest.json``);
   ``HVAE_BENCH_JSON=PATH`` redirects it, ``HVAE_BENCH_JSON=none`` turns it off. The JSON is
   pytest-benchmark's, plus a top-level ``"hvae_fast"`` object (device, versions, backend status,
-  threads, load average, GPU copy bandwidth). ``python -m hvae_fast.benchreport FILE`` summarises it.
+  threads, load average, GPU copy bandwidth). ``python -m hvae_fast.reporting.bench FILE`` summarises it.
 * Rounds: ``HVAE_BENCH_SCALE`` (default 1.0) multiplies every round count / time budget.
 * Quick mode: ``HVAE_BENCH_QUICK=1`` (CI) checks that every benchmark runs, not how fast: tiny op
   sizes, the CIFAR step at batch 2, a few rounds, torch.compile skipped (it compiles for minutes),

@@ -355,6 +355,7 @@ def cmd_memory(args) -> int:
 
     from . import memory
     from .ou import check_ou_args
+    from .reporting import memory_table
     from .trainer import resolve_device
 
     check_ou_args(args.rho, args.samples)
@@ -369,13 +370,14 @@ def cmd_memory(args) -> int:
     print(f"memory of one training step on {device} ({kind}), batch {args.batch_size}, "
           f"{args.samples} OU / IWAE samples, synthetic CIFAR-10-shaped inputs (3x32x32, logistic likelihood)")
     if device.type == "cpu":
-        print(f"CPU measure: {memory.CPU_MEASURE}; peak RSS is the process's, monotone (not per model)")
-    print(memory.format_table(rows))
+        print(f"CPU measure: {memory_table.CPU_MEASURE}; peak RSS is the process's, monotone (not per model)")
+    print(memory_table.format_table(rows))
     print("paper: CUDA peak memory (Table 6); compare ratios, not absolute numbers, across measures")
     meta = {"device": str(device), "memory_kind": kind, "batch_size": args.batch_size, "samples": args.samples,
             "inputs": "synthetic uniform 8-bit images, 3x32x32", "torch": torch.__version__}
-    writers = [(args.json, lambda f: f.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")),
-               (args.csv, lambda f: memory.write_csv(rows, f)), (args.plot, lambda f: memory.write_plot(rows, f))]
+    writers = [(args.json, lambda f: memory_table.write_json(rows, meta, f)),
+               (args.csv, lambda f: memory_table.write_csv(rows, f)),
+               (args.plot, lambda f: memory_table.write_plot(rows, f))]
     for path, write in writers:
         if path is not None:
             try:
@@ -387,7 +389,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plots import plot_runs
+    from .reporting.curves import plot_runs
 
     print(f"wrote {plot_runs(args.run_dirs, args.output)}")
     return 0
@@ -404,8 +406,9 @@ def _models(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .memory import CPU_MEASURE, MODELS
+    from .memory import MODELS
     from .ou import BACKEND_NAMES
+    from .reporting.memory_table import CPU_MEASURE
 
     p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

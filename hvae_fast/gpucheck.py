@@ -202,7 +202,7 @@ def _goal(name, status, detail):
 
 def goals(out: Path, cpu: bool) -> list:
     """The issue's three GPU goals from the stages' outputs: met / not met / not measured."""
-    from . import benchreport as br
+    from .reporting import bench as br
 
     g = []
     label = f"HVAE K=5 step <= {STEP_GOAL}x the VAE step (cifar10-resnet-4, batch 64)"
@@ -269,7 +269,7 @@ def write_reports(out: Path, sts: list, meta: dict) -> dict:
 
 
 def markdown(rep: dict, out: Path) -> str:
-    from . import benchreport, memory
+    from .reporting import bench, memory_table
 
     info = rep.get("info") or {}
     lines = [f"# hvae-fast gpucheck ({rep['mode']})", "",
@@ -297,14 +297,14 @@ def markdown(rep: dict, out: Path) -> str:
     for name in ("steps", "ops", "ops-compiled"):
         if (out / f"{name}.json").is_file():
             try:
-                lines += ["", f"## Benchmarks: {name}.json", "", benchreport.report(out / f"{name}.json")]
+                lines += ["", f"## Benchmarks: {name}.json", "", bench.report(out / f"{name}.json")]
             except (ValueError, KeyError, TypeError) as exc:
                 lines += ["", f"{name}.json is unreadable: {type(exc).__name__}: {exc}"]
     for name in ("memory-recompute", "memory"):
         data = _load(out / f"{name}.json")
         if data and data.get("rows"):
             lines += ["", f"## Memory: {name}.json ({data['meta'].get('memory_kind')})", "", "```",
-                      memory.format_table(data["rows"]), "```"]
+                      memory_table.format_table(data["rows"]), "```"]
     return "\n".join(lines) + "\n"
 
 

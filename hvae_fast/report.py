@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from .errors import HVAEError
-from .plots import plot_runs
+from .reporting.curves import plot_runs
 from .sweep import read_spec, summarize, write_results
 
 # method.md, "Results to compare against": validation ELBO, top-layer KL (nats), active units

@@ -48,7 +48,7 @@ def _memory_checks(args):
 
 
 def _plot_checks(args):
-    from hvae_fast.plots import read_metrics
+    from hvae_fast.reporting.curves import read_metrics
 
     for run in args.run_dirs:
         read_metrics(run)

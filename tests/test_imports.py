@@ -205,3 +205,20 @@ def test_the_model_rooms_import_only_downwards():
     for backend in ("hvae_fast.native", "hvae_fast.kernels.backend", "hvae_fast.kernels.correlated_sample",
                     "hvae_fast.kernels.gaussian_head"):
         assert "ou" not in short[backend] and "model" not in short[backend], backend
+
+
+def test_the_reporting_room_formats_and_never_measures():
+    """hvae_fast.reporting only formats, plots and writes: it imports errors and config and nothing that
+    measures or trains; the measuring and command modules reach it, the other way round never."""
+    graph, _ = import_graph(package_modules())
+    short = {m: {t.removeprefix("hvae_fast.") for t in ts} for m, ts in graph.items()}
+    rooms = {m for m in short if m.startswith("hvae_fast.reporting")}
+    assert {"hvae_fast.reporting", "hvae_fast.reporting.memory_table", "hvae_fast.reporting.bench",
+            "hvae_fast.reporting.curves"} <= rooms
+    for m in rooms:
+        outside = {t for t in short[m] if not t.startswith("reporting")}
+        assert outside <= {"errors", "config"}, (m, outside)
+    assert "reporting.memory_table" in short["hvae_fast.memory"]  # the paper's Table 6 lives with its table
+    assert "reporting.curves" in short["hvae_fast.report"]
+    assert {"reporting.bench", "reporting.memory_table"} <= short["hvae_fast.gpucheck"]
+    assert not any(m.startswith("hvae_fast.benchreport") or m == "hvae_fast.plots" for m in short)

@@ -12,9 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from .errors import HVAEError
+from ..errors import HVAEError
 
-log = logging.getLogger("hvae_fast.plots")
+log = logging.getLogger("hvae_fast.reporting.curves")
 EMA_WEIGHT = 0.9  # weight of the running average per logged record: smoothed = w * smoothed + (1 - w) * elbo
 
 
@@ -39,7 +39,7 @@ def read_records(path: Path) -> list:
 
 def read_metrics(run_dir) -> tuple[str, list, list]:
     """(label, train records, valid records) of a run directory."""
-    from .config import load_config
+    from ..config import load_config
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"

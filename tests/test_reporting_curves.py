@@ -9,7 +9,7 @@ import pytest
 from hvae_fast.cli import main
 from hvae_fast.config import RunConfig
 from hvae_fast.errors import HVAEError
-from hvae_fast.plots import EMA_WEIGHT, ema, read_metrics
+from hvae_fast.reporting.curves import EMA_WEIGHT, ema, read_metrics
 
 
 def write_run(path, partial_last_line=True, method="hvae"):
@@ -32,7 +32,7 @@ def write_run(path, partial_last_line=True, method="hvae"):
 def test_plot_writes_a_png_and_skips_a_partial_last_line(tmp_path, capsys, caplog):
     run = write_run(tmp_path / "run")
     out = tmp_path / "curves.png"
-    with caplog.at_level(logging.WARNING, logger="hvae_fast.plots"):
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.reporting.curves"):
         assert main(["plot", str(run), str(write_run(tmp_path / "vae", False, "vae")), "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {out}" in capsys.readouterr().out

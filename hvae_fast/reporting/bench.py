@@ -1,4 +1,4 @@
-"""Markdown summary of a bench/ results JSON: ``python -m hvae_fast.benchreport bench/results/cpu-latest.json``.
+"""Markdown summary of a bench/ results JSON: ``python -m hvae_fast.reporting.bench bench/results/cpu-latest.json``.
 
 One table per benchmark group (``step-<preset>``: baseline ``vae``; ``op-<op>-<mode>-<size>``:
 baseline ``torch``, eager PyTorch) with the median time, the ratio to the baseline measured in the
@@ -128,7 +128,7 @@ def targets(data: dict) -> list:
         fused = [n for n in steps if n.removeprefix("hvae-") in FUSED]
         if not ref or not fused:
             out.append(f"- {label}: not measured ({'no hvae-torch result' if not ref else unavailable()})")
-        for n in sorted(fused):
+        for n in sorted(fused) if ref else ():  # no reference, no ratio
             r = _median(steps[n]) / _median(ref)
             out.append(f"- {label}: `{n}` at {r:.2f}x of `hvae-torch` "
                        f"({_fmt_ms(_median(steps[n]))} vs {_fmt_ms(_median(ref))} ms): {_status(r <= CPU_STEP_TARGET)}")
@@ -220,7 +220,7 @@ def report(path) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hvae_fast.benchreport", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m hvae_fast.reporting.bench", description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="pytest-benchmark JSON written by `pytest bench/ --benchmark-only`")
     args = ap.parse_args(argv)
     rc = 0

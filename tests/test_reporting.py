@@ -1,0 +1,76 @@
+"""hvae_fast.reporting: the memory table and the benchmark summary, from hand-made inputs (nothing measured)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+from hvae_fast.reporting import bench, memory_table
+
+GIB = 2**30
+
+
+def _row(model, layers, mem, ratio, cpu_peak=None):
+    paper = memory_table.PAPER.get((model, layers), (None, None))
+    return {"model": model, "layers": layers, "parameters": 12_400_000, "memory_bytes": mem,
+            "memory_kind": "cpu saved+params+grads+optimizer", "ratio_to_vae": ratio, "saved_bytes": mem // 2,
+            "param_bytes": 1, "grad_bytes": 1, "optimizer_bytes": 2, "counted_bytes": mem, "cpu_peak_bytes": cpu_peak,
+            "cpu_peak_ratio_to_vae": None, "rss_peak_bytes": None, "step_seconds": 0.5,
+            "paper_memory_gb": paper[0], "paper_parameters": paper[1], "batch_size": 64, "samples": 5,
+            "backend": "-", "recompute": False, "device": "cpu"}
+
+
+def test_memory_table_text_by_hand():
+    rows = [_row("vae", 4, 2 * GIB, 1.0), _row("hvae", 4, 3 * GIB, 1.5), _row("lvae", 15, GIB // 2, None)]
+    lines = memory_table.format_table(rows).splitlines()
+    assert len(lines) == 4  # no CPU peak measured: no note under the table
+    assert lines[0].split() == ["model", "layers", "params", "memory", "x", "VAE", "saved", "CPU", "peak", "peak", "x",
+                                "VAE", "peak", "RSS", "paper", "mem", "paper", "x", "VAE", "paper", "params"]
+    # HVAE-4: 3 GiB, 1.50x measured; paper 3.74G / 2.12G = 1.76x
+    assert lines[2].split() == ["HVAE", "4", "12.40M", "3.000G", "1.50", "1.500G", "-", "-", "-", "3.74G", "1.76",
+                                "12.4M"]
+    assert lines[3].split()[:5] == ["LVAE", "15", "12.40M", "0.500G", "-"]
+    assert lines[3].split()[-3:] == ["6.4G", "-", "59.5M"]  # no 15-layer VAE in the paper: no ratio
+    assert len({len(x) for x in lines}) == 1  # right-aligned columns
+    with_peak = memory_table.format_table([_row("vae", 4, GIB, 1.0, cpu_peak=GIB)])
+    assert with_peak.splitlines()[-1] == memory_table.CPU_PEAK
+
+
+def test_memory_table_json_and_csv_round_trip(tmp_path):
+    rows = [_row("vae", 6, GIB, 1.0), _row("iwae", 6, 4 * GIB, 4.0)]
+    memory_table.write_json(rows, {"device": "cpu"}, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"meta": {"device": "cpu"}, "rows": rows}
+    memory_table.write_csv(rows, tmp_path / "m.csv")
+    with open(tmp_path / "m.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [r["model"] for r in got] == ["vae", "iwae"] and got[1]["memory_bytes"] == str(4 * GIB)
+    assert got[0]["cpu_peak_bytes"] == ""  # None is an empty cell
+    assert list(got[0]) == memory_table.COLUMNS
+
+
+def _bench_json(path):
+    def b(group, name, median, **extra):
+        return {"group": group, "name": name, "stats": {"median": median}, "extra_info": extra}
+
+    data = {"benchmarks": [b("step-mnist-mlp-40x4", "vae", 0.010, peak_mem_bytes=2**20, batch=100),
+                           b("step-mnist-mlp-40x4", "hvae-cpp", 0.015, peak_mem_bytes=3 * 2**19, batch=100)]}
+    path.write_text(json.dumps(data))
+
+
+def test_bench_summary_ratios_by_hand(tmp_path):
+    _bench_json(tmp_path / "r.json")
+    text = bench.report(tmp_path / "r.json")
+    assert "#### step-mnist-mlp-40x4" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `hvae-cpp`"))
+    assert [c.strip() for c in row.strip("|").split("|")][:6] == ["`hvae-cpp`", "15.00", "1.50x", "1.5", "1.50x", "100"]
+    # the CPU target needs the hvae-torch step, which this file lacks: reported as not measured, not a crash
+    assert "not measured (no hvae-torch result)" in text
+
+
+def test_bench_summary_entry_point(tmp_path):
+    _bench_json(tmp_path / "r.json")
+    run = [sys.executable, "-m", "hvae_fast.reporting.bench"]
+    ok = subprocess.run(run + [str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "| `vae` | 10.00 | 1.00x" in ok.stdout
+    bad = subprocess.run(run + [str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such results file" in bad.stderr and "Traceback" not in bad.stderr
