@@ -138,8 +138,9 @@ def test_allow_cpu_rehearsal_writes_both_reports(tmp_path):
     assert all(s["status"] == "ok" for s in rep["stages"]), rep["stages"]
     md = (out / "report.md").read_text()
     assert all(f"| {n} | ok" in md for n in names)
-    for f in ("info.json", "tests.xml", "steps.json", "ops.json", "ops-compiled.json", "memory.json",
-              "memory-recompute.json"):
+    # Quick mode skips the torch.compile benchmarks, and pytest-benchmark >= 5.3 writes no JSON when
+    # every benchmark of a run was skipped: ops-compiled.json exists only on a GPU run.
+    for f in ("info.json", "tests.xml", "steps.json", "ops.json", "memory.json", "memory-recompute.json"):
         assert (out / f).is_file(), f
     assert rep["tests"]["tests"] > 0 and rep["tests"]["failures"] == rep["tests"]["errors"] == 0
     assert [g["status"] for g in rep["goals"]] == ["not measured"] * 3
