@@ -15,7 +15,7 @@ from hvae_fast.errors import HVAEError
 from hvae_fast.rho_control import KI, KP, RhoController, parse_schedule
 from hvae_fast.trainer import Trainer, load_checkpoint
 
-from test_trainer_cli import records, tiny_config
+from test_trainer_cli import records, tiny_config, train_interrupted
 
 
 # -- schedules --------------------------------------------------------------------------------
@@ -182,17 +182,7 @@ def test_controlled_run_resumes_bit_identical(shared_data, tmp_path, monkeypatch
     assert len(rho_full) == 20 and len(set(rho_full)) > 10 and all(0.3 <= r <= 1.0 for r in rho_full)
     assert rho_full[0] == 0.8  # --rho is the first step's rho
 
-    orig = Trainer.train_step
-
-    def interrupted(self, x):
-        if self.step == 13:
-            raise KeyboardInterrupt
-        return orig(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg(), tmp_path / "part", data_dir=shared_data, progress=False).fit()
-    monkeypatch.setattr(Trainer, "train_step", orig)
+    train_interrupted(monkeypatch, cfg(), tmp_path / "part", shared_data)
     st = load_checkpoint(tmp_path / "part" / "checkpoint-latest.pt", "cpu")
     assert st["step"] == 10 and set(st["rho_control"]) == {"integral", "rho", "kl_ema"}
     resumed = Trainer(cfg(), tmp_path / "part", data_dir=shared_data, resume=True, progress=False)

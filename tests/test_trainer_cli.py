@@ -25,6 +25,21 @@ def records(run, split="train"):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["split"] == split]
 
 
+
+def train_interrupted(monkeypatch, cfg, out, data_dir, at: int = 13) -> None:
+    """Train ``cfg`` into ``out`` and stop it with a KeyboardInterrupt as step ``at`` begins."""
+    orig = Trainer.train_step
+
+    def interrupted(self, x):
+        if self.step == at:
+            raise KeyboardInterrupt
+        return orig(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, out, data_dir=data_dir, progress=False).fit()
+    monkeypatch.setattr(Trainer, "train_step", orig)
+
 def test_short_training_lowers_the_loss_and_writes_the_run_directory(shared_data, tmp_path):
     tr = Trainer(tiny_config(steps=60), tmp_path / "run", data_dir=shared_data, progress=False)
     tr.fit()
@@ -48,17 +63,7 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(shared_data, tm
     full = Trainer(tiny_config(), tmp_path / "full", data_dir=shared_data, progress=False)
     full.fit()
 
-    orig = Trainer.train_step
-
-    def interrupted(self, x):
-        if self.step == 13:
-            raise KeyboardInterrupt
-        return orig(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(), tmp_path / "part", data_dir=shared_data, progress=False).fit()
-    monkeypatch.setattr(Trainer, "train_step", orig)
+    train_interrupted(monkeypatch, tiny_config(), tmp_path / "part", shared_data)
     resumed = Trainer(tiny_config(), tmp_path / "part", data_dir=shared_data, resume=True, progress=False)
     assert resumed.step == 10
     resumed.fit()
