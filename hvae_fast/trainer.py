@@ -421,7 +421,9 @@ class Trainer:
             raise HVAEError(f"{self.out} already holds a run (checkpoint-latest.pt): pass --resume to continue it, "
                             f"or --out for a new run")
         st = load_checkpoint(ckpt, self.device)
-        diff = [p for p in config_diff(st["config"], self.cfg.to_dict()) if p not in RESUMABLE_CHANGES]
+        # A checkpoint written before a config field existed lacks it: compare with that field's default.
+        saved = RunConfig.from_dict(st["config"], where=f"the config inside {ckpt}").to_dict()
+        diff = [p for p in config_diff(saved, self.cfg.to_dict()) if p not in RESUMABLE_CHANGES]
         if diff:
             names = ", ".join(".".join(p) for p in diff)
             raise HVAEError(f"--resume: the config differs from the checkpoint's in {names}; "

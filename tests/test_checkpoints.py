@@ -169,6 +169,23 @@ def test_resume_checks_the_config_inside_the_checkpoint(tmp_path, shared_data, c
     assert len(err.splitlines()) == 1 and "differs from the checkpoint's in method;" in err
 
 
+
+def test_a_checkpoint_from_before_a_config_field_existed_resumes(tmp_path, shared_data, capsys):
+    """A field added to the config after a run was written takes its default, not a resume refusal."""
+    out = tmp_path / "old"
+    assert main(cli_train(out, shared_data, steps=2)) == 0
+    path = out / "checkpoint-latest.pt"
+    st = load_checkpoint(path, "cpu")
+    for section, name in (("ou", "rho_schedule"), ("ou", "rho_min"), ("train", "checkpoint_minutes")):
+        del st["config"][section][name]  # as written by a version without these fields
+    torch.save(st, path)
+    assert main(cli_train(out, shared_data, "--resume", steps=4)) == 0, capsys.readouterr().err
+    assert load_checkpoint(path, "cpu")["step"] == 4
+    st["config"]["ou"]["rho"] = 0.5  # a real difference is still refused
+    torch.save(st, path)
+    assert main(cli_train(out, shared_data, "--resume", steps=6)) == 2
+    assert "differs from the checkpoint's in ou.rho;" in capsys.readouterr().err
+
 def test_divergence_keeps_the_last_finite_weights(tmp_path, shared_data, monkeypatch, capsys):
     # lr 1e30: step 1 (finite) moves every weight to ~1e30, from where every loss is inf. Saves are
     # due every step, but a periodic checkpoint is written only once the next step is finite, so
