@@ -120,13 +120,15 @@ def out_of_memory(hint: str):
     """Turn an allocation failure (CUDA, or the CPU allocator's) into an HVAEError naming the flag to lower."""
     import torch
 
+    from .trainer import is_out_of_memory
+
     try:
         yield
     except torch.OutOfMemoryError:
         raise HVAEError(f"out of GPU memory {hint}") from None
     except RuntimeError as exc:
         # The CPU allocator's messages, and torch's for a size past 2**63 bytes.
-        if any(m in str(exc) for m in ("can't allocate memory", "not enough memory", "Storage size calculation overflowed")):
+        if is_out_of_memory(exc) or "Storage size calculation overflowed" in str(exc):
             raise HVAEError(f"out of memory {hint}") from None
         raise
 

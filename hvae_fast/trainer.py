@@ -347,7 +347,8 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     os.replace(tmp, path)
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     msg = str(exc)
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "not enough memory" in msg))
@@ -644,7 +645,7 @@ class Trainer:
                 try:
                     out = self.train_step(x)
                 except RuntimeError as exc:
-                    if _is_oom(exc):
+                    if is_out_of_memory(exc):
                         raise self._oom(exc) from None
                     raise
                 now = time.monotonic()
