@@ -46,8 +46,10 @@ def parse_axis(kind: str, text: str) -> dict:
     if not sep or not key or not vals.strip():
         raise HVAEError(f"--{kind} {text!r}: expected FLAG=V1,V2,... (e.g. --{kind} rho=0.5,0.9)")
     values = [v.strip() for v in vals.split(";" if ";" in vals else ",")]
-    if any(not v for v in values) or len(set(values)) != len(values):
-        raise HVAEError(f"--{kind} {text!r}: values must be non-empty and distinct")
+    # a --list axis may repeat a value (--list hidden_sizes=200;200,200 beside distinct latent_sizes):
+    # only its zipped points must differ, which make_spec checks
+    if any(not v for v in values) or (kind == "grid" and len(set(values)) != len(values)):
+        raise HVAEError(f"--{kind} {text!r}: values must be non-empty{' and distinct' if kind == 'grid' else ''}")
     return {"kind": kind, "key": key, "values": values}
 
 
@@ -98,6 +100,10 @@ def make_spec(base, axes, eval_iw_samples: int = 100, eval_max_examples: int = 0
     if len({len(a["values"]) for a in lists}) > 1:
         raise HVAEError("--list axes are zipped, so they need the same number of values: "
                         + ", ".join(f"{a['key']} has {len(a['values'])}" for a in lists))
+    zipped = list(zip(*(a["values"] for a in lists)))
+    if len(set(zipped)) != len(zipped):
+        raise HVAEError("two --list alternatives are the same point: " + ", ".join(
+            "/".join(map(str, z)) for z in sorted({z for z in zipped if zipped.count(z) > 1})))
     if critical is not None:
         if "rho" in keys:
             raise HVAEError("--find-critical-rho chooses rho itself: remove rho from --grid/--list")
@@ -521,6 +527,16 @@ class _SweepParser(argparse.ArgumentParser):
         return ns, extra
 
 
+def _axis_type(kind: str):
+    """parse_axis as an argparse type: its error becomes argparse's one-line usage error (exit 2)."""
+    def parse(text: str) -> dict:
+        try:
+            return parse_axis(kind, text)
+        except HVAEError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="many train runs (a grid of flag values) as one resumable experiment",
                        usage="hvae-fast sweep NAME [--grid FLAG=V1,V2 ...] [options] -- train DATASET [train flags]",
@@ -528,9 +544,9 @@ def add_parser(sub) -> None:
                                    "point on the validation split, and tabulate the results. Re-running the same "
                                    "command skips finished points and resumes interrupted ones.")
     p.add_argument("name", help="the sweep's name: its folder is ROOT/NAME")
-    p.add_argument("--grid", dest="axes", action="append", type=lambda s: parse_axis("grid", s), metavar="FLAG=V1,V2",
+    p.add_argument("--grid", dest="axes", action="append", type=_axis_type("grid"), metavar="FLAG=V1,V2",
                    help="a product axis, e.g. rho=0.3,0.5 or seed=0,1,2 (';' separates values that hold commas)")
-    p.add_argument("--list", dest="axes", action="append", type=lambda s: parse_axis("list", s), metavar="FLAG=V1,V2",
+    p.add_argument("--list", dest="axes", action="append", type=_axis_type("list"), metavar="FLAG=V1,V2",
                    help="alternatives: all --list axes are zipped into one axis (e.g. --list method=vae,hvae --list rho=1,0.9)")
     p.add_argument("--spec", type=Path, help="a JSON or .toml file with base, grid, list, eval_iw_samples, find_critical_rho")
     p.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="where sweep folders go (default runs/sweeps)")

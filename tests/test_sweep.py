@@ -68,12 +68,29 @@ def test_axis_parsing_flag_names_and_values_with_commas():
             sweep.parse_axis("grid", bad)
 
 
+def test_list_axes_may_repeat_a_value_their_zipped_points_differ():
+    # Fig. 3's grid: latent_sizes distinct, hidden_sizes repeats per depth
+    axes = [sweep.parse_axis("list", "latent_sizes=10;40;10,10"), sweep.parse_axis("list", "hidden_sizes=200;200;200,200")]
+    sweep.make_spec(TINY, axes)
+    assert [sweep.point_name(p) for p in sweep.expand(axes)] == [
+        "latent_sizes=10,hidden_sizes=200", "latent_sizes=40,hidden_sizes=200", "latent_sizes=10-10,hidden_sizes=200-200"]
+
+
+def test_a_bad_axis_on_the_command_line_is_one_usage_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "s", "--root", str(tmp_path), "--grid", "rho=0.5,0.5", "--print-commands", "--", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "values must be non-empty and distinct" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("base, axes, critical, match", [
     (["eval", "x"], [], None, "starting with train"),
     (TINY + ["--out", "x"], [], None, "must not set --out"),
     (TINY + ["--seed", "3"], [("grid", "seed=0,1")], None, "--seed is both in the base command and swept"),
     (TINY, [("list", "method=vae,hvae"), ("list", "rho=1")], None, "same number of values"),
     (TINY, [("grid", "seed=0"), ("grid", "seed=1")], None, "swept twice"),
+    (TINY, [("list", "latent_sizes=10;10;40"), ("list", "hidden_sizes=200;200;200")], None,
+     "two --list alternatives are the same point: 10/200"),
     (TINY, [("grid", "rho=0.5")], {"threshold": 1, "rho_low": 0, "rho_high": 1, "iterations": 3}, "remove rho"),
     (TINY, [], {"threshold": 1, "rho_low": 0.8, "rho_high": 0.2, "iterations": 3}, "rho-low"),
 ])
