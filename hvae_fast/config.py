@@ -23,6 +23,7 @@ from .errors import HVAEError
 METHODS = ("vae", "hvae", "iwae", "lvae", "biva")
 # MLP activations by name; nets.py maps each to its module (tests/test_model.py checks the two agree).
 ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "softplus")
+PRECISIONS = ("fp32", "bf16", "fp16")
 OU_METHODS = ("hvae",)  # methods whose training smooths generator layers with the OU semigroup
 ELBO_METHODS = ("vae", "hvae", "lvae", "biva")  # methods trained on the ELBO's per-layer KL terms
 
@@ -119,6 +120,8 @@ class TrainConfig:
     checkpoint_every: int = _f(1000, "steps between checkpoints", lo=1)
     checkpoint_minutes: float = _f(10.0, "also checkpoint at least this often (minutes), so a slow run loses little",
                                    gt=0)
+    precision: str = _f("fp32", "the nets' arithmetic in training: fp32, or bf16 / fp16 under torch.autocast (fp16 "
+                        "with a GradScaler); likelihood, KL terms, latent samples and validation stay float32")
     compile: bool = _f(False, "run each training step (model forward, loss, backward) under torch.compile; the "
                        "first step compiles (minutes on CPU)")
 
@@ -132,7 +135,7 @@ def field_choices() -> dict:
 
     return {"method": METHODS, "arch": ("mlp", "resnet"), "activation": ACTIVATIONS,
             "likelihood": ("bernoulli", "logistic"), "target": OU_TARGETS, "backend": BACKEND_NAMES,
-            "optimizer": ("adam", "adamax"), "lr_schedule": ("constant", "cosine", "exponential")}
+            "optimizer": ("adam", "adamax"), "precision": PRECISIONS, "lr_schedule": ("constant", "cosine", "exponential")}
 
 
 def flag_of(f: dataclasses.Field) -> str:

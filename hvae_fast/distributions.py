@@ -16,6 +16,16 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is float16/bfloat16 (a net's output under autocast), else as it is.
+
+    Every log-density and every Gaussian's (mu, sigma) is computed from fp32(inputs): under
+    ``--precision bf16/fp16`` the nets run in low precision, but the likelihood, the KL terms and the
+    latent samples (z = mu + sigma eps, the next layer's input) stay float32, where a bf16 ELBO
+    (8 mantissa bits: ~0.4% of -100 nats) would drown the differences training follows."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @dataclass
 class Terms:
     """Log-densities of one posterior sample per example; every tensor is [B] (nats).
@@ -42,18 +52,20 @@ class Terms:
 
 def split_gaussian(out: torch.Tensor, min_scale: float):
     """A net's Gaussian head [N, 2C, ...] (or [N, 2D]) -> mu, sigma = softplus(raw) + min_scale, each [N, C, ...]."""
-    mu, raw = out.chunk(2, dim=1)
+    mu, raw = fp32(out).chunk(2, dim=1)
     return mu, F.softplus(raw) + min_scale
 
 
 def gaussian_logprob(x, mu, sigma):
     """log N(x | mu, sigma^2) summed over all but the batch dimension: [B]."""
+    x, mu, sigma = fp32(x), fp32(mu), fp32(sigma)
     lp = -0.5 * LOG_2PI - torch.log(sigma) - 0.5 * ((x - mu) / sigma) ** 2
     return lp.flatten(1).sum(1)
 
 
 def std_normal_logprob(z):
     """log N(z | 0, I) summed over all but the batch dimension: [B]."""
+    z = fp32(z)
     return (-0.5 * LOG_2PI - 0.5 * z * z).flatten(1).sum(1)
 
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributions import fp32
 from .errors import HVAEError
 
 __all__ = [
@@ -281,7 +282,7 @@ class BernoulliLikelihood:
         return channels
 
     def logprob(self, params: Tensor, x: Tensor) -> Tensor:
-        return bernoulli_logprob(params, x)
+        return bernoulli_logprob(fp32(params), x)
 
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return bernoulli_sample(params, generator)
@@ -307,7 +308,7 @@ class LogisticMixtureLikelihood:
         return dmol_num_params(self.n_mix, channels)
 
     def logprob(self, params: Tensor, x: Tensor) -> Tensor:
-        return dmol_logprob(params, x, self.n_mix)
+        return dmol_logprob(fp32(params), x, self.n_mix)
 
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return dmol_sample(params, self.n_mix, generator)

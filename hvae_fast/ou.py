@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 # check_ou_args is not used here: ou re-exports it with the rest of the backend contract.
 from .backends import BACKEND_NAMES, OU_TARGETS, Backend, check_ou_args, check_seed
-from .distributions import gaussian_logprob
+from .distributions import fp32, gaussian_logprob
 from .errors import HVAEError
 
 log = logging.getLogger("hvae_fast.ou")
@@ -58,7 +58,9 @@ def correlated_samples_reference(z, mu, sigma, rho: float, eps: torch.Tensor) ->
 
 
 def gaussian_head_reference(mean_raw, scale_raw, target, mode: str = "mean-std", min_scale: float = 1e-3):
-    """Averaged Gaussian head log-density, [B]. mean_raw, scale_raw [K, B, *S]; target [B, *S]."""
+    """Averaged Gaussian head log-density, [B]. mean_raw, scale_raw [K, B, *S]; target [B, *S].
+    float16/bfloat16 inputs are averaged in float32 (the fused kernels accumulate in float32 too)."""
+    mean_raw, scale_raw = fp32(mean_raw), fp32(scale_raw)
     sigma = F.softplus(scale_raw) + min_scale
     sigma_bar = sigma.mean(0)
     if mode == "mean-std":

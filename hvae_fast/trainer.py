@@ -28,6 +28,7 @@ remove it and train again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -58,6 +59,8 @@ from .rho_control import RhoController, RhoSchedule, parse_schedule
 
 log = logging.getLogger("hvae_fast.trainer")
 
+# --precision: the autocast dtype of the nets (fp32: no autocast).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # A run that produces only non-finite updates for this many steps in a row is stopped.
 MAX_CONSECUTIVE_NONFINITE = 50
 # Fields that may differ between a run's saved config and a resume request.
@@ -380,6 +383,8 @@ class Trainer:
             tr = build_training(cfg, self.device, self.train_set.image_shape)
             self.model, self.opt, self.sched, self.ou, self.backend_name = tr.model, tr.opt, tr.sched, tr.ou, tr.backend
             self.rho = tr.rho
+            # fp16's loss scaling (bf16 has float32's exponent range and needs none); disabled, it is a no-op.
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
             self.controller = tr.rho if isinstance(tr.rho, RhoController) else None
             self._top_kl = None
             if self.controller is not None:
@@ -465,6 +470,7 @@ class Trainer:
                 "scheduler": self.sched.state_dict(),
                 "skipped": self.skipped,
                 "best_valid": self.best_valid,
+                "grad_scaler": self.scaler.state_dict(),  # {} unless --precision fp16
                 "config": json.loads(self.cfg.to_json())}
 
     def save(self, name: str = "checkpoint-latest.pt", position=None) -> bool:
@@ -489,6 +495,8 @@ class Trainer:
             raise HVAEError(f"checkpoint-latest.pt in {self.out} does not match this config's model or optimizer: "
                             f"{str(exc).splitlines()[0]}; resume with the run's own settings or start a new --out") from None
         self.stream.load_state_dict(st["stream"])
+        if st.get("grad_scaler"):
+            self.scaler.load_state_dict(st["grad_scaler"])
         if self.controller is not None:
             self.controller.load_state_dict(st.get("rho_control"))
         torch.set_rng_state(st["rng_cpu"].cpu())
@@ -564,20 +572,29 @@ class Trainer:
         if self.ou is not None:
             self.ou.rho = rho = self.rho(self.step)
         loss_fn = self._compiled_loss if t.compile else training_loss
-        loss, bound = loss_fn(self.model, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
+        amp = (torch.autocast(self.device.type, dtype=AMP_DTYPES[t.precision]) if t.precision in AMP_DTYPES
+               else contextlib.nullcontext())
+        with amp:  # the nets in bf16/fp16; the densities upcast their inputs (distributions.fp32)
+            loss, bound = loss_fn(self.model, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
         self.opt.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         if finite:
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)  # clip the true gradient, not the scaled one
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
             finite = bool(torch.isfinite(gn))
+            if not finite and self.scaler.is_enabled():
+                # fp16 overflow: skip the step and halve the loss scale (GradScaler's own policy);
+                # it counts as skipped, so a scale that never recovers still stops the run.
+                self.scaler.update()
         if finite:
             if self._pending is not None:
                 # A finite loss and gradient from the weights this step started from vouch for them:
                 # write the checkpoint that was due before they change.
                 self.save(position=self._pending)
                 self._pending = None
-            self.opt.step()
+            self.scaler.step(self.opt)  # opt.step(); with fp16 it also checks the unscaled gradient
+            self.scaler.update()
             self._nonfinite_run = 0
             if self.controller is not None:
                 self.controller.observe(self._top_kl.item())
@@ -595,7 +612,8 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.sched.step()
         self.step += 1
-        return {"loss": loss.item(), "bound": bound.mean().item(), "kl_weight": beta, "rho": rho, "finite": finite}
+        return {"loss": loss.item(), "bound": bound.mean().item(), "kl_weight": beta, "rho": rho, "finite": finite,
+                "grad_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None}
 
     def _oom(self, exc) -> HVAEError:
         t, k = self.cfg.train, self.cfg.ou.samples if self.cfg.method == "hvae" else 1
@@ -663,6 +681,8 @@ class Trainer:
                               "skipped": self.skipped, "steps_per_s": sps, **self._unsmoothed_stats(x)}
                     if out["rho"] is not None:
                         record["rho"] = out["rho"]  # the rho this step trained with
+                    if out["grad_scale"] is not None:
+                        record["grad_scale"] = out["grad_scale"]
                     self._log(record)
                     bar.set_postfix(loss=f"{out['loss']:.2f}", top_kl=f"{record['top_kl']:.2f}", it_s=f"{sps:.1f}")
                     if not self.progress and (first_log or now - last_status >= STATUS_SECONDS or self.step == t.steps):
