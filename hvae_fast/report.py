@@ -1,4 +1,5 @@
-"""`hvae-fast report SWEEP_DIR`: the paper's figures and tables from a sweep, as PNGs and a Markdown report.
+"""`hvae-fast report SWEEP_DIR [SWEEP_DIR ...]`: the paper's figures and tables from a sweep (or
+several, their rows pooled with a ``sweep`` column), as PNGs and a Markdown report.
 
 - ``phase_transition.png`` (Fig. 1), when the sweep has two or more rho values: top-layer KL and
   total active units against rho, one line per combination of the other axes (and dataset,
@@ -8,6 +9,9 @@
 - ``active_units_grid.png`` (Fig. 3), when the sweep has axes ``depth`` and ``width``, or an axis
   ``latent_sizes`` (depth = its number of layers, width = its first layer's size): mean total
   active units over depth x width.
+- ``rho_steering.png`` (issue 12), when some point ran ``--rho-schedule`` or ``--rho-control``: rho
+  and the top-layer KL over training per group, and validation ELBO against top-layer KL for every
+  group, with a table judging each steered group against the best fixed rho and fixed rho = 0.7.
 - ``curves.png``: the training curves of every point (``hvae-fast plot``).
 - ``report.md``: the figures, the sweep's rows beside the paper's Tables 3 and 4, and the summary.
 """
@@ -19,7 +23,7 @@ import math
 from pathlib import Path
 
 from .errors import HVAEError
-from .reporting.curves import plot_runs
+from .reporting.curves import ema, plot_runs, read_metrics
 from .sweep import read_spec, summarize, write_results
 
 # method.md, "Results to compare against": validation ELBO, top-layer KL (nats), active units
@@ -51,7 +55,8 @@ def _label(row, keys) -> str:
 
 def _varying(rows, exclude) -> list[str]:
     """The key columns whose value differs between ``rows`` (what tells their lines apart)."""
-    keys = [k for k in rows[0] if k not in exclude and not k.endswith(("_mean", "_std")) and k not in ("n", "steps")]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)  # pooled sweeps: rows differ in keys
+            if k not in exclude and not k.endswith(("_mean", "_std")) and k not in ("n", "steps")]
     return [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
 
 
@@ -63,7 +68,7 @@ def largest_rho_above(points, threshold: float):
 
 def plot_phase(summary, critical, threshold: float, output: Path) -> tuple[Path, list[str]] | None:
     """Fig. 1 from summary rows; returns (png, Markdown lines naming the critical rho) or None."""
-    rows = [r for r in summary if isinstance(r.get("rho"), (int, float)) and "top_kl_mean" in r]
+    rows = [r for r in summary if isinstance(r.get("rho"), (int, float)) and "top_kl_mean" in r and not steered(r)]
     if len({r["rho"] for r in rows}) < 2:
         return None
     import matplotlib
@@ -135,7 +140,8 @@ def plot_grid(summary, output: Path) -> Path | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    keys = _varying(rows, exclude=("depth", "width", "latent_sizes"))
+    # hidden_sizes follows depth in a Fig. 3 grid (one 200 per layer): a cell's coordinate, not a panel
+    keys = _varying(rows, exclude=("depth", "width", "latent_sizes", "hidden_sizes"))
     groups = {}
     for r in rows:
         groups.setdefault(tuple(str(r.get(k)) for k in keys), []).append(r)
@@ -188,40 +194,139 @@ def summary_table(summary) -> list[str]:
     return out
 
 
-def make_report(sweep_dir, output=None, threshold: float = 1.0) -> Path:
-    """Write the figures and ``report.md`` of ``sweep_dir`` into ``output`` (default SWEEP_DIR/report)."""
-    sweep_dir = Path(sweep_dir)
-    spec = read_spec(sweep_dir)
-    out = Path(output) if output else sweep_dir / "report"
+def steered(row) -> bool:
+    """Whether a row's rho changed during training (a --rho-schedule or a --rho-control run)."""
+    return row.get("rho_schedule") not in (None, "constant") or (row.get("rho_control") or 0) > 0
+
+
+def _group_mean_curve(runs, key):
+    """(steps, mean over runs of train-record ``key`` at each step that every run logged)."""
+    per = [{r["step"]: r[key] for r in read_metrics(run)[1] if isinstance(r.get(key), (int, float))} for run in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return steps, [sum(p[s] for p in per) / len(per) for s in steps]
+
+
+def plot_steering(summary, rows, run_dir_of, output: Path) -> Path | None:
+    """Issue 12's figure, when some group steered rho: rho and the top-layer KL (train minibatches,
+    EMA) over training, mean over seeds per group, and each group's validation ELBO against its
+    validation top-layer KL (mean ± std over seeds): fixed rho, the VAE and the steered runs on one plane."""
+    if not any(steered(r) for r in summary):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = _varying(summary, exclude=("sweep",)) or ["method"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for i, g in enumerate(summary):
+        color, label = f"C{i % 10}", _label(g, keys)
+        members = [r for r in rows if r.get("status") == "finished" and all(str(r.get(k)) == str(g.get(k)) for k in keys)]
+        runs = [run_dir_of(r) for r in members]
+        steps, rho = _group_mean_curve(runs, "rho")
+        if steps:
+            axes[0].plot(steps, rho, color=color, label=label)
+        steps, kl = _group_mean_curve(runs, "top_kl")
+        if steps:
+            axes[1].plot(steps, ema(kl, 0.95), color=color, label=label)
+        if "elbo_mean" in g and "top_kl_mean" in g:
+            axes[2].errorbar(g["top_kl_mean"], g["elbo_mean"], xerr=g.get("top_kl_std") or 0, yerr=g.get("elbo_std") or 0,
+                             marker="s" if steered(g) else "o", capsize=3, color=color, label=label)
+    axes[0].set(title="rho used in training (mean over seeds)", xlabel="step", ylabel="rho")
+    axes[1].set(title="top-layer KL, training minibatches (EMA 0.95)", xlabel="step", ylabel="nats")
+    axes[2].set(title="validation: ELBO against top-layer KL", xlabel="top-layer KL (nats)", ylabel="ELBO (nats)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def steering_verdict(summary, reference_rho: float = 0.7) -> list[str]:
+    """Markdown: issue 12's goal for each steered group: a validation ELBO at least the best fixed
+    rho's (the VAE counts as rho = 1), and the top-layer KL and active units at least half of what
+    the fixed ``reference_rho`` keeps. Means over seeds; each comparison names its numbers."""
+    fixed = [r for r in summary if not steered(r) and r.get("method") in ("vae", "hvae") and "elbo_mean" in r]
+    ref = [r for r in fixed if r.get("method") == "hvae" and isinstance(r.get("rho"), (int, float))
+           and abs(r["rho"] - reference_rho) < 1e-9]
+    if not fixed or not any(steered(r) for r in summary):
+        return []
+    keys = _varying(summary, exclude=("sweep",)) or ["method"]
+    best = max(fixed, key=lambda r: r["elbo_mean"])
+    out = [f"Best fixed setting by mean validation ELBO: {_label(best, keys)} ({_pm(best, 'elbo')}, n = {best['n']})."]
+    if ref:
+        out.append(f"Fixed rho = {reference_rho:g} keeps top-layer KL {_pm(ref[0], 'top_kl')} nats and "
+                   f"{_pm(ref[0], 'active_units_total', '.1f')} active units.")
+    else:
+        out.append(f"No fixed rho = {reference_rho:g} group: the activity half of the goal cannot be judged.")
+    out += ["", "| steered run | n | ELBO | >= best fixed | top KL | active units | >= half of rho "
+            f"{reference_rho:g}'s | goal |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g in (r for r in summary if steered(r) and "elbo_mean" in r):
+        elbo_ok = g["elbo_mean"] >= best["elbo_mean"]
+        act_ok = None
+        if ref and "top_kl_mean" in g:
+            act_ok = (g["top_kl_mean"] >= 0.5 * ref[0]["top_kl_mean"]
+                      and g.get("active_units_total_mean", 0) >= 0.5 * ref[0].get("active_units_total_mean", math.inf))
+        verdict = "met" if elbo_ok and act_ok else "not met"
+        out.append(f"| {_label(g, keys)} | {g['n']} | {_pm(g, 'elbo')} | {'yes' if elbo_ok else 'no'} | "
+                   f"{_pm(g, 'top_kl')} | {_pm(g, 'active_units_total', '.1f')} | "
+                   f"{'-' if act_ok is None else 'yes' if act_ok else 'no'} | {verdict} |")
+    return out
+
+
+def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
+    """Write the figures and ``report.md`` of one sweep folder, or of several side by side (their
+    rows pooled, with a ``sweep`` column), into ``output`` (default FIRST_SWEEP_DIR/report)."""
+    sweep_dirs = [Path(d) for d in ([sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else sweep_dirs)]
+    specs = [read_spec(d) for d in sweep_dirs]  # every folder checked before anything is written
+    out = Path(output) if output else sweep_dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = write_results(sweep_dir)
-    axes = (["rho"] if spec.get("critical") else []) + [a["key"] for a in spec["axes"]]
-    summary = summarize(rows, axes)
+    rows, axes, run_dir = [], [], {}
+    for d, spec in zip(sweep_dirs, specs):
+        for r in write_results(d):
+            if len(sweep_dirs) > 1:
+                r["sweep"] = d.name
+            run_dir[id(r)] = d / r["name"]
+            rows.append(r)
+        for k in (["rho"] if spec.get("critical") else []) + [a["key"] for a in spec["axes"]]:
+            if k not in axes:
+                axes.append(k)
+    summary = summarize(rows, (["sweep"] if len(sweep_dirs) > 1 else []) + axes)
     if not summary:
-        raise HVAEError(f"no point of {sweep_dir} has finished (no eval-valid.json): run the sweep first, "
-                        f"or re-run its command to finish it")
-    crit_path = sweep_dir / "critical.json"
-    critical = json.loads(crit_path.read_text()) if crit_path.exists() else None
+        raise HVAEError(f"no point of {', '.join(map(str, sweep_dirs))} has finished (no eval-valid.json): run the "
+                        f"sweep first, or re-run its command to finish it")
+    critical = None
+    for d in sweep_dirs:
+        if (d / "critical.json").exists() and critical is None:
+            critical = json.loads((d / "critical.json").read_text())
     if critical:
         threshold = critical[0]["threshold"]
     done = [r for r in rows if r["status"] == "finished"]
     budget = ", ".join(f"{s:,}" for s in sorted({r["step"] for r in done}))
-    md = [f"# Sweep `{sweep_dir.name}`", "",
-          f"Base command: `hvae-fast {' '.join(spec['base'])}`; axes: "
-          + ", ".join(f"{a['kind']} {a['key']} = {', '.join(a['values'])}" for a in spec["axes"])
-          + (" and rho by bisection" if critical else "") + f". {len(done)}/{len(rows)} points finished; "
-          f"each evaluated on the validation split (IW bound with L={spec['eval_iw_samples']}). "
-          f"Training budget: {budget} steps "
-          f"(the paper: {PAPER_STEPS:,} for Tables 3-4, 100,000 for Figs. 1 and 3).", ""]
+    title = ", ".join(f"`{d.name}`" for d in sweep_dirs)
+    md = [f"# Sweep{'s' if len(sweep_dirs) > 1 else ''} {title}", ""]
+    for d, spec in zip(sweep_dirs, specs):
+        md.append(f"{'`' + d.name + '`: b' if len(sweep_dirs) > 1 else 'B'}ase command: `hvae-fast {' '.join(spec['base'])}`; "
+                  "axes: " + ", ".join(f"{a['kind']} {a['key']} = {', '.join(a['values'])}" for a in spec["axes"])
+                  + (" and rho by bisection" if spec.get("critical") else "")
+                  + f"; IW bound with L={spec['eval_iw_samples']}.")
+    md += ["", f"{len(done)}/{len(rows)} points finished; each evaluated on the validation split. "
+           f"Training budget: {budget} steps (the paper: {PAPER_STEPS:,} for Tables 3-4, 100,000 for Figs. 1 and 3).", ""]
     phase = plot_phase(summary, critical, threshold, out / "phase_transition.png")
     if phase:
         md += ["## Phase transition (Fig. 1)", "", f"![phase transition]({phase[0].name})", "", *phase[1], ""]
     grid = plot_grid(summary, out / "active_units_grid.png")
     if grid:
         md += ["## Active units over depth x width (Fig. 3)", "", f"![active units grid]({grid.name})", ""]
+    steer = plot_steering(summary, done, lambda r: run_dir[id(r)], out / "rho_steering.png")
+    if steer:
+        md += ["## A rho that steers itself, against fixed rho", "", f"![rho steering]({steer.name})", "",
+               *steering_verdict(summary), ""]
     md += ["## Tables 3 and 4: the paper beside this sweep", "", *paper_tables(summary), "",
            "## Summary (mean ± std over seeds)", "", *summary_table(summary), ""]
-    runs = [sweep_dir / r["name"] for r in done if (sweep_dir / r["name"] / "metrics.jsonl").exists()]
+    runs = [run_dir[id(r)] for r in done if (run_dir[id(r)] / "metrics.jsonl").exists()]
     if runs:
         plot_runs(runs, out / "curves.png")
         md += ["## Training curves", "", "![training curves](curves.png)", ""]
@@ -232,8 +337,8 @@ def make_report(sweep_dir, output=None, threshold: float = 1.0) -> Path:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="figures and tables of a sweep: phase transition, depth x width grid, Tables 3/4")
-    p.add_argument("sweep_dir", type=Path)
-    p.add_argument("--output", type=Path, help="folder for the PNGs and report.md (default SWEEP_DIR/report)")
+    p.add_argument("sweep_dir", type=Path, nargs="+", help="one sweep folder, or several reported side by side")
+    p.add_argument("--output", type=Path, help="folder for the PNGs and report.md (default: the first SWEEP_DIR/report)")
     p.add_argument("--threshold", type=float, default=1.0, metavar="NATS",
                    help="top-layer KL that marks the critical rho when the sweep ran no critical search")
     p.set_defaults(func=lambda args: print(f"wrote {make_report(args.sweep_dir, args.output, args.threshold)}") or 0)

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import OU_METHODS
 from .errors import HVAEError
 
 EVAL_FILE = "eval-valid.json"
@@ -356,8 +357,13 @@ def collect_results(sweep_dir) -> list[dict]:
         row = {"name": name}
         if (run / "config.json").exists():
             cfg = json.loads((run / "config.json").read_text())
+            ou = cfg.get("ou", {}) if cfg.get("method") in OU_METHODS else {}  # a VAE's config holds an unused rho
             row.update(dataset=cfg.get("dataset"), preset=cfg.get("preset"), method=cfg.get("method"),
-                       rho=cfg.get("ou", {}).get("rho"), steps=cfg.get("train", {}).get("steps"))
+                       rho=ou.get("rho"), steps=cfg.get("train", {}).get("steps"))
+            if ou.get("rho_schedule", "constant") != "constant":
+                row["rho_schedule"] = ou["rho_schedule"]
+            if ou.get("rho_control", 0) > 0:
+                row["rho_control"] = ou["rho_control"]
         row.update({k: typed(v) for k, v in vals.items()})
         failed = sweep_dir / "logs" / f"{name}.failed.json"
         try:
@@ -397,7 +403,8 @@ def metric_columns(rows) -> list[str]:
 def summarize(rows, axes: list[str]) -> list[dict]:
     """Mean, sample std (n - 1; empty for n = 1) and n of each metric over the seeds of each
     combination of the other axes (and of dataset/preset/method/rho), finished rows only."""
-    keys = [k for k in axes if k != "seed"] + [k for k in ("dataset", "preset", "method", "rho") if k not in axes]
+    keys = [k for k in axes if k != "seed"] + [k for k in ("dataset", "preset", "method", "rho", "rho_schedule",
+                                                         "rho_control") if k not in axes]
     done = [r for r in rows if r.get("status") == "finished"]
     metrics = metric_columns(done)
     groups = {}

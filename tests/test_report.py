@@ -90,3 +90,49 @@ def test_report_of_an_unfinished_or_foreign_folder_is_an_error(tmp_path, capsys)
         report.make_report(d)
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a sweep folder (no sweep.json)" in capsys.readouterr().err
+
+
+def test_steering_report_pools_sweeps_and_judges_the_goal(tmp_path, capsys):
+    # Fixed rho 0.7 / 0.9 / VAE in one sweep, a schedule and a controller in another (2 seeds each).
+    # The schedule beats every fixed ELBO but lets the top layer go (2 < half of rho 0.7's 20 nats);
+    # the controller keeps it (12 nats, 90 units >= 10, 80) with an ELBO >= the best fixed (-90).
+    fixed = make_sweep(tmp_path, "fixed", [("list", "method=hvae,hvae,vae"), ("list", "rho=0.7,0.9,1"), ("grid", "seed=0,1")])
+    steer = make_sweep(tmp_path, "steer", [("list", "rho_schedule=linear:0.5:1.0:100;constant"),
+                                           ("list", "rho_control=0;5"), ("grid", "seed=0,1")])
+
+    def train_log(run, rhos, kl):
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(
+            {"split": "train", "step": 10 * (i + 1), "elbo": -100.0, "rho": r, "top_kl": kl}) for i, r in enumerate(rhos)))
+
+    for method, rho, elbo, kl, au in (("hvae", 0.7, -95.0, 20.0, 40), ("hvae", 0.9, -90.0, 8.0, 25), ("vae", 1, -91.0, 0.5, 12)):
+        for seed in (0, 1):
+            run = fake_point(fixed, f"method={method},rho={rho},seed={seed}", rho=rho, method=method,
+                             elbo=elbo - seed, top_kl=kl + seed, active_units=[au] * 4)
+            train_log(run, [rho] * 3, kl)
+    for sched, ctl, elbo, kl, au in (("linear:0.5:1.0:100", 0, -89.0, 2.0, 15), ("constant", 5, -89.5, 12.0, 22.5)):
+        for seed in (0, 1):
+            run = fake_point(steer, f"rho_schedule={sched},rho_control={ctl},seed={seed}", rho=0.5,
+                             ou={"rho_schedule": sched, "rho_control": ctl}, elbo=elbo - seed, top_kl=kl + seed,
+                             active_units=[au] * 4)
+            train_log(run, [0.5, 0.75, 1.0] if ctl == 0 else [0.7, 0.8, 0.78], kl)
+    out = tmp_path / "out"
+    assert main(["report", str(fixed), str(steer), "--output", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert (out / "rho_steering.png").read_bytes()[:8] == PNG and "(rho_steering.png)" in md
+    assert "Best fixed setting by mean validation ELBO: method=hvae, rho=0.9 (-90.50 ± 0.71, n = 2)." in md
+    assert "Fixed rho = 0.7 keeps top-layer KL 20.50 ± 0.71 nats and 160.0 ± 0.0 active units." in md
+    rows = [l for l in md.splitlines() if l.startswith("| method=hvae, rho=0.5, rho_schedule=")]
+    assert len(rows) == 2
+    sched = next(l for l in rows if "linear" in l)
+    ctl = next(l for l in rows if "rho_control=5" in l)
+    assert sched.endswith("| yes | 2.50 ± 0.71 | 60.0 ± 0.0 | no | not met |"), sched
+    assert ctl.endswith("| yes | 12.50 ± 0.71 | 90.0 ± 0.0 | yes | met |"), ctl
+    # A VAE's config carries an unused rho: unless rho is swept, its row has none.
+    v = make_sweep(tmp_path, "v", [("grid", "seed=0")])
+    fake_point(v, "seed=0", rho=0.9, method="vae")
+    assert sweep.collect_results(v)[0]["rho"] is None
+
+
+def test_a_sweep_without_steering_has_no_steering_section(tmp_path):
+    md = report.make_report(phase_sweep(tmp_path)).read_text()
+    assert "rho_steering" not in md and "steers itself" not in md

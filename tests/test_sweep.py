@@ -23,12 +23,12 @@ TINY = ["train", "binarized-mnist", "--preset", "mnist-mlp-40x4", "--steps", "4"
 FAST_EVAL = ["--eval-iw-samples", "5", "--eval-max-examples", "32"]
 
 
-def fake_point(sweep_dir: Path, name: str, rho=0.9, method="hvae", steps=5000, **ev):
-    """A finished run directory: config.json and eval-valid.json with the given figures."""
+def fake_point(sweep_dir: Path, name: str, rho=0.9, method="hvae", steps=5000, ou=None, **ev):
+    """A finished run directory: config.json (``ou`` adds OU fields) and eval-valid.json with the given figures."""
     d = sweep_dir / name
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"dataset": "binarized-mnist", "preset": "mnist-mlp-40x4", "method": method,
-                                               "ou": {"rho": rho, "samples": 5}, "train": {"steps": steps}}))
+                                               "ou": {"rho": rho, "samples": 5, **(ou or {})}, "train": {"steps": steps}}))
     ev = {"elbo": -90.0, "iw_bound": -89.0, "top_kl": 1.0, "kl_total": 5.0, "kl_per_layer": [1.0, 2.0, 1.0, 1.0],
           "active_units": [4, 3, 2, 1], "step": steps, **ev}
     (d / "eval-valid.json").write_text(json.dumps(ev))
