@@ -304,15 +304,16 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     if critical:
         threshold = critical[0]["threshold"]
     done = [r for r in rows if r["status"] == "finished"]
-    budget = ", ".join(f"{s:,}" for s in sorted({r["step"] for r in done}))
+    budget = ", ".join(f"{s:,}" for s in sorted({r.get("steps", r["step"]) for r in done}))
     title = ", ".join(f"`{d.name}`" for d in sweep_dirs)
     md = [f"# Sweep{'s' if len(sweep_dirs) > 1 else ''} {title}", ""]
     for d, spec in zip(sweep_dirs, specs):
         md.append(f"{'`' + d.name + '`: b' if len(sweep_dirs) > 1 else 'B'}ase command: `hvae-fast {' '.join(spec['base'])}`; "
                   "axes: " + ", ".join(f"{a['kind']} {a['key']} = {', '.join(a['values'])}" for a in spec["axes"])
                   + (" and rho by bisection" if spec.get("critical") else "")
-                  + f"; IW bound with L={spec['eval_iw_samples']}.")
-    md += ["", f"{len(done)}/{len(rows)} points finished; each evaluated on the validation split. "
+                  + (f"; IW bound with L={spec['eval_iw_samples']}." if spec["eval_iw_samples"] else "; no IW bound."))
+    md += ["", f"{len(done)}/{len(rows)} points finished; each evaluated on the validation split at its best "
+           f"validation checkpoint (checkpoint-best.pt, periodic validation on a subset). "
            f"Training budget: {budget} steps (the paper: {PAPER_STEPS:,} for Tables 3-4, 100,000 for Figs. 1 and 3).", ""]
     phase = plot_phase(summary, critical, threshold, out / "phase_transition.png")
     if phase:

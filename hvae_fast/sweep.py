@@ -414,8 +414,11 @@ def summarize(rows, axes: list[str]) -> list[dict]:
     for key, rs in groups.items():
         s = {k: v for k, v in zip(keys, key) if v is not None}
         s["n"] = len(rs)
-        if "step" in rs[0]:
-            s["steps"] = min(r["step"] for r in rs)
+        # the training budget (config); eval's "step" is that of the checkpoint it scored (the best
+        # validation ELBO's), which can be earlier
+        budgets = [r.get("steps", r.get("step")) for r in rs]
+        if all(isinstance(b, int) for b in budgets):
+            s["steps"] = min(budgets)
         for m in metrics:
             xs = [r[m] for r in rs if isinstance(r.get(m), (int, float))]
             if xs:
@@ -554,7 +557,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grid", dest="axes", action="append", type=_axis_type("grid"), metavar="FLAG=V1,V2",
                    help="a product axis, e.g. rho=0.3,0.5 or seed=0,1,2 (';' separates values that hold commas)")
     p.add_argument("--list", dest="axes", action="append", type=_axis_type("list"), metavar="FLAG=V1,V2",
-                   help="alternatives: all --list axes are zipped into one axis (e.g. --list method=vae,hvae --list rho=1,0.9)")
+                   help="alternatives: all --list axes are zipped into one axis (e.g. --list "latent_sizes=40;40,40" --list "hidden_sizes=200;200,200")")
     p.add_argument("--spec", type=Path, help="a JSON or .toml file with base, grid, list, eval_iw_samples, find_critical_rho")
     p.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="where sweep folders go (default runs/sweeps)")
     p.add_argument("--workers", type=int, default=1, help="points run at once; CPU threads are split between them")
