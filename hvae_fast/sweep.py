@@ -557,7 +557,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grid", dest="axes", action="append", type=_axis_type("grid"), metavar="FLAG=V1,V2",
                    help="a product axis, e.g. rho=0.3,0.5 or seed=0,1,2 (';' separates values that hold commas)")
     p.add_argument("--list", dest="axes", action="append", type=_axis_type("list"), metavar="FLAG=V1,V2",
-                   help="alternatives: all --list axes are zipped into one axis (e.g. --list "latent_sizes=40;40,40" --list "hidden_sizes=200;200,200")")
+                   help="alternatives: all --list axes are zipped into one axis (e.g. --list 'latent_sizes=40;40,40' --list 'hidden_sizes=200;200,200')")
     p.add_argument("--spec", type=Path, help="a JSON or .toml file with base, grid, list, eval_iw_samples, find_critical_rho")
     p.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="where sweep folders go (default runs/sweeps)")
     p.add_argument("--workers", type=int, default=1, help="points run at once; CPU threads are split between them")
