@@ -130,7 +130,8 @@ def grid_values(rows):
 
 
 def plot_grid(summary, output: Path) -> Path | None:
-    """Fig. 3: mean total active units over depth x width, one panel per other axis combination."""
+    """Fig. 3: mean total active units over depth x width (coloured by the fraction active), one
+    panel per other axis combination."""
     rows = [r for r in summary if depth_width(r) is not None and "active_units_total_mean" in r]
     if not rows:
         return None
@@ -149,14 +150,18 @@ def plot_grid(summary, output: Path) -> Path | None:
     for ax, rs in zip(axes[0], groups.values()):
         depths, widths, cells = grid_values(rs)
         grid = np.array([[cells.get((d, w), np.nan) for w in widths] for d in depths])
-        im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        # colour = the fraction of units active (one 0..1 scale for every panel, as the paper's
+        # figure); the text = the mean count over the total
+        frac = grid / np.array([[d * w for w in widths] for d in depths])
+        im = ax.imshow(frac, origin="lower", cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.3g}/{depths[i] * widths[j]}", ha="center", va="center", color="w", fontsize=8)
+                ax.text(j, i, f"{v:.3g}/{depths[i] * widths[j]}", ha="center", va="center",
+                        color="k" if frac[i, j] > 0.6 else "w", fontsize=8)
         ax.set(xticks=range(len(widths)), xticklabels=widths, yticks=range(len(depths)), yticklabels=depths,
                xlabel="width (units per stochastic layer)", ylabel="depth (stochastic layers)",
                title=f"active units / total: {_label(rs[0], keys)}")
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label="fraction active")
     fig.tight_layout()
     fig.savefig(output, dpi=110)
     plt.close(fig)
