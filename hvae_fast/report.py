@@ -332,9 +332,10 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
                *steering_verdict(summary), ""]
     md += ["## Tables 3 and 4: the paper beside this sweep", "", *paper_tables(summary), "",
            "## Summary (mean ± std over seeds)", "", *summary_table(summary), ""]
-    runs = [run_dir[id(r)] for r in done if (run_dir[id(r)] / "metrics.jsonl").exists()]
-    if runs:
-        plot_runs(runs, out / "curves.png")
+    plotted = [r for r in done if (run_dir[id(r)] / "metrics.jsonl").exists()]
+    if plotted:  # one line per point, named as its folder (the swept values)
+        plot_runs([run_dir[id(r)] for r in plotted], out / "curves.png",
+                  labels=[(f"{r['sweep']}/" if "sweep" in r else "") + r["name"] for r in plotted])
         md += ["## Training curves", "", "![training curves](curves.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(md))

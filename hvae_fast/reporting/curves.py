@@ -64,13 +64,17 @@ def ema(values: list, weight: float = EMA_WEIGHT) -> list:
     return out
 
 
-def plot_runs(run_dirs, output: Path) -> Path:
+def plot_runs(run_dirs, output: Path, labels=None) -> Path:
+    """ELBO, top-layer KL and active units of each run; ``labels`` (default: method, rho, K from the
+    run's config) name the lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [(run, *read_metrics(run)) for run in run_dirs]  # read all before drawing: errors come first
+    if labels is not None:
+        runs = [(run, lab, train, valid) for (run, _, train, valid), lab in zip(runs, labels)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, (run, label, train, valid) in enumerate(runs):
         c = f"C{i % 10}"
