@@ -25,12 +25,19 @@ def _readme_commands():
 
     cmds = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
-        text = block.replace("\\\n", " ")
-        for part in re.split(r"&&|\n|;", text):
-            part = part.split("#", 1)[0].strip()
-            if part.startswith("hvae-fast "):
-                for m in (["vae", "hvae"] if "$m" in part else [None]):
-                    cmds.append(shlex.split(part.replace("$m", m) if m else part)[1:])
+        for line in block.replace("\\\n", " ").splitlines():
+            # quote-aware: ';' inside a quoted --list value does not end a command
+            lex = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+            lex.whitespace_split, lex.commenters = True, "#"
+            part = []
+            for tok in [*lex, ";"]:
+                if tok in (";", "&&", "||", "|"):
+                    if part[:1] == ["hvae-fast"]:
+                        for m in (["vae", "hvae"] if "$m" in part else [None]):
+                            cmds.append([t.replace("$m", m) if m else t for t in part[1:]])
+                    part = []
+                else:
+                    part.append(tok)
     return cmds
 
 
@@ -39,9 +46,17 @@ def test_readme_commands_parse_and_their_train_configs_validate(tmp_path, monkey
     from hvae_fast import cli
 
     cmds = _readme_commands()
-    assert any(c[0] == "train" for c in cmds) and any(c[0] == "eval" for c in cmds)
+    assert any(c[0] == "train" for c in cmds) and any(c[0] == "sweep" for c in cmds)
     monkeypatch.chdir(tmp_path)  # output paths (--json memory.json, ...) are checked in a scratch folder
     for argv in cmds:
         args = cli.build_parser().parse_args(argv)
         if argv[0] == "train":
             cli.config_from_args(args)
+        elif argv[0] == "sweep":  # every point's train command builds a valid config
+            from hvae_fast import sweep
+
+            for point in sweep.expand(args.axes or []):
+                flags = [x for k, v in point.items() for x in (sweep.flag(k), v)]
+                if args.find_critical_rho:
+                    flags += ["--rho", str((args.rho_low + args.rho_high) / 2)]
+                cli.config_from_args(cli.build_parser().parse_args(args.command + flags))
