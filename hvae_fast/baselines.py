@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .distributions import Terms, gaussian_logprob, repeat_batch, split_gaussian, std_normal_logprob
+from .distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
 from .errors import HVAEError
 from .nets import GatedResBlock, WNConv
 from .stack import StackedVAE
@@ -139,7 +139,7 @@ def _chain(blocks, x, aux=()):
 
 
 def _sample(mu, sigma):
-    return mu + sigma * torch.randn_like(mu)
+    return mu + sigma * normal_like(mu)
 
 
 class _Baseline(StackedVAE):

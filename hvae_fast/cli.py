@@ -229,10 +229,12 @@ def cmd_train(args) -> int:
     try:
         rec = trainer.fit()
     except TrainingInterrupted as exc:
-        print(f"hvae-fast: {exc}", file=sys.stderr)
+        if trainer.world.main:  # under torchrun, rank 0 speaks for the run
+            print(f"hvae-fast: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"done: {trainer.step} steps in {out}; last train ELBO {rec.get('elbo', float('nan')):.3f} nats, "
-          f"best validation ELBO {trainer.best_valid:.3f}; skipped non-finite steps: {trainer.skipped}")
+    if trainer.world.main:
+        print(f"done: {trainer.step} steps in {out}; last train ELBO {rec.get('elbo', float('nan')):.3f} nats, "
+              f"best validation ELBO {trainer.best_valid:.3f}; skipped non-finite steps: {trainer.skipped}")
     return 0
 
 

@@ -7,6 +7,7 @@ non-batch dimension: one number per example, ``[B]``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -67,6 +68,34 @@ def std_normal_logprob(z):
     """log N(z | 0, I) summed over all but the batch dimension: [B]."""
     z = fp32(z)
     return (-0.5 * LOG_2PI - 0.5 * z * z).flatten(1).sum(1)
+
+
+# The rows of a batch split across data-parallel processes that this one holds: (first row, rows,
+# rows of the whole batch), or None. Set by distributed.py around a training forward.
+_BATCH_SHARD = None
+
+
+@contextlib.contextmanager
+def batch_shard(first: int, rows: int, total: int):
+    """Within: ``normal_like`` draws the noise of the whole batch of ``total`` rows and keeps this
+    process's ``rows`` from ``first``, so the noise does not depend on how the batch is split."""
+    global _BATCH_SHARD
+    prev, _BATCH_SHARD = _BATCH_SHARD, (first, rows, total)
+    try:
+        yield
+    finally:
+        _BATCH_SHARD = prev
+
+
+def normal_like(mu: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like mu [k * b, ...] (sample-major), from torch's RNG; inside
+    ``batch_shard`` the rows of draws for the whole [k, total, ...] batch."""
+    if _BATCH_SHARD is None:
+        return torch.randn_like(mu)
+    first, rows, total = _BATCH_SHARD
+    k = mu.shape[0] // rows
+    eps = torch.randn((k, total, *mu.shape[1:]), dtype=mu.dtype, device=mu.device)
+    return eps[:, first:first + rows].reshape(mu.shape)
 
 
 def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from .objectives import iw_bound, repeat_batch
 
 
 @torch.no_grad()
-def active_units(model, batches, device, samples: int = 10, threshold: float = 0.01) -> list:
+def active_units(model, batches, device, samples: int = 10, threshold: float = 0.01, reduce=None) -> list:
     """Active units per layer, bottom to top (Burda et al. 2016).
 
     Unit u of layer i is active if Cov_x(E_{q(z_i|x)}[u]) > threshold. For z_1 the expectation is
@@ -18,7 +18,9 @@ def active_units(model, batches, device, samples: int = 10, threshold: float = 0
     E_q[z_i] = E_{z_{<i}}[mu_i(z_{i-1})], which we estimate by averaging the posterior mean of z_i
     over ``samples`` independent draws of the hierarchy per x. The variance over x is taken over
     every example in ``batches`` (two-pass, in float64). Conv latents count each C*H*W element.
+    ``reduce`` sums a tensor over the processes that share the examples (data-parallel training).
     """
+    reduce = reduce or (lambda t: t)
     means = None
     for x in batches:
         x = x.to(device)
@@ -28,14 +30,16 @@ def active_units(model, batches, device, samples: int = 10, threshold: float = 0
     out = []
     for layer in means:
         m = torch.cat(layer, 0)
-        var = m.var(0, unbiased=False)
+        n = reduce(m.new_tensor(m.shape[0]))
+        mean = reduce(m.sum(0)) / n
+        var = reduce(((m - mean) ** 2).sum(0)) / n
         out.append(int((var > threshold).sum().item()))
     return out
 
 
 @torch.no_grad()
 def evaluate(model, batches_fn, device, iw_samples: int = 0, iw_chunk: int = 500, au_samples: int = 10,
-             seed: int = 0, progress: bool = False, num_batches: int | None = None) -> dict:
+             seed: int = 0, progress: bool = False, num_batches: int | None = None, reduce=None) -> dict:
     """Evaluate ``model`` on the batches yielded by ``batches_fn()`` (called once per pass).
 
     Returns nats per example: ``elbo``, ``recon`` (E_q log p(x|z)), ``kl_total``, ``kl_per_layer``
@@ -43,6 +47,8 @@ def evaluate(model, batches_fn, device, iw_samples: int = 0, iw_chunk: int = 500
     ``bpd`` keys for image likelihoods over [-1, 1] (CIFAR-10).
     Runs under its own RNG stream (``seed``), so it never perturbs a training run's randomness.
     ``progress`` shows a bar per pass (with an ETA when ``num_batches``, the batches per pass, is given).
+    ``reduce`` (data-parallel training) sums a float64 tensor over the processes, each of which
+    passes its own share of the examples; the results are then those of all the examples.
     """
     was_training = model.training
     model.eval()
@@ -71,8 +77,12 @@ def evaluate(model, batches_fn, device, iw_samples: int = 0, iw_chunk: int = 500
             kl_sum = kls if kl_sum is None else [a + b for a, b in zip(kl_sum, kls)]
             if iw_samples > 0:
                 sums["iw"] += iw_bound(model, x, iw_samples, iw_chunk).double().sum().item()
-        au = active_units(model, passes("active units"), device, samples=au_samples)
+        au = active_units(model, passes("active units"), device, samples=au_samples, reduce=reduce)
     model.train(was_training)
+    if reduce is not None:
+        tot = reduce(torch.tensor([n, sums["elbo"], sums["recon"], sums["iw"], *kl_sum], dtype=torch.float64))
+        n, sums["elbo"], sums["recon"], sums["iw"], *kl_sum = tot.tolist()
+        n = int(n)
     res = {
         "elbo": sums["elbo"] / n,
         "recon": sums["recon"] / n,

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .backends import Backend, check_ou_args
 from .baselines import BIVA, LadderVAE
 from .config import ModelConfig
-from .distributions import Terms, gaussian_logprob, repeat_batch, split_gaussian, std_normal_logprob
+from .distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
 from .errors import HVAEError
 from .stack import StackedVAE
 
@@ -107,7 +107,7 @@ class HierarchicalVAE(StackedVAE):
                 mu, sigma = split_gaussian(enc(x if i == 0 else zs[-1])[0], self.cfg.min_scale)
                 if i == 0 and k > 1:
                     mu, sigma = repeat_batch(mu, k), repeat_batch(sigma, k)
-            z = mu + sigma * torch.randn_like(mu)
+            z = mu + sigma * normal_like(mu)
             zs.append(z), mus.append(mu), sigmas.append(sigma)
             log_q.append(gaussian_logprob(z, mu, sigma))
         return zs, mus, sigmas, log_q

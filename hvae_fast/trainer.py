@@ -14,6 +14,10 @@ Run directory layout::
     checkpoint-best.pt       the best validation ELBO so far
     samples-<step>.png       sample grids from the unsmoothed generative model
 
+Under torchrun (distributed.py) rank 0 holds the lock, logs and writes every file; a checkpoint of a
+run of W processes also holds "world_size" and, in "ranks", every process's RNG and data-stream
+state, and resumes only with W processes.
+
 Checkpoints and config.json are written atomically (a temporary ``.NAME.tmp-PID`` in the same folder,
 fsync, rename, fsync of the folder): a crash or a full disk leaves the previous file intact, and the
 next `train` in the folder removes the temporary files a dead writer left. A periodic checkpoint of
@@ -48,6 +52,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from . import distributed
 from .config import RunConfig, load_config
 from .errors import HVAEError
 from .evaluate import evaluate
@@ -366,22 +371,27 @@ class Trainer:
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
         self.data_dir = data_dir
-        self.progress = progress
-        self.device = resolve_device(cfg.device)
-        self.tb = None
-        self._lock = lock_run_dir(self.out)
+        self.tb = self._lock = None
+        self._closed = False
+        self.world, self.device = distributed.setup(resolve_device(cfg.device))
+        self.progress = progress and self.world.main
         try:
-            state = self._check_run_dir(resume)
+            state = self._join(resume)
             t = cfg.train
             torch.manual_seed(t.seed)
-            self.train_set = data_mod.load_dataset(cfg.dataset, "train", data_dir)
-            self.valid_set = data_mod.load_dataset(cfg.dataset, "valid", data_dir)
             self.stream = data_mod.BatchStream(self.train_set, t.batch_size, seed=t.seed)
             if cfg.model.likelihood != self.train_set.likelihood:
                 raise HVAEError(f"preset {cfg.preset!r} uses a {cfg.model.likelihood} likelihood but {cfg.dataset} needs "
                                 f"{self.train_set.likelihood}: pick a preset made for {cfg.dataset} (`hvae-fast presets`)")
             tr = build_training(cfg, self.device, self.train_set.image_shape)
             self.model, self.opt, self.sched, self.ou, self.backend_name = tr.model, tr.opt, tr.sched, tr.ou, tr.backend
+            # The training forward runs through DDP (gradients averaged over processes); everything
+            # else (checkpoints, hooks, validation, samples) uses the model itself.
+            self.net = self.model
+            if self.world.size > 1:
+                self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+                if self.ou is not None:
+                    self.ou.backend = distributed.shard_backend(self.ou.backend, self.world)
             self.rho = tr.rho
             # fp16's loss scaling (bf16 has float32's exponent range and needs none); disabled, it is a no-op.
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
@@ -400,14 +410,51 @@ class Trainer:
                 self._restore(state)
             self._save_due = False
             self._pending = None
-            self._signal = None
-            atomic_write_text(self.cfg.to_json() + "\n", self.out / "config.json")
+            self._signal = self._signal_seen = None  # agreed by every process / seen by this one
+            if self.world.main:
+                atomic_write_text(self.cfg.to_json() + "\n", self.out / "config.json")
             if state is None:
                 self.save()  # the initial weights: from here on the folder is a run that resumes
-            self.tb = self._tensorboard()
+            self.tb = self._tensorboard() if self.world.main else None
         except BaseException:
             self.close()
             raise
+
+    def _join(self, resume: bool):
+        """Take the run directory (rank 0) and load the data (rank 0 first, so a download or parse
+        happens once); every process gets the checkpoint to resume from (or None) or the same error."""
+        w, t = self.world, self.cfg.train
+        error = state = None
+        if w.size > 1:
+            if t.batch_size % w.size:
+                error = (f"--batch-size {t.batch_size} is the global batch and must split evenly over the {w.size} "
+                         f"processes: pass a multiple of {w.size}")
+            elif t.free_bits > 0:
+                error = ("--free-bits clamps each layer's KL averaged over the whole batch, which the processes of a "
+                         "torchrun run do not see: drop --free-bits, or train in one process")
+            elif t.compile:
+                error = "--compile is not supported under torchrun yet: drop --compile, or train in one process"
+        if w.main and error is None:
+            try:
+                self._lock = lock_run_dir(self.out)
+                state = self._check_run_dir(resume)
+                self._load_data()
+            except HVAEError as exc:
+                error = str(exc)
+        w.agree(error)
+        if not w.main:
+            self._load_data()
+            if resume:
+                state = load_checkpoint(self.out / "checkpoint-latest.pt", self.device)
+        return state
+
+    def _load_data(self) -> None:
+        self.train_set = data_mod.load_dataset(self.cfg.dataset, "train", self.data_dir)
+        self.valid_set = data_mod.load_dataset(self.cfg.dataset, "valid", self.data_dir)
+        n = min(self.cfg.train.eval_examples or len(self.valid_set), len(self.valid_set))
+        if n < self.world.size:
+            raise HVAEError(f"validation on {n} examples cannot be shared by {self.world.size} processes: "
+                            f"pass --eval-examples {self.world.size} or more")
 
     # -- run directory --------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool):
@@ -427,6 +474,12 @@ class Trainer:
             raise HVAEError(f"{self.out} already holds a run (checkpoint-latest.pt): pass --resume to continue it, "
                             f"or --out for a new run")
         st = load_checkpoint(ckpt, self.device)
+        saved = int(st.get("world_size", 1))
+        if saved != self.world.size:
+            how = (f"under `torchrun --nproc_per_node {saved}` (or any launch of {saved} processes)" if saved > 1
+                   else "in one process, without torchrun")
+            raise HVAEError(f"--resume: checkpoint-latest.pt in {self.out} was written by {saved} process(es) and this "
+                            f"run has {self.world.size}; its data order and noise depend on that: resume it {how}")
         # A checkpoint written before a config field existed lacks it: compare with that field's default.
         saved = RunConfig.from_dict(st["config"], where=f"the config inside {ckpt}").to_dict()
         diff = [p for p in config_diff(saved, self.cfg.to_dict()) if p not in RESUMABLE_CHANGES]
@@ -437,8 +490,9 @@ class Trainer:
         return st
 
     def resume_command(self) -> str:
-        cmd = ["hvae-fast", "train", self.cfg.dataset, "--out", str(self.out), "--resume"]
-        return shlex.join(cmd + (["--data-dir", str(self.data_dir)] if self.data_dir else []))
+        cmd = ["train", self.cfg.dataset, "--out", str(self.out), "--resume"]
+        cmd = shlex.join(cmd + (["--data-dir", str(self.data_dir)] if self.data_dir else []))
+        return (distributed.launch_command(self.world) + "hvae_fast " if self.world.size > 1 else "hvae-fast ") + cmd
 
     def _tensorboard(self):
         try:
@@ -448,20 +502,28 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"))
 
     def close(self) -> None:
-        """Flush TensorBoard and release the run directory."""
+        """Flush TensorBoard, release the run directory and leave the process group."""
+        self._closed = True
         if self.tb is not None:
             self.tb.close()
             self.tb = None
         if self._lock is not None:
             self._lock.close()  # closing the file drops the flock
             self._lock = None
+        if self.world.size > 1:
+            distributed.teardown()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _position(self) -> dict:
-        """Where the run stands between two steps: the step, the data stream, the RNGs and the rho controller."""
-        return {"step": self.step, "stream": self.stream.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "rho_control": self.controller.state_dict() if self.controller is not None else None}
+        """Where the run stands between two steps: the step, the data stream, the RNGs and the rho
+        controller; with several processes, "ranks" holds each one's stream and RNGs (a collective)."""
+        mine = {"stream": self.stream.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        pos = {"step": self.step, **mine, "world_size": self.world.size,
+               "rho_control": self.controller.state_dict() if self.controller is not None else None}
+        if self.world.size > 1:
+            pos["ranks"] = self.world.gather(mine)
+        return pos
 
     def _state(self, position=None) -> dict:
         return {**(position or self._position()),
@@ -475,13 +537,14 @@ class Trainer:
 
     def save(self, name: str = "checkpoint-latest.pt", position=None) -> bool:
         """Write checkpoint ``name`` of the current weights (at ``position``, default now) atomically.
-        Returns False, writing nothing, when a parameter is NaN/inf."""
+        Returns False, writing nothing, when a parameter is NaN/inf. Every process calls it; rank 0 writes."""
         params = [p.detach() for p in self.model.parameters()]
         if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             log.warning("not writing %s: the parameters hold NaN/inf", name)
             return False
         state = self._state(position)
-        atomic_save(state, self.out / name)
+        if self.world.main:
+            atomic_save(state, self.out / name)
         if name == "checkpoint-latest.pt":
             self._saved_step, self._save_due, self._last_save = state["step"], False, time.monotonic()
         return True
@@ -494,20 +557,23 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise HVAEError(f"checkpoint-latest.pt in {self.out} does not match this config's model or optimizer: "
                             f"{str(exc).splitlines()[0]}; resume with the run's own settings or start a new --out") from None
-        self.stream.load_state_dict(st["stream"])
+        mine = st["ranks"][self.world.rank] if self.world.size > 1 else st
+        self.stream.load_state_dict(mine["stream"])
         if st.get("grad_scaler"):
             self.scaler.load_state_dict(st["grad_scaler"])
         if self.controller is not None:
             self.controller.load_state_dict(st.get("rho_control"))
-        torch.set_rng_state(st["rng_cpu"].cpu())
-        if st.get("rng_cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in st["rng_cuda"]])
+        torch.set_rng_state(mine["rng_cpu"].cpu())
+        if mine.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in mine["rng_cuda"]])
         self.step, self.skipped, self.best_valid = int(st["step"]), int(st["skipped"]), float(st["best_valid"])
         self._saved_step = self.step
         log.info("resumed %s at step %d", self.out / "checkpoint-latest.pt", self.step)
 
     # -- metrics --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        if not self.world.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -520,25 +586,36 @@ class Trainer:
 
     @torch.no_grad()
     def _unsmoothed_stats(self, x) -> dict:
-        """ELBO and per-layer KL of the unsmoothed model on a batch, off the training RNG stream."""
+        """ELBO and per-layer KL of the unsmoothed model on a batch (this process's rows, averaged over
+        processes), off the training RNG stream."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.step)
             t = self.model(x)
-        kls = [k.mean().item() for k in t.kl]
-        out = {"elbo": t.log_weight.mean().item(), "recon": t.log_px.mean().item(), "kl_per_layer": kls,
-               "kl_total": sum(kls), "top_kl": kls[-1]}
+        elbo, recon, *kls = self.world.mean(torch.stack([t.log_weight.mean(), t.log_px.mean(),
+                                                         *[k.mean() for k in t.kl]])).tolist()
+        out = {"elbo": elbo, "recon": recon, "kl_per_layer": kls, "kl_total": sum(kls), "top_kl": kls[-1]}
         if self.model.likelihood.kind == "logistic":
             out["bpd"] = bits_per_dim(-out["elbo"], x[0].numel())
         return out
 
     def validate(self) -> dict:
-        t = self.cfg.train
-        batches = lambda: data_mod.eval_batches(self.valid_set, t.batch_size, 0, t.eval_examples)  # noqa: E731
-        # Active units with eval's estimator (10 samples), so metrics.jsonl and `hvae-fast eval` agree.
-        return evaluate(self.model, batches, self.device, iw_samples=0, au_samples=10, seed=0)
+        """The unsmoothed model on the validation examples; each process takes its rows of every batch
+        (and its own noise seed, the rank) and the sums are all-reduced."""
+        t, w = self.cfg.train, self.world
 
-    def write_samples(self, name: str) -> Path:
+        def batches():
+            for x in data_mod.eval_batches(self.valid_set, t.batch_size, 0, t.eval_examples):
+                if len(x[w.rows(len(x))]):
+                    yield x[w.rows(len(x))]
+
+        # Active units with eval's estimator (10 samples), so metrics.jsonl and `hvae-fast eval` agree.
+        return evaluate(self.model, batches, self.device, iw_samples=0, au_samples=10, seed=w.rank,
+                        reduce=w.sum if w.size > 1 else None)
+
+    def write_samples(self, name: str) -> Path | None:
+        if not self.world.main:
+            return None
         gen = torch.Generator(device=self.device).manual_seed(0)
         imgs = self.model.sample(64, generator=gen)
         path = self.out / name
@@ -575,9 +652,13 @@ class Trainer:
         amp = (torch.autocast(self.device.type, dtype=AMP_DTYPES[t.precision]) if t.precision in AMP_DTYPES
                else contextlib.nullcontext())
         with amp:  # the nets in bf16/fp16; the densities upcast their inputs (distributions.fp32)
-            loss, bound = loss_fn(self.model, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
+            loss, bound = loss_fn(self.net, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
         self.opt.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        # Means over the processes (one all-reduce): a NaN/inf on any process makes the loss's mean
+        # non-finite, so every process skips the same steps; the rho controller sees the global top KL.
+        means = self.world.mean(torch.stack([loss.detach(), bound.detach().mean()]
+                                            + ([self._top_kl] if self.controller is not None else [])))
+        finite = bool(torch.isfinite(means[0]))
         if finite:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)  # clip the true gradient, not the scaled one
@@ -597,7 +678,7 @@ class Trainer:
             self.scaler.update()
             self._nonfinite_run = 0
             if self.controller is not None:
-                self.controller.observe(self._top_kl.item())
+                self.controller.observe(means[2].item())
         else:
             self.skipped += 1
             self._nonfinite_run += 1
@@ -612,7 +693,7 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.sched.step()
         self.step += 1
-        return {"loss": loss.item(), "bound": bound.mean().item(), "kl_weight": beta, "rho": rho, "finite": finite,
+        return {"loss": means[0].item(), "bound": means[1].item(), "kl_weight": beta, "rho": rho, "finite": finite,
                 "grad_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None}
 
     def _oom(self, exc) -> HVAEError:
@@ -622,15 +703,22 @@ class Trainer:
                          f"--iw-samples-train (`hvae-fast memory` estimates what fits)")
 
     def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None and signum == signal.SIGINT:
+        if self._signal_seen is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
-        self._signal = signum
+        self._signal_seen = signum
         log.warning("%s: stopping after this step", signal.Signals(signum).name)
 
     def _catch_signals(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
             return {}
         return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _agree(self, late: bool) -> bool:
+        """At the end of a step, for every process alike: whether a checkpoint is overdue by the clock
+        (of any process), and ``self._signal``, a signal any process has caught (else None)."""
+        flags = self.world.max(torch.tensor([float(late), float(self._signal_seen or 0)]))
+        self._signal = int(flags[1]) or None
+        return bool(flags[0])
 
     def _status(self, rec: dict, rate) -> None:
         t = self.cfg.train
@@ -642,12 +730,16 @@ class Trainer:
         """Train to cfg.train.steps; returns the last train record. Releases the run directory when done."""
         from tqdm.auto import tqdm
 
-        if self._lock is None:
+        if self._closed:
             raise HVAEError(f"this Trainer has released {self.out} (fit already ran): build a new one with resume=True")
         t = self.cfg.train
         for line in scale_notes(self.cfg, self.device, count_parameters(self.model)):
             log.info("%s", line)
         log.info("OU backend: %s; run directory %s; %d steps to go", self.backend_name, self.out, t.steps - self.step)
+        w = self.world
+        if w.size > 1:
+            log.info("data-parallel: %d processes (DDP, %s); global batch %d, %d per process", w.size, w.backend,
+                     t.batch_size, t.batch_size // w.size)
         self.model.train()
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         handlers = self._catch_signals()
@@ -659,9 +751,11 @@ class Trainer:
             while self.step < t.steps:
                 if self._save_due:
                     self._pending = self._position()
-                x = next(self.stream).to(self.device, non_blocking=True)
+                batch = next(self.stream)
+                x = batch[w.rows(len(batch))].to(self.device, non_blocking=True)
                 try:
-                    out = self.train_step(x)
+                    with w.shard(len(batch)):
+                        out = self.train_step(x)
                 except RuntimeError as exc:
                     if is_out_of_memory(exc):
                         raise self._oom(exc) from None
@@ -676,9 +770,11 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     sps = (self.step - last_step) / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
+                    with w.shard(len(batch)):
+                        stats = self._unsmoothed_stats(x)
                     record = {"split": "train", "step": self.step, "loss": out["loss"], "train_bound": out["bound"],
                               "kl_weight": out["kl_weight"], "lr": self.sched.get_last_lr()[0],
-                              "skipped": self.skipped, "steps_per_s": sps, **self._unsmoothed_stats(x)}
+                              "skipped": self.skipped, "steps_per_s": sps, **stats}
                     if out["rho"] is not None:
                         record["rho"] = out["rho"]  # the rho this step trained with
                     if out["grad_scale"] is not None:
@@ -698,7 +794,8 @@ class Trainer:
                         self.save("checkpoint-best.pt")
                 if self.step % t.sample_every == 0 or self.step == t.steps:
                     self.write_samples(f"samples-{self.step:07d}.png")
-                if self.step % t.checkpoint_every == 0 or time.monotonic() - self._last_save >= 60 * t.checkpoint_minutes:
+                late = self._agree(time.monotonic() - self._last_save >= 60 * t.checkpoint_minutes)
+                if self.step % t.checkpoint_every == 0 or late:
                     self._save_due = True
                 if self.step == t.steps or self._signal is not None:
                     self.save()
