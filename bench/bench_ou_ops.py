@@ -3,7 +3,9 @@
 Implementations (benchmark names): ``torch`` (the eager reference backend, the group's baseline),
 ``torch-compile`` (torch.compile of the reference; its noise comes from torch.randn inside the
 compiled graph so inductor can fuse it), and each fused backend (``triton``, ``cuda``, ``cpp``)
-that ``backend_status`` reports available. Modes: ``fwd`` (training forward, inputs requiring
+that ``backend_status`` reports available, and ``auto`` (``--backend auto``: the backend measured
+fastest for the shape class, hvae_fast/autotune.py). The head's mean_raw and scale_raw are what the
+model passes: the two channel halves of one [K, B, 2C, ...] tensor (non-contiguous views). Modes: ``fwd`` (training forward, inputs requiring
 grad), ``bwd`` (autograd.grad of a forward done untimed in the round's setup), ``fwdbwd``.
 Group names: ``op-<op>-<mode>-<size>``.
 
@@ -90,7 +92,8 @@ def _inputs(op: str, size: str, device):
         z, mu = t(B, *S), t(B, *S)
         sigma = (0.1 + torch.rand((B, *S), generator=g)).to(device).requires_grad_(True)
         return (z, mu, sigma), (K, B, *S)
-    return (t(K, B, *S), t(K, B, *S, scale=0.5), t(B, *S)), (B,)
+    mean_raw, scale_raw = torch.cat([t(K, B, *S), t(K, B, *S, scale=0.5)], dim=2).detach().chunk(2, dim=2)
+    return (mean_raw.requires_grad_(True), scale_raw.requires_grad_(True), t(B, *S)), (B,)
 
 
 def op_bytes(op: str, mode: str, size: str, itemsize: int = 4) -> int:

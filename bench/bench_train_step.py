@@ -3,7 +3,9 @@
 Benchmark names: ``vae`` (the plain stacked VAE: the baseline), ``hvae-torch`` (OU-smoothed
 generator layers on the eager torch backend), ``hvae-<backend>`` for each available fused backend
 (``hvae-triton``, ``hvae-cuda``, ``hvae-cpp``; the rest are skipped with the probe's reason), and
-``hvae-torch-recompute`` (the K-sample generator activations rebuilt in backward, ``--ou-recompute``).
+``hvae-torch-recompute`` (the K-sample generator activations rebuilt in backward, ``--ou-recompute``),
+and ``hvae-auto`` (``--backend auto``: per op and shape class the backend measured fastest, decided
+in an untimed step before the memory step and listed in ``extra_info["auto"]``).
 Groups: ``step-<preset>``. Every variant is set up by the trainer's ``build_training`` (model,
 optimizer, OU smoothing) from the same weights (seed 0), gets the same synthetic batch, and runs the
 step the trainer runs (trainer.Trainer.train_step: loss, zero_grad, backward, clip_grad_norm_,
@@ -176,6 +178,12 @@ def _bench_step(benchmark, preset, variant, device, scale):
         batch = CPU_CIFAR_BATCH
         note = f"CPU run: batch {batch} instead of the preset's 64 (a 64-example step takes minutes on 2 cores)"
     step = Step(preset, variant, device, batch)
+    auto = {}
+    if variant == "hvae-auto":  # decide (time the candidates) outside the memory and timed steps
+        from hvae_fast import autotune
+
+        step()
+        auto = {k: r["choice"] for k, r in autotune.cached_decisions(device)[2].items()}
 
     t0 = time.perf_counter()
     if is_cuda:
@@ -205,7 +213,7 @@ def _bench_step(benchmark, preset, variant, device, scale):
         batch=step.batch, preset_batch=cfg.train.batch_size, batch_note=note, quick=QUICK,
         K=cfg.ou.samples if step.method == "hvae" else None, rho=cfg.ou.rho if step.method == "hvae" else None,
         optimizer=cfg.train.optimizer, params=sum(p.numel() for p in step.model.parameters()),
-        data="synthetic batch", rounds=rounds, first_step_s=warm, **mem)
+        data="synthetic batch", rounds=rounds, first_step_s=warm, auto=auto or None, **mem)
     # The memory step already warmed up again; MNIST steps are cheap enough for one more.
     warmup = 1 if (is_cuda or preset.startswith("mnist")) and not QUICK else 0
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)

@@ -166,11 +166,13 @@ def _impl_params(names):
 def pytest_generate_tests(metafunc):
     # Op level: eager torch, torch.compile of the reference, then each fused backend.
     if "op_impl" in metafunc.fixturenames:
-        metafunc.parametrize("op_impl", _impl_params(("torch", "torch-compile") + FUSED))
+        metafunc.parametrize("op_impl", _impl_params(("torch", "torch-compile") + FUSED + ("auto",)))
     # Step level: the plain VAE, the HVAE on the torch backend, the HVAE on each fused backend.
     if "step_variant" in metafunc.fixturenames:
         # `-recompute`: the K-sample generator activations are rebuilt in backward (--ou-recompute).
-        variants = ("vae", "hvae-torch") + tuple(f"hvae-{b}" for b in FUSED) + ("hvae-torch-recompute",)
+        # `hvae-auto`: --backend auto (per op and shape class, the measured fastest: hvae_fast/autotune.py).
+        variants = (("vae", "hvae-torch", "hvae-auto") + tuple(f"hvae-{b}" for b in FUSED)
+                    + ("hvae-torch-recompute",))
         metafunc.parametrize("step_variant", _impl_params(variants))
 
 

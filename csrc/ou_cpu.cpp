@@ -33,11 +33,24 @@
 
 namespace {
 
-void check_cpu_float(const at::Tensor& x, const char* name) {
+void check_cpu_float(const at::Tensor& x, const char* name, bool contiguous = true) {
     TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
                 " must be float32 or float64, got ", x.scalar_type());
-    TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+    TORCH_CHECK(!contiguous || x.is_contiguous(), name, " must be contiguous");
+}
+
+// A [K, B, *S] head input read in place: any strides on K and B, the *S dims packed row-major (as in
+// a channel half of the model's [K, B, 2C, ...] output; hvae_fast.backends.packed_rows is the same test).
+template <typename T>
+hvae::cpu::Rows<T> rows_of(const at::Tensor& x, const char* name) {
+    int64_t expected = 1;
+    for (int64_t d = x.dim() - 1; d >= 2; --d) {
+        TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expected, name,
+                    " must have packed trailing dims (any strides on K and B only)");
+        expected *= x.size(d);
+    }
+    return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.size(1) <= 1 || x.stride(1) == expected};
 }
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -89,11 +102,12 @@ Tensor3 correlated_samples_bwd(const at::Tensor& g, double rho, int64_t K, int64
     return {dz, dmu, dsigma};
 }
 
-// mean_raw, scale_raw: [K, B, *S]; target [B, *S] -> (logprob [B], mu_bar [B, *S], sigma_bar [B, *S])
+// mean_raw, scale_raw: [K, B, *S] (strided, see rows_of); target [B, *S] contiguous
+// -> (logprob [B], mu_bar [B, *S], sigma_bar [B, *S])
 Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_raw,
                                           const at::Tensor& target, bool ratio, double min_scale) {
-    check_cpu_float(mean_raw, "mean_raw");
-    check_cpu_float(scale_raw, "scale_raw");
+    check_cpu_float(mean_raw, "mean_raw", false);
+    check_cpu_float(scale_raw, "scale_raw", false);
     check_cpu_float(target, "target");
     check_same(target, mean_raw, "mean_raw");
     check_same(target, scale_raw, "scale_raw");
@@ -110,38 +124,40 @@ Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_ra
     auto lp = at::empty_like(target);
     if (N > 0) {
         AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "gaussian_head_fwd", [&] {
-            hvae::cpu::head_fwd_kernel<scalar_t>(mean_raw.data_ptr<scalar_t>(), scale_raw.data_ptr<scalar_t>(),
-                                      target.data_ptr<scalar_t>(), mbar.data_ptr<scalar_t>(),
-                                      sbar.data_ptr<scalar_t>(), lp.data_ptr<scalar_t>(), N, K, ratio, min_scale);
+            hvae::cpu::head_fwd_kernel<scalar_t>(rows_of<scalar_t>(mean_raw, "mean_raw"),
+                                                 rows_of<scalar_t>(scale_raw, "scale_raw"), target.data_ptr<scalar_t>(),
+                                                 mbar.data_ptr<scalar_t>(), sbar.data_ptr<scalar_t>(),
+                                                 lp.data_ptr<scalar_t>(), N, N / B, K, ratio, min_scale);
         });
     }
     auto out = lp.reshape({B, -1}).sum(1);
     return {out, mbar, sbar};
 }
 
-// g [B] -> (d mean_raw, d scale_raw [K, B, *S], d target [B, *S]). d mean_raw is [K, B, *S] in the
-// ratio mode and [B, *S] in the mean-std mode, where it does not depend on k (the caller expands it
-// over K, as torch's mean backward does, instead of writing K copies).
+// g [B] -> (d mean_raw, d scale_raw [K, B, *S], d target [B, *S]), all contiguous. d mean_raw is
+// [K, B, *S] in the ratio mode and [B, *S] in the mean-std mode, where it does not depend on k (the
+// caller expands it over K, as torch's mean backward does, instead of writing K copies). mean_raw and
+// scale_raw may be strided as in the forward.
 Tensor3 gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw,
                                           const at::Tensor& scale_raw, const at::Tensor& target,
                                           const at::Tensor& mbar, const at::Tensor& sbar, bool ratio,
                                           double min_scale) {
     for (auto* p : {&g, &mean_raw, &scale_raw, &target, &mbar, &sbar}) {
-        check_cpu_float(*p, "gaussian_head_bwd input");
+        check_cpu_float(*p, "gaussian_head_bwd input", p != &mean_raw && p != &scale_raw);
         check_same(target, *p, "gaussian_head_bwd input");
     }
     const int64_t K = mean_raw.size(0);
     const int64_t N = target.numel();
     const int64_t B = target.size(0);
     TORCH_CHECK(g.numel() == B, "grad must have one entry per batch row");
-    auto dmr = ratio ? at::empty_like(mean_raw) : at::empty_like(target);
-    auto dsr = at::empty_like(scale_raw);
+    auto dmr = at::empty(ratio ? mean_raw.sizes() : target.sizes(), target.options());
+    auto dsr = at::empty(scale_raw.sizes(), target.options());
     auto dt = at::empty_like(target);
     if (N == 0) return {dmr, dsr, dt};
     const int64_t S = N / B;
     AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "gaussian_head_bwd", [&] {
-        hvae::cpu::head_bwd_kernel<scalar_t>(g.data_ptr<scalar_t>(), mean_raw.data_ptr<scalar_t>(),
-                                  scale_raw.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
+        hvae::cpu::head_bwd_kernel<scalar_t>(g.data_ptr<scalar_t>(), rows_of<scalar_t>(mean_raw, "mean_raw"),
+                                  rows_of<scalar_t>(scale_raw, "scale_raw"), target.data_ptr<scalar_t>(),
                                   mbar.data_ptr<scalar_t>(), sbar.data_ptr<scalar_t>(), dmr.data_ptr<scalar_t>(),
                                   dsr.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), N, S, K, ratio, min_scale);
     });

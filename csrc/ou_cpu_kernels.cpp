@@ -1,7 +1,8 @@
 // CPU kernels (float32 / float64) for the two Ornstein-Uhlenbeck ops of hvae_fast.ou.
 //
-// Layout: every [K, B, *S] tensor is contiguous and viewed as [K, N] with N = B * prod(S); every
-// [B, *S] tensor as [N]. The noise of element (k, j) is randn(seed, k * N + j): Triton's
+// Layout: every [K, B, *S] tensor is viewed as [K, N] with N = B * prod(S), every [B, *S] tensor as
+// [N]. The head's inputs mean_raw / scale_raw may have any strides on K and B (Rows, see the header):
+// a chunk of a non-packed input is gathered row segment by row segment into a stack buffer. The noise of element (k, j) is randn(seed, k * N + j): Triton's
 // tl.randn(seed, offset) (Philox4x32-10 integers bit for bit, csrc/philox.h; the float part with the
 // vectorisable log / cos of csrc/cpu_philox.h). It is never stored: the backward regenerates it.
 //
@@ -143,20 +144,37 @@ void corr_bwd_kernel(const T* g, T* dz, T* dmu, T* dsigma, int64_t N, int64_t K,
 // Op 2: averaged Gaussian head
 // ---------------------------------------------------------------------------------------------
 
+// Elements [j0, j0 + n) of row k of x: a pointer into x when its rows are packed, else gathered into
+// buf (one memcpy per batch row the chunk touches; S = elements per batch row).
 template <typename T>
-void head_fwd_kernel(const T* mr, const T* sr, const T* t, T* mbar, T* sbar, T* lp, int64_t N, int64_t K,
-                     bool ratio, double min_scale) {
+inline const T* row_chunk(const Rows<T>& x, int64_t S, int64_t k, int64_t j0, int64_t n, T* buf) {
+    const T* base = x.p + k * x.sK;
+    if (x.packed) return base + j0;
+    int64_t b = j0 / S, s = j0 - b * S;
+    for (int64_t j = 0; j < n; ++b, s = 0) {
+        const int64_t len = std::min(n - j, S - s);
+        std::memcpy(buf + j, base + b * x.sB + s, sizeof(T) * len);
+        j += len;
+    }
+    return buf;
+}
+
+template <typename T>
+void head_fwd_kernel(Rows<T> mr, Rows<T> sr, const T* t, T* mbar, T* sbar, T* lp, int64_t N, int64_t S,
+                     int64_t K, bool ratio, double min_scale) {
     const T ms = T(min_scale), invK = T(1) / T(K), half_log2pi = T(0.5 * LOG_2PI);
     for_chunks(N, K, PAR_WORK_HEAD, [&](int64_t c_begin, int64_t c_end) {
         alignas(64) T acc_s[CHUNK];
         alignas(64) T acc_m[CHUNK];
+        alignas(64) T mbuf[CHUNK];
+        alignas(64) T sbuf[CHUNK];
         for (int64_t ch = c_begin; ch < c_end; ++ch) {
             const int64_t j0 = ch * CHUNK;
             const int64_t n = std::min(CHUNK, N - j0);
             for (int64_t j = 0; j < n; ++j) acc_s[j] = acc_m[j] = T(0);
             for (int64_t k = 0; k < K; ++k) {
-                const T* __restrict m_k = mr + k * N + j0;
-                const T* __restrict s_k = sr + k * N + j0;
+                const T* __restrict m_k = row_chunk(mr, S, k, j0, n, mbuf);
+                const T* __restrict s_k = row_chunk(sr, S, k, j0, n, sbuf);
                 if (ratio) {
 #pragma omp simd
                     for (int64_t j = 0; j < n; ++j) {
@@ -190,10 +208,12 @@ void head_fwd_kernel(const T* mr, const T* sr, const T* t, T* mbar, T* sbar, T* 
 }
 
 template <typename T>
-void head_bwd_kernel(const T* g, const T* mr, const T* sr, const T* t, const T* mbar, const T* sbar, T* dmr,
+void head_bwd_kernel(const T* g, Rows<T> mr, Rows<T> sr, const T* t, const T* mbar, const T* sbar, T* dmr,
                      T* dsr, T* dt, int64_t N, int64_t S, int64_t K, bool ratio, double min_scale) {
     const T ms = T(min_scale), invK = T(1) / T(K);
     for_chunks(N, K, PAR_WORK_HEAD, [&](int64_t c_begin, int64_t c_end) {
+        alignas(64) T mbuf[CHUNK];
+        alignas(64) T sbuf[CHUNK];
         alignas(64) T A[CHUNK];   // per-element factors shared by all k
         alignas(64) T Bc[CHUNK];
         alignas(64) T gbuf[CHUNK];  // g of each element's batch row
@@ -233,8 +253,8 @@ void head_bwd_kernel(const T* g, const T* mr, const T* sr, const T* t, const T* 
             }
             if (!ratio) std::memcpy(dmr + j0, A, sizeof(T) * n);  // dmr is [N]: the same for every k
             for (int64_t k = 0; k < K; ++k) {
-                const T* __restrict m_k = mr + k * N + j0;
-                const T* __restrict s_k = sr + k * N + j0;
+                const T* __restrict m_k = ratio ? row_chunk(mr, S, k, j0, n, mbuf) : nullptr;
+                const T* __restrict s_k = row_chunk(sr, S, k, j0, n, sbuf);
                 T* __restrict ds_k = dsr + k * N + j0;
                 if (ratio) {
                     T* __restrict dm_k = dmr + k * N + j0;
@@ -267,8 +287,9 @@ void noise_kernel(uint64_t seed, uint64_t start, int64_t n, float* out) {
     template void corr_fwd_kernel<T>(const T*, const T*, const T*, T*, int64_t, int64_t, double, uint64_t,    \
                                      uint64_t);                                                          \
     template void corr_bwd_kernel<T>(const T*, T*, T*, T*, int64_t, int64_t, double, uint64_t, uint64_t, bool); \
-    template void head_fwd_kernel<T>(const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, bool, double); \
-    template void head_bwd_kernel<T>(const T*, const T*, const T*, const T*, const T*, const T*, T*, T*, T*,   \
+    template void head_fwd_kernel<T>(Rows<T>, Rows<T>, const T*, T*, T*, T*, int64_t, int64_t, int64_t, bool,  \
+                                     double);                                                                 \
+    template void head_bwd_kernel<T>(const T*, Rows<T>, Rows<T>, const T*, const T*, const T*, T*, T*, T*,     \
                                      int64_t, int64_t, int64_t, bool, double);
 HVAE_INSTANTIATE(float)
 HVAE_INSTANTIATE(double)

@@ -17,13 +17,22 @@ void corr_fwd_kernel(const T* z, const T* mu, const T* sigma, T* out, int64_t N,
 template <typename T>
 void corr_bwd_kernel(const T* g, T* dz, T* dmu, T* dsigma, int64_t N, int64_t K, double rho, uint64_t seed,
                      uint64_t offset_base, bool need_sigma);
-// mr, sr [K, N], t [N] -> mbar, sbar, per-element log-density lp [N]
+// A [K, B, S] operand of the head read in place: element (k, b, s) at p[k * sK + b * sB + s]. The model
+// passes the two halves of its [K, B, 2C, ...] generator output, whose rows are not packed (sB = 2S);
+// packed means the [B, S] of each k is one contiguous run (sB == S, or B == 1).
 template <typename T>
-void head_fwd_kernel(const T* mr, const T* sr, const T* t, T* mbar, T* sbar, T* lp, int64_t N, int64_t K,
-                     bool ratio, double min_scale);
-// g [B] -> dmr ([K, N] in the ratio mode, [N] in the mean-std mode), dsr [K, N], dt [N]
+struct Rows {
+    const T* p;
+    int64_t sK, sB;
+    bool packed;
+};
+// mr, sr [K, B, S] (N = B S), t [N] -> mbar, sbar, per-element log-density lp [N]
 template <typename T>
-void head_bwd_kernel(const T* g, const T* mr, const T* sr, const T* t, const T* mbar, const T* sbar, T* dmr,
+void head_fwd_kernel(Rows<T> mr, Rows<T> sr, const T* t, T* mbar, T* sbar, T* lp, int64_t N, int64_t S,
+                     int64_t K, bool ratio, double min_scale);
+// g [B] -> dmr ([K, N] in the ratio mode, [N] in the mean-std mode), dsr [K, N], dt [N] (all packed)
+template <typename T>
+void head_bwd_kernel(const T* g, Rows<T> mr, Rows<T> sr, const T* t, const T* mbar, const T* sbar, T* dmr,
                      T* dsr, T* dt, int64_t N, int64_t S, int64_t K, bool ratio, double min_scale);
 // out[i] = randn(seed, start + i), i < n (the low counter word may wrap inside the range)
 void noise_kernel(uint64_t seed, uint64_t start, int64_t n, float* out);

@@ -93,8 +93,11 @@ Tensor3 correlated_samples_bwd(const at::Tensor& g, double rho, int64_t K, int64
     return {dz, dmu, dsigma};
 }
 
-Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_raw,
+// The CUDA head kernels index packed [K, N] buffers: a strided mean_raw / scale_raw (the CPU and
+// Triton kernels read it in place) is copied here, transiently (autograd saves the caller's view).
+Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw_in, const at::Tensor& scale_raw_in,
                                           const at::Tensor& target, bool ratio, double min_scale) {
+    const auto mean_raw = mean_raw_in.contiguous(), scale_raw = scale_raw_in.contiguous();
     check_input(target, target, "target");
     check_input(mean_raw, target, "mean_raw");
     check_input(scale_raw, target, "scale_raw");
@@ -116,10 +119,11 @@ Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_ra
     return {out, mbar, sbar};
 }
 
-Tensor3 gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw,
-                                          const at::Tensor& scale_raw, const at::Tensor& target,
+Tensor3 gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw_in,
+                                          const at::Tensor& scale_raw_in, const at::Tensor& target,
                                           const at::Tensor& mbar, const at::Tensor& sbar, bool ratio,
                                           double min_scale) {
+    const auto mean_raw = mean_raw_in.contiguous(), scale_raw = scale_raw_in.contiguous();
     check_input(target, target, "target");
     check_input(mean_raw, target, "mean_raw");
     check_input(scale_raw, target, "scale_raw");

@@ -59,6 +59,29 @@ def check_offsets(K: int, n: int, offset_base: int = 0) -> None:
         )
 
 
+def packed_rows(t) -> bool:
+    """True when a [K, B, *S] head input can be read in place by the fused kernels: any strides on K
+    and B, the *S dims packed row-major (a channel half of the model's [K, B, 2C, ...] output is)."""
+    expected = 1
+    for size, stride in reversed(list(zip(t.shape[2:], t.stride()[2:]))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def head_saved_inputs(mean_raw, scale_raw, ratio: bool):
+    """(mean_raw or None, scale_raw) for the head's backward, without a K x B copy where avoidable.
+
+    ratio: both halves are read, so the caller's (strided) views are kept: no copy. mean-std: only
+    scale_raw is read (d mean_raw_k = dm / K), and a view of one half of the model's [K, B, 2C, ...]
+    output would keep the whole buffer alive, so a non-contiguous scale_raw is kept as a compact copy
+    (half that memory); a contiguous one is kept as it is."""
+    if ratio:
+        return mean_raw, scale_raw
+    return None, scale_raw.contiguous()
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the two OU ops. ``probe(device)`` returns (available, reason)."""

@@ -320,12 +320,14 @@ def info_dict() -> dict:
         d["triton"] = triton.__version__
     except Exception as exc:
         d["triton"] = f"not importable: {exc}"
-    d["backends"] = {}
+    from .autotune import cached_decisions
+
+    d["backends"], d["auto"] = {}, {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         d["backends"][dev] = {k: {"available": ok, "reason": why} for k, (ok, why) in backend_status(dev).items()}
-        from .ou import get_backend
-
-        d["backends"][dev]["auto"] = get_backend("auto", dev).name
+        path, env, decisions = cached_decisions(dev)
+        d["backends"][dev]["auto"] = f"per op and shape class, {len(decisions)} cached decisions"
+        d["auto"][dev] = {"cache": str(path), "environment": env, "decisions": decisions}
     return d
 
 
@@ -341,6 +343,11 @@ def cmd_info(args) -> int:
         for name, s in st.items():
             if name != "auto":
                 print(f"  {name:<7} {'available' if s['available'] else 'unavailable':<12} {s['reason']}")
+        a = d["auto"][dev]
+        print(f"  auto decisions in {a['cache']} ({a['environment']}):")
+        for key, rec in sorted(a["decisions"].items()):
+            ms = ", ".join(f"{n} {t:.3g} ms" for n, t in rec.get("ms", {}).items()) or "the only candidate"
+            print(f"    {key} -> {rec['choice']} ({ms})")
     return 0
 
 

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from .errors import HVAEError
-from .backends import OU_TARGETS, Backend, check_offsets, check_ou_args, check_seed
+from .backends import OU_TARGETS, Backend, check_offsets, check_ou_args, check_seed, head_saved_inputs, packed_rows
 
 log = logging.getLogger("hvae_fast.native")
 
@@ -281,9 +281,10 @@ def _fake_head_fwd(mean_raw, scale_raw, target, ratio, min_scale):
 
 
 def _fake_head_bwd(grad, mean_raw, scale_raw, target, mu_bar, sigma_bar, ratio, min_scale):
-    # CPU mean-std: one [B, *S] d mean_raw for all k (the autograd formula expands it over K)
+    # CPU mean-std: one [B, *S] d mean_raw for all k (the autograd formula expands it over K); the
+    # gradients are contiguous whatever the strides of the (possibly strided) inputs
     dmr_shape = mean_raw.shape if (ratio or target.device.type == "cuda") else target.shape
-    return mean_raw.new_empty(dmr_shape), torch.empty_like(scale_raw), torch.empty_like(target)
+    return target.new_empty(dmr_shape), target.new_empty(scale_raw.shape), torch.empty_like(target)
 
 
 def _cs_setup(ctx, inputs, output):
@@ -300,8 +301,7 @@ def _cs_backward(ctx, grad):
 def _head_setup(ctx, inputs, output):
     mean_raw, scale_raw, target, ctx.ratio, ctx.min_scale = inputs
     _, mbar, sbar = output
-    # mean-std: d mean_raw_k = dm / K never reads mean_raw, so it is not kept
-    ctx.save_for_backward(mean_raw if ctx.ratio else None, scale_raw, target, mbar, sbar)
+    ctx.save_for_backward(*head_saved_inputs(mean_raw, scale_raw, ctx.ratio), target, mbar, sbar)
 
 
 def _head_backward(ctx, grad, _grad_mbar, _grad_sbar):
@@ -334,13 +334,6 @@ def _register_ops() -> None:
     lib.register_autograd("hvae_fast::gaussian_head_fwd", _head_backward, setup_context=_head_setup)
 
 
-def _module(ext: NativeExtension):
-    mod = ext.get()
-    if mod is None:
-        raise HVAEError(f"the {ext.name} extension is not available: {ext.reason}. Pass --backend torch")
-    return mod
-
-
 def _make_ops(ext: NativeExtension):
     def correlated_samples(z, mu, sigma, rho, K, seed, *, offset_base: int = 0):
         check_ou_args(rho, K)
@@ -369,7 +362,9 @@ def _make_ops(ext: NativeExtension):
             )
         dtype = _compute_dtype(ext, torch.promote_types(torch.promote_types(mean_raw.dtype, scale_raw.dtype),
                                                         target.dtype))
-        mean_raw, scale_raw, target = (t.to(dtype).contiguous() for t in (mean_raw, scale_raw, target))
+        # mean_raw / scale_raw are read in place (the model's halves of one [K, B, 2C, ...] tensor)
+        mean_raw, scale_raw = (t.to(dtype) if packed_rows(t) else t.to(dtype).contiguous() for t in (mean_raw, scale_raw))
+        target = target.to(dtype).contiguous()
         # float32 and float64 inputs give a [B] of their own dtype; float16 / bfloat16 give float32
         _module(ext)
         return torch.ops.hvae_fast.gaussian_head_fwd(mean_raw, scale_raw, target, mode == "ratio", float(min_scale))[0]

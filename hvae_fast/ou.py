@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 # check_ou_args is not used here: ou re-exports it with the rest of the backend contract.
+from .autotune import auto_backend
 from .backends import BACKEND_NAMES, OU_TARGETS, Backend, check_ou_args, check_seed
 from .distributions import fp32, gaussian_logprob
 from .errors import HVAEError
@@ -138,8 +139,9 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# Measured preference order for `auto` (bench/ results: see README). The first available wins.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# `auto`'s candidates per device type, in the order that breaks ties (the Triton interpreter on CPU
+# is for tests only, never a candidate).
+AUTO_CANDIDATES = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 _registered = False
 
@@ -180,19 +182,21 @@ def backend_status(device) -> dict[str, tuple[bool, str]]:
 
 
 def get_backend(name: str, device) -> Backend:
-    """Resolve ``name`` (or ``auto``) to an available backend for ``device``; logs the choice."""
+    """Resolve ``name`` to an available backend for ``device`` (logs the choice); ``auto`` is the
+    backend of hvae_fast/autotune.py, which picks per op and shape class from a cached measurement."""
     if name not in BACKEND_NAMES:
         raise HVAEError(f"unknown OU backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")
     device = torch.device(device)
     status = backend_status(device)
     if name == "auto":
-        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+        cands = {}
+        for cand in AUTO_CANDIDATES.get(device.type, ("torch",)):
             ok, why = status[cand]
             if ok:
-                log.info("OU backend: auto chose %r on %s (%s)", cand, device.type, why)
-                return BACKENDS[cand]
-            log.warning("OU backend %r unavailable on %s: %s", cand, device.type, why)
-        return BACKENDS["torch"]
+                cands[cand] = BACKENDS[cand]
+            else:
+                log.info("OU backend auto on %s: %r is not a candidate (%s)", device.type, cand, why)
+        return auto_backend(device, cands or {"torch": BACKENDS["torch"]})
     ok, why = status[name]
     if not ok:
         raise HVAEError(

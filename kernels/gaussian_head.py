@@ -36,7 +36,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.backends import OU_TARGETS
+from hvae_fast.backends import OU_TARGETS, head_saved_inputs, packed_rows
 
 from .utils import check_float_dtype, check_same, elementwise_block, num_warps_for
 
@@ -70,8 +70,17 @@ def _softplus_grad(x):
 
 
 @triton.jit
+def _row_offsets(e, S, sK, sB):
+    """Offsets of the elements e (< B S) of row k = 0 of a [K, B, S] input with strides (sK, sB, 1);
+    row k adds k * sK."""
+    b = e // S
+    return b * sB + (e - b * S)
+
+
+@triton.jit
 def _gh_fwd_kernel(
-    mean_ptr, scale_ptr, t_ptr, logp_ptr, mbar_ptr, sbar_ptr, coef_ptr, M, K,
+    mean_ptr, scale_ptr, t_ptr, logp_ptr, mbar_ptr, sbar_ptr, coef_ptr, M, S, K,
+    m_sK, m_sB, s_sK, s_sB,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -81,17 +90,19 @@ def _gh_fwd_kernel(
     half_log_2pi = tl.load(coef_ptr + 1)
     acc_s = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     acc_m = tl.zeros([BLOCK], dtype=ACC_DTYPE)
-    idx = e  # int64: k * M + e
+    m_idx = _row_offsets(e, S, m_sK, m_sB)  # int64: k * sK + b * sB + s
+    s_idx = _row_offsets(e, S, s_sK, s_sB)
     for _k in range(0, K):
-        x = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
-        mr = tl.load(mean_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
+        x = tl.load(scale_ptr + s_idx, mask=mask, other=0.0).to(ACC_DTYPE)
+        mr = tl.load(mean_ptr + m_idx, mask=mask, other=0.0).to(ACC_DTYPE)
         sig = _softplus(x) + min_scale
         acc_s += sig
         if RATIO:
             acc_m += mr / sig
         else:
             acc_m += mr
-        idx += M
+        m_idx += m_sK
+        s_idx += s_sK
     s = acc_s / K
     if RATIO:
         m = s * (acc_m / K)
@@ -109,6 +120,7 @@ def _gh_fwd_kernel(
 def _gh_bwd_kernel(
     g_ptr, mean_ptr, scale_ptr, t_ptr, mbar_ptr, sbar_ptr,
     dmean_ptr, dscale_ptr, dt_ptr, coef_ptr, M, S, K,
+    m_sK, m_sB, s_sK, s_sB,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -125,15 +137,17 @@ def _gh_bwd_kernel(
     dm = g * diff * inv_s * inv_s
     ds = g * (diff * diff * inv_s * inv_s - 1.0) * inv_s
     tl.store(dt_ptr + e, (-dm).to(dt_ptr.dtype.element_ty), mask=mask)
-    idx = e
+    idx = e  # the gradients are packed [K, M]; the inputs strided (m_idx, s_idx)
+    s_idx = _row_offsets(e, S, s_sK, s_sB)
     if RATIO:
         # ds + dm * r with r = m / s, written as g (t (t - m) / s^2 - 1) / s: the same value without
         # the cancellation of two large terms when |r| is large (as in csrc/ou_cpu_kernels.cpp)
         dr_k = dm * s / K
         ds_k = g * (diff * t * inv_s * inv_s - 1.0) * inv_s / K
+        m_idx = _row_offsets(e, S, m_sK, m_sB)
         for _k in range(0, K):
-            x = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
-            mr = tl.load(mean_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(scale_ptr + s_idx, mask=mask, other=0.0).to(ACC_DTYPE)
+            mr = tl.load(mean_ptr + m_idx, mask=mask, other=0.0).to(ACC_DTYPE)
             sig = _softplus(x) + min_scale
             inv_sig = 1.0 / sig
             dmr = dr_k * inv_sig
@@ -141,14 +155,17 @@ def _gh_bwd_kernel(
             tl.store(dmean_ptr + idx, dmr.to(dmean_ptr.dtype.element_ty), mask=mask)
             tl.store(dscale_ptr + idx, (dsig * _softplus_grad(x)).to(dscale_ptr.dtype.element_ty), mask=mask)
             idx += M
+            m_idx += m_sK
+            s_idx += s_sK
     else:
         dm_k = (dm / K).to(dmean_ptr.dtype.element_ty)
         ds_k = ds / K
         for _k in range(0, K):
-            x = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(scale_ptr + s_idx, mask=mask, other=0.0).to(ACC_DTYPE)
             tl.store(dmean_ptr + idx, dm_k, mask=mask)
             tl.store(dscale_ptr + idx, (ds_k * _softplus_grad(x)).to(dscale_ptr.dtype.element_ty), mask=mask)
             idx += M
+            s_idx += s_sK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +181,8 @@ def _acc_dtype(*tensors) -> torch.dtype:
 @triton_op("hvae_fast_triton::gaussian_head_fwd", mutates_args=())
 def gaussian_head_fwd(mean_raw: torch.Tensor, scale_raw: torch.Tensor, target: torch.Tensor, ratio: bool,
                       min_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous inputs -> (logp_per_row [B], mu_bar, sigma_bar [B, *S]), all in the acc dtype."""
+    """mean_raw, scale_raw [K, B, *S] with packed *S (any K and B strides), target contiguous
+    -> (logp_per_row [B], mu_bar, sigma_bar [B, *S]), all in the acc dtype."""
     K, B = mean_raw.shape[0], mean_raw.shape[1]
     M = target.numel()
     S = M // B if B else 0
@@ -178,7 +196,7 @@ def gaussian_head_fwd(mean_raw: torch.Tensor, scale_raw: torch.Tensor, target: t
     coef = torch.tensor([float(min_scale), HALF_LOG_2PI], dtype=acc, device=dev)
     block = elementwise_block(M)
     wrap_triton(_gh_fwd_kernel)[(triton.cdiv(M, block),)](
-        mean_raw, scale_raw, target, logp, mbar, sbar, coef, M, K,
+        mean_raw, scale_raw, target, logp, mbar, sbar, coef, M, S, K, *mean_raw.stride()[:2], *scale_raw.stride()[:2],
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return logp.sum(1), mbar, sbar
@@ -196,7 +214,7 @@ def gaussian_head_bwd(grad: torch.Tensor, mean_raw: torch.Tensor, scale_raw: tor
     acc = mbar.dtype
     dev = target.device
     dmean = torch.empty(scale_raw.shape, dtype=mean_dtype, device=dev)
-    dscale = torch.empty_like(scale_raw)
+    dscale = torch.empty(scale_raw.shape, dtype=scale_raw.dtype, device=dev)
     dt = torch.empty_like(target)
     if M == 0:
         return dmean, dscale, dt
@@ -204,6 +222,7 @@ def gaussian_head_bwd(grad: torch.Tensor, mean_raw: torch.Tensor, scale_raw: tor
     block = elementwise_block(M)
     wrap_triton(_gh_bwd_kernel)[(triton.cdiv(M, block),)](
         grad, mean_raw, scale_raw, target, mbar, sbar, dmean, dscale, dt, coef, M, S, K,
+        *mean_raw.stride()[:2], *scale_raw.stride()[:2],
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return dmean, dscale, dt
@@ -220,15 +239,17 @@ def _(mean_raw, scale_raw, target, ratio, min_scale):
 
 @gaussian_head_bwd.register_fake
 def _(grad, mean_raw, scale_raw, target, mbar, sbar, ratio, min_scale, mean_dtype):
-    return scale_raw.new_empty(scale_raw.shape, dtype=mean_dtype), torch.empty_like(scale_raw), torch.empty_like(target)
+    return (scale_raw.new_empty(scale_raw.shape, dtype=mean_dtype), scale_raw.new_empty(scale_raw.shape),
+            torch.empty_like(target))
 
 
 def _setup(ctx, inputs, output):
     mean_raw, scale_raw, target, ctx.ratio, ctx.min_scale = inputs
     _, mbar, sbar = output
     ctx.mean_dtype = mean_raw.dtype
-    # the inputs the backward reads plus the [B, *S] averages; mean-std never reads mean_raw
-    ctx.save_for_backward(mean_raw if ctx.ratio else None, scale_raw, target, mbar, sbar)
+    # the inputs the backward reads (views of the caller's, or a compact scale_raw in the mean-std
+    # mode: hvae_fast.backends.head_saved_inputs) plus the [B, *S] averages
+    ctx.save_for_backward(*head_saved_inputs(mean_raw, scale_raw, ctx.ratio), target, mbar, sbar)
 
 
 def _backward(ctx, grad, _grad_mbar, _grad_sbar):
@@ -260,5 +281,6 @@ def gaussian_head_logprob(mean_raw, scale_raw, target, mode: str = "mean-std", m
     min_scale = float(min_scale)
     if not (min_scale >= 0.0 and math.isfinite(min_scale)):
         raise HVAEError(f"min_scale must be a finite number >= 0, got {min_scale}")
-    return gaussian_head_fwd(mean_raw.contiguous(), scale_raw.contiguous(), target.contiguous(), mode == "ratio",
-                             min_scale)[0]
+    # the model's mean_raw / scale_raw (halves of one [K, B, 2C, ...] tensor) are read in place
+    mean_raw, scale_raw = (t if packed_rows(t) else t.contiguous() for t in (mean_raw, scale_raw))
+    return gaussian_head_fwd(mean_raw, scale_raw, target.contiguous(), mode == "ratio", min_scale)[0]

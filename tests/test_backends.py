@@ -164,6 +164,14 @@ def transposed(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def model_halves(mean_raw: torch.Tensor, scale_raw: torch.Tensor):
+    """mean_raw, scale_raw [K, B, C, ...] as the model hands them to the head: the two channel halves
+    of one [K, B, 2C, ...] generator output (model.py: ``out.chunk(2, dim=2)``), non-contiguous views."""
+    m, s = torch.cat([mean_raw, scale_raw], dim=2).chunk(2, dim=2)
+    assert not m.is_contiguous() and not s.is_contiguous() and m.data_ptr() != s.data_ptr()
+    return m, s
+
+
 def _grads_of(fn, inputs, upstream):
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*leaves)
@@ -273,14 +281,15 @@ def _head_inputs(shape, K, dtype, device, large):
 
 @pytest.mark.parametrize("case, shape, K, variant, dtype", HEAD_GRID, indirect=["case"])
 def test_gaussian_head_matches_reference(case, shape, K, variant, dtype):
-    # Log-density and all three gradients; scale_raw strided, target transposed (non-contiguous).
+    # Log-density and all three gradients on the model's inputs: mean_raw and scale_raw the two
+    # channel halves of one [K, B, 2C, ...] tensor, target transposed (all non-contiguous).
     case.need_f64(dtype)
     mode, large = variant
     min_scale = 1e-3
     inputs = _head_inputs(shape, K, dtype, case.device, large)
     up = torch.randn(shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(case.device)
     ours, ours_g = _grads_of(
-        lambda m, s, t: case.b.gaussian_head_logprob(m, strided(s), transposed(t), mode, min_scale), inputs, up)
+        lambda m, s, t: case.b.gaussian_head_logprob(*model_halves(m, s), transposed(t), mode, min_scale), inputs, up)
     assert ours.shape == (shape[0],) and ours.dtype == dtype
     ref_fn = lambda m, s, t: gaussian_head_reference(m, s, t, mode, min_scale)  # noqa: E731
     ref, ref_g = _grads_of(ref_fn, [x.double() for x in inputs], up)
@@ -289,6 +298,63 @@ def test_gaussian_head_matches_reference(case, shape, K, variant, dtype):
     for name, a, b, c in zip(("d mean_raw", "d scale_raw", "d target"), ours_g, ref_g, ref32_g):
         assert a.dtype == dtype
         assert_close_to_ref(a, b, c, dtype, name)
+
+
+@pytest.mark.parametrize("mode", ["mean-std", "ratio"])
+def test_gaussian_head_layout_does_not_change_the_result(case, mode):
+    # Exact for the fused backends (the per-element arithmetic does not see the layout; torch's own
+    # kernels vectorise by layout, so the reference gets float32 rounding): contiguous inputs, the
+    # model's channel halves (read in place by the fused kernels), a strided last dim (copied first)
+    # and a stride-0 K dim give the same result, forward and backward.
+    def same(a, b):
+        if case.name == "torch":
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(a, b)
+
+    m, s, t = _head_inputs((3, 4, 5, 5), 3, torch.float32, case.device, True)
+    up = torch.linspace(0.5, 1.5, 3, device=case.device)
+    want = _grads_of(lambda a, b, c: case.b.gaussian_head_logprob(a, b, c, mode, 1e-3), (m, s, t), up)
+    for layout in (model_halves, lambda a, b: (strided(a), b), lambda a, b: (a, strided(b))):
+        got = _grads_of(lambda a, b, c: case.b.gaussian_head_logprob(*layout(a, b), c, mode, 1e-3), (m, s, t), up)
+        same(got[0], want[0])
+        for x, y in zip(got[1], want[1]):
+            same(x, y)
+    m1, s1 = m[:1], s[:1]  # one sample broadcast over K = 3: stride 0 on K, as the reference sees K copies
+    got = _grads_of(lambda a, b, c: case.b.gaussian_head_logprob(a.expand(3, -1, -1, -1, -1), b.expand_as(s), c,
+                                                                 mode, 1e-3), (m1, s1, t), up)
+    want = _grads_of(lambda a, b, c: case.b.gaussian_head_logprob(a.repeat(3, 1, 1, 1, 1), b.repeat(3, 1, 1, 1, 1),
+                                                                  c, mode, 1e-3), (m1, s1, t), up)
+    torch.testing.assert_close(got[0], want[0])
+    for x, y in zip(got[1], want[1]):
+        torch.testing.assert_close(x, y)
+
+
+def test_gaussian_head_keeps_views_not_copies(case):
+    # On the model's channel halves, backward keeps views of the caller's [K, B, 2C, ...] buffer in the
+    # ratio mode (it reads both halves) and, in the mean-std mode (it reads scale_raw only), one compact
+    # [K, B, C, ...] scale_raw instead of a view that would keep both halves alive; nothing else is K-sized.
+    if case.name in ("torch", "cuda"):
+        pytest.skip(f"the {case.name} backend's autograd graph is torch's own / tested on CUDA machines")
+    K, shape = 3, (4, 2, 3, 3)
+    m, s, t = _head_inputs(shape, K, torch.float32, case.device, False)
+    buf = torch.cat([m, s], dim=2).requires_grad_(True)
+    storage = buf.untyped_storage().data_ptr()
+    for mode in ("ratio", "mean-std"):
+        out = case.b.gaussian_head_logprob(*buf.chunk(2, dim=2), t, mode, 1e-3)
+        saved = [x for x in out.grad_fn.saved_tensors if x is not None]
+        big = [x for x in saved if x.dim() == len(shape) + 1]
+        assert all(x.shape == shape for x in saved if x.dim() != len(shape) + 1)
+        if mode == "ratio":
+            assert len(big) == 2 and all(x.untyped_storage().data_ptr() == storage for x in big)
+        else:
+            assert len(big) == 1 and big[0].is_contiguous() and big[0].untyped_storage().data_ptr() != storage
+            assert torch.equal(big[0], s)
+        out.sum().backward()  # and the saved tensors give the reference's gradient
+        ref = torch.cat([m, s], dim=2).requires_grad_(True)
+        gaussian_head_reference(*ref.chunk(2, dim=2), t, mode, 1e-3).sum().backward()
+        torch.testing.assert_close(buf.grad, ref.grad, rtol=1e-4, atol=1e-5)
+        buf.grad = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -199,7 +199,8 @@ def test_the_model_rooms_import_only_downwards():
     assert short["hvae_fast.stack"] == {"config", "errors", "likelihoods", "nets"}
     assert short["hvae_fast.baselines"] == {"config", "distributions", "errors", "nets", "stack"}
     assert short["hvae_fast.model"] == {"backends", "baselines", "config", "distributions", "errors", "stack"}
-    assert short["hvae_fast.ou"] == {"backends", "distributions", "errors", "kernels.backend", "native"}
+    assert short["hvae_fast.ou"] == {"autotune", "backends", "distributions", "errors", "kernels.backend", "native"}
+    assert short["hvae_fast.autotune"] == {"backends", "native"}  # ou hands it the candidate backends
     assert short["hvae_fast.rho_control"] == {"errors"}
     assert short["hvae_fast.config"] <= {"backends", "errors", "rho_control"}  # everything may use config: it uses nothing above
     for backend in ("hvae_fast.native", "hvae_fast.kernels.backend", "hvae_fast.kernels.correlated_sample",

@@ -121,7 +121,8 @@ def _head_inputs(shape, K, dtype, large):
 
 
 def test_gaussian_head_saves_no_k_sized_tensors():
-    # Exact: the autograd graph keeps the inputs and [B, *S] averages only.
+    # Exact: on contiguous inputs the autograd graph keeps the inputs and [B, *S] averages only (the
+    # model's strided halves: tests/test_backends.py::test_gaussian_head_keeps_views_not_copies).
     K, shape = 6, (4, 5)
     m, s, t = (x.requires_grad_(True) for x in _head_inputs(shape, K, torch.float32, False))
     for mode in ("ratio", "mean-std"):
@@ -464,6 +465,8 @@ def _all_threads(threads, counts, fn):
 
 # (K, B, S): K=4: head grain = 64 chunks, so 80k elements are 3 parallel tasks (8 threads > tasks)
 # and 640k are 20 tasks (2 threads < tasks)
+# The inputs are the model's: the two channel halves of one [K, B, 2S] tensor, read in place (a chunk
+# gathers its row segments; 20_000 is no multiple of the 512-element chunk, so chunks straddle rows).
 @pytest.mark.parametrize("K,B,S", [(4, 4, 20_000), (4, 8, 80_000)])
 @pytest.mark.parametrize("mode", ["mean-std", "ratio"])
 def test_head_parallel_paths_match_one_thread_and_the_reference(threads, K, B, S, mode):
@@ -473,7 +476,8 @@ def test_head_parallel_paths_match_one_thread_and_the_reference(threads, K, B, S
 
     def run():
         leaves = [x.clone().requires_grad_(True) for x in (m, s, t)]
-        out = CPP.gaussian_head_logprob(*leaves, mode, 1e-3)
+        halves = torch.cat(leaves[:2], dim=2).chunk(2, dim=2)
+        out = CPP.gaussian_head_logprob(*halves, leaves[2], mode, 1e-3)
         out.backward(torch.linspace(0.5, 1.5, B, dtype=torch.float64))
         return [out.detach()] + [x.grad for x in leaves]
 

@@ -25,9 +25,15 @@ def _cs_args(dtype, offset_base=0):
     return z, mu, sigma, 0.6, 4, 1234, offset_base
 
 
-def _head_args(dtype):
+def _head_args(dtype, halves=False):
+    """mean_raw, scale_raw [4, 3, 5] (contiguous, or with ``halves`` the model's non-contiguous channel
+    halves of one [4, 3, 10] tensor, which the fused ops read in place), target [3, 5]."""
     g = torch.Generator().manual_seed(1)
-    mr, sr = (torch.randn(4, 3, 5, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    if halves:
+        mr, sr = (x.detach().requires_grad_(True) for x in torch.randn(4, 3, 10, generator=g, dtype=dtype).chunk(2, 2))
+        assert not mr.is_contiguous()
+    else:
+        mr, sr = (torch.randn(4, 3, 5, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
     return mr, sr, torch.randn(3, 5, generator=g, dtype=dtype, requires_grad=True)
 
 
@@ -37,8 +43,8 @@ def test_cpp_ops_pass_opcheck(dtype):
     ops = torch.ops.hvae_fast
     opcheck(ops.correlated_samples_fwd.default, _cs_args(dtype, offset_base=2**33 + 5))
     opcheck(ops.correlated_samples_bwd.default, (torch.randn(4, 3, 5, dtype=dtype), 0.6, 4, 1234, 0, True))
-    for ratio in (False, True):
-        mr, sr, t = _head_args(dtype)
+    for ratio, halves in ((False, False), (True, False), (False, True), (True, True)):
+        mr, sr, t = _head_args(dtype, halves)
         opcheck(ops.gaussian_head_fwd.default, (mr, sr, t, ratio, 1e-3))
         _, mbar, sbar = ops.gaussian_head_fwd(mr.detach(), sr.detach(), t.detach(), ratio, 1e-3)
         opcheck(ops.gaussian_head_bwd.default, (torch.randn(3, dtype=dtype), mr.detach(), sr.detach(), t.detach(),
@@ -51,8 +57,8 @@ def test_triton_ops_pass_opcheck_under_the_interpreter():
 
     opcheck(cs.correlated_samples_fwd, _cs_args(torch.float32, offset_base=2**33 + 5), test_utils=TRITON_CPU_UTILS)
     opcheck(cs.correlated_samples_bwd, (torch.randn(4, 3, 5), 0.6, 4, 1234, 0), test_utils=TRITON_CPU_UTILS)
-    for ratio in (False, True):
-        mr, sr, t = _head_args(torch.float32)
+    for ratio, halves in ((False, False), (True, True)):
+        mr, sr, t = _head_args(torch.float32, halves)
         opcheck(gh.gaussian_head_fwd, (mr, sr, t, ratio, 1e-3), test_utils=TRITON_CPU_UTILS)
         _, mbar, sbar = gh.gaussian_head_fwd(mr.detach(), sr.detach(), t.detach(), ratio, 1e-3)
         opcheck(gh.gaussian_head_bwd, (torch.randn(3), mr.detach(), sr.detach(), t.detach(), mbar, sbar, ratio, 1e-3,

@@ -74,3 +74,27 @@ def test_bench_summary_entry_point(tmp_path):
     assert ok.returncode == 0 and "| `vae` | 10.00 | 1.00x" in ok.stdout
     bad = subprocess.run(run + [str(tmp_path / "missing.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such results file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_targets_judge_the_auto_step_and_each_fused_op(tmp_path):
+    # CPU targets: the auto step <= 1.0x the torch-backend step on each step preset; each fused op's
+    # forward + backward <= 1.0x eager torch (fwd-only groups are not judged).
+    def b(group, name, median):
+        return {"group": group, "name": name, "stats": {"median": median}, "extra_info": {}}
+
+    data = {"benchmarks": [
+        b("step-mnist-mlp-40x4", "hvae-torch", 0.010), b("step-mnist-mlp-40x4", "hvae-auto", 0.009),
+        b("step-mnist-mlp-40x4", "hvae-cpp", 0.012),
+        b("step-cifar10-resnet-4", "hvae-torch", 1.0), b("step-cifar10-resnet-4", "hvae-auto", 1.1),
+        b("op-gaussian_head-fwdbwd-mlp", "torch", 0.002), b("op-gaussian_head-fwdbwd-mlp", "cpp", 0.001),
+        b("op-correlated_samples-fwdbwd-mlp", "torch", 0.001), b("op-correlated_samples-fwdbwd-mlp", "cpp", 0.0012),
+        b("op-correlated_samples-fwd-mlp", "torch", 0.001), b("op-correlated_samples-fwd-mlp", "cpp", 0.5)]}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    text = bench.report(tmp_path / "r.json")
+    tg = text[text.index("### Targets"):]
+    assert "(mnist-mlp-40x4): `hvae-auto` at 0.90x of `hvae-torch` (9.00 vs 10.00 ms): **MET**" in tg
+    assert "(cifar10-resnet-4): `hvae-auto` at 1.10x of `hvae-torch`" in tg and "ms): **NOT MET**" in tg
+    assert "`hvae-cpp` (for information): 1.20x of `hvae-torch`" in tg
+    assert "`cpp` gaussian_head-fwdbwd-mlp: 0.50x: **MET**" in tg
+    assert "`cpp` correlated_samples-fwdbwd-mlp: 1.20x: **NOT MET**" in tg
+    assert "correlated_samples-fwd-mlp" not in tg

@@ -1,0 +1,285 @@
+"""``--backend auto``: for each op and shape class, the fastest available backend, measured once and cached.
+
+A shape class is (op, device, dtype, numel bucket, K): the bucket is floor(log4(numel)) of the
+per-sample [B, *S] tensor, and the head's class also names its mode (mean-std / ratio). The first
+call of a class times forward + backward of every available candidate (``ou.AUTO_CANDIDATES``, which
+``ou.get_backend`` hands over: cpp and torch on CPU; triton, cuda and torch on CUDA) on random inputs
+of the call's shape and strides (one warm-up, then the median of ``REPEATS`` runs), picks the fastest (ties: the candidates' order),
+logs the decision once on ``hvae_fast.autotune`` (INFO), and stores it in a JSON file:
+
+    $HVAE_CACHE_DIR/auto-backend.json, else <user cache dir>/hvae-fast/auto-backend.json
+
+with one section per environment (``environment_key``: torch version, the C++ extension's ISA and
+sources, triton version, device name), so a new torch or a changed kernel measures again. An
+unreadable or corrupt file is replaced, with a warning. ``hvae-fast info`` lists the decisions.
+
+The fused and torch backends draw different noise for one seed, so ``auto`` runs are reproducible
+on one machine (where the cache fixes the choice) but may differ between machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .backends import Backend, check_ou_args
+
+log = logging.getLogger("hvae_fast.autotune")
+
+REPEATS = 5
+CACHE_NAME = "auto-backend.json"
+FORMAT = 1
+
+
+def cache_path() -> Path:
+    """$HVAE_CACHE_DIR/auto-backend.json, else the user cache directory's."""
+    env = os.environ.get("HVAE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser() / CACHE_NAME
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("hvae-fast")) / CACHE_NAME
+    except Exception:  # platformdirs is a dependency; never let a cache path crash a run
+        return Path.home() / ".cache" / "hvae-fast" / CACHE_NAME
+
+
+def _sources_hash() -> str:
+    from .native import csrc_dir
+
+    src = csrc_dir()
+    if src is None:
+        return "none"
+    h = hashlib.sha1()
+    for f in sorted(src.iterdir()):
+        if f.suffix in (".cpp", ".h", ".cu"):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def environment_key(device) -> str:
+    """What a decision depends on besides the shape: torch, the C++ build (ISA, sources), triton, device."""
+    from .native import cpu_isa
+
+    device = torch.device(device)
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "none"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    return f"torch {torch.__version__}; isa {cpu_isa()}; csrc {_sources_hash()}; triton {tv}; {name}"
+
+
+def shape_class(op: str, device, dtype, numel: int, K: int, mode: str | None = None) -> str:
+    """The cache key of a call: e.g. ``gaussian_head[ratio] cpu float32 n=4^7 K=5``."""
+    bucket = int(math.log(max(numel, 1), 4) + 1e-9)
+    name = op if mode is None else f"{op}[{mode}]"
+    return f"{name} {torch.device(device).type} {str(dtype).removeprefix('torch.')} n=4^{bucket} K={K}"
+
+
+class DecisionCache:
+    """The JSON file of decisions, one section per environment; ``{key: record}`` for ``env``."""
+
+    def __init__(self, path: Path, env: str):
+        self.path, self.env = Path(path), env
+        self._lock = threading.Lock()
+        self.decisions = self._read().get(env, {})
+
+    def _read(self) -> dict:
+        """All sections; a missing file is empty, a corrupt one is reported and replaced on the next write."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning("cannot read the auto-backend cache %s (%s): measuring again", self.path, exc)
+            return {}
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT or not isinstance(data.get("environments"), dict):
+                raise ValueError(f"not a format-{FORMAT} auto-backend cache")
+            envs = data["environments"]
+            for sec in envs.values():
+                if not all(isinstance(r, dict) and isinstance(r.get("choice"), str) for r in sec.values()):
+                    raise ValueError("a decision without a 'choice'")
+            return envs
+        except (ValueError, AttributeError, TypeError) as exc:
+            log.warning("the auto-backend cache %s is corrupt (%s): rebuilding it", self.path, exc)
+            return {}
+
+    def put(self, key: str, record: dict) -> None:
+        with self._lock:
+            self.decisions[key] = record
+            envs = self._read()  # other processes may have added sections or keys since
+            envs.setdefault(self.env, {}).update(self.decisions)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"format": FORMAT, "environments": envs}, indent=1, sort_keys=True))
+                os.replace(tmp, self.path)
+            except OSError as exc:  # a read-only cache costs a measurement per process, never the run
+                log.warning("cannot write the auto-backend cache %s (%s): decisions last this process only",
+                            self.path, exc)
+
+
+def median_time(run: Callable[[], None], device, repeats: int = REPEATS) -> float:
+    """Seconds per call of ``run``: one warm-up, then the median of ``repeats`` timed calls."""
+    def once():
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def _random(shape, stride, dtype, device, gen: torch.Generator, positive: bool = False) -> torch.Tensor:
+    """Random values of the given shape, strides (a channel half stays a strided view), dtype and device."""
+    x = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    vals = torch.randn(shape, generator=gen, dtype=torch.float32).to(device, dtype)
+    x.copy_(vals.abs() + 0.1 if positive else vals)
+    return x.requires_grad_(True)
+
+
+def _spec(t: torch.Tensor) -> tuple:
+    return tuple(int(s) for s in t.shape), tuple(int(s) for s in t.stride())
+
+
+def _make_run(op: str, device, dtype, specs, K: int, mode, min_scale):
+    """make_run(backend) -> one forward + backward of ``op`` on random inputs shaped like ``specs``."""
+    def make_run(b):
+        gen = torch.Generator().manual_seed(0)
+        ins = [_random(shape, stride, dtype, device, gen, positive=(op == "correlated_samples" and i == 2))
+               for i, (shape, stride) in enumerate(specs)]
+        if op == "correlated_samples":
+            return lambda: b.correlated_samples(*ins, 0.5, K, 1).sum().backward()
+        return lambda: b.gaussian_head_logprob(*ins, mode, min_scale).sum().backward()
+
+    return make_run
+
+
+_INSTANCES: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _decided(auto_id: int, key: str, op: str, dtype: torch.dtype, specs: tuple, K: int, mode, min_scale) -> str:
+    """The backend name for a call of AutoBackend ``auto_id``: under torch.compile it is computed (measured
+    if need be) while tracing and is a constant of the graph, so the chosen op is a graph node like any other."""
+    auto = _INSTANCES[auto_id]
+    return auto.choose(key, _make_run(op, auto.device, dtype, specs, K, mode, min_scale)).name
+
+
+class AutoBackend:
+    """Dispatches each call to the backend decided for its shape class (see the module docstring).
+
+    ``measure(name, run) -> seconds`` times one candidate (default: ``median_time``); tests inject a
+    fake one."""
+
+    def __init__(self, device, candidates: dict[str, Backend], cache: DecisionCache,
+                 measure: Callable[[str, Callable[[], None]], float] | None = None):
+        self.device = torch.device(device)
+        self.candidates = candidates
+        self.cache = cache
+        self.measure = measure or (lambda name, run: median_time(run, self.device))
+        self._logged: set = set()
+        self._lock = threading.RLock()
+        _INSTANCES[id(self)] = self  # _decided finds it by an int (a constant under torch.compile)
+        self.backend = Backend(name="auto", correlated_samples=self.correlated_samples,
+                               gaussian_head_logprob=self.gaussian_head_logprob,
+                               correlated_noise=self.correlated_noise, probe=self.probe,
+                               devices=(self.device.type,))
+
+    def probe(self, device):
+        return True, f"per op and shape class among {', '.join(self.candidates)} (measured, cached in {self.cache.path})"
+
+    def choose(self, key: str, make_run: Callable[[Backend], Callable[[], None]]) -> Backend:
+        """The backend for shape class ``key``; measures the candidates (``make_run(b)`` -> one fwd+bwd)
+        when neither this process nor the cache has decided it."""
+        with self._lock:
+            rec = self.cache.decisions.get(key)
+            how = "cached"
+            if rec is None or rec["choice"] not in self.candidates:
+                if len(self.candidates) == 1:
+                    times = {}
+                    choice = next(iter(self.candidates))
+                else:
+                    times = {n: float(self.measure(n, make_run(b))) for n, b in self.candidates.items()}
+                    choice = min(times, key=lambda n: (times[n], list(self.candidates).index(n)))
+                rec = {"choice": choice, "ms": {n: round(1e3 * t, 4) for n, t in times.items()}}
+                self.cache.put(key, rec)
+                how = "measured"
+            if key not in self._logged:
+                self._logged.add(key)
+                ms = ", ".join(f"{n} {t:.3g} ms" for n, t in rec["ms"].items()) or "the only candidate"
+                log.info("OU backend auto: %s -> %s (%s; %s)", key, rec["choice"], how, ms)
+            return self.candidates[rec["choice"]]
+
+    # -- the three ops of the Backend record --------------------------------------------------
+
+    def correlated_samples(self, z, mu, sigma, rho, K, seed):
+        check_ou_args(rho, K)
+        shape = tuple(torch.broadcast_shapes(z.shape, mu.shape, sigma.shape))
+        dtype = torch.promote_types(torch.promote_types(z.dtype, mu.dtype), sigma.dtype)
+        key = shape_class("correlated_samples", self.device, dtype, math.prod(shape), int(K))
+        contiguous = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        name = _decided(id(self), key, "correlated_samples", dtype, ((shape, contiguous),) * 3, int(K),
+                        None, None)
+        return self.candidates[name].correlated_samples(z, mu, sigma, rho, K, seed)
+
+    def gaussian_head_logprob(self, mean_raw, scale_raw, target, mode="mean-std", min_scale=1e-3):
+        first = self.candidates[next(iter(self.candidates))]
+        if mean_raw.dim() < 2 or target.dim() < 1:  # the backend raises its own shape error
+            return first.gaussian_head_logprob(mean_raw, scale_raw, target, mode, min_scale)
+        K = int(mean_raw.shape[0])
+        key = shape_class("gaussian_head", self.device, target.dtype, target.numel(), K, mode)
+        specs = (_spec(mean_raw), _spec(scale_raw), _spec(target))
+        name = _decided(id(self), key, "gaussian_head", target.dtype, specs, K, mode, float(min_scale))
+        return self.candidates[name].gaussian_head_logprob(mean_raw, scale_raw, target, mode, min_scale)
+
+    def correlated_noise(self, seed, K, shape, device=None, **kw):
+        """The eps that ``correlated_samples`` uses for a float32 call of this shape and K."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        key = shape_class("correlated_samples", self.device, torch.float32, math.prod(shape), int(K))
+        rec = self.cache.decisions.get(key)
+        if rec is None:
+            z = torch.zeros(shape, device=self.device)
+            self.correlated_samples(z, z, z + 1, 0.5, K, 0)  # decides this shape class
+            rec = self.cache.decisions[key]
+        return self.candidates[rec["choice"]].correlated_noise(seed, K, shape, device or self.device, **kw)
+
+
+_AUTO: dict = {}  # device -> the AutoBackend of get_backend("auto", device)
+
+
+def auto_backend(device, candidates: dict[str, Backend]) -> Backend:
+    """The ``auto`` backend of ``device`` (one per device and process) over ``candidates`` {name:
+    available backend}, in tie-breaking order; its decisions are cached in ``cache_path()``."""
+    device = torch.device(device)
+    key = str(device)
+    if key not in _AUTO:
+        cache = DecisionCache(cache_path(), environment_key(device))
+        _AUTO[key] = AutoBackend(device, dict(candidates), cache)
+        log.info("OU backend: auto on %s, per op and shape class among %s (cache %s)", device.type,
+                 ", ".join(candidates), cache.path)
+    return _AUTO[key].backend
+
+
+def cached_decisions(device="cpu") -> tuple[Path, str, dict]:
+    """(cache file, this environment's key, its decisions {shape class: record}) for ``hvae-fast info``."""
+    path = cache_path()
+    env = environment_key(device)
+    return path, env, DecisionCache(path, env).decisions

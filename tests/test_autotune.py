@@ -1,0 +1,194 @@
+"""``--backend auto`` (hvae_fast/autotune.py): the per-op, per-shape-class decision from a measurement
+cached on first use. The timer is injected (a fake ``measure``), so every test is exact; no timings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pytest
+import torch
+
+from hvae_fast import autotune, ou
+from hvae_fast.autotune import AutoBackend, DecisionCache, shape_class
+
+STATUS = ou.backend_status("cpu")
+needs_cpp = pytest.mark.skipif(not STATUS["cpp"][0], reason=f"cpp backend unavailable: {STATUS['cpp'][1]}")
+ENV = "test-env"
+
+
+class FakeTimer:
+    """measure(name, run): runs the candidate once (it must work) and returns the given seconds."""
+
+    def __init__(self, **seconds):
+        self.seconds, self.calls = seconds, []
+
+    def __call__(self, name, run):
+        run()
+        self.calls.append(name)
+        return self.seconds[name]
+
+
+def _auto(tmp_path, timer, env=ENV):
+    cands = {n: ou.BACKENDS[n] for n in ("cpp", "torch")}
+    return AutoBackend("cpu", cands, DecisionCache(tmp_path / "auto.json", env), measure=timer)
+
+
+def _head_inputs(K=3, B=4, C=6):
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(K, B, 2 * C, generator=g, requires_grad=True)
+    return out, torch.randn(B, C, generator=g)
+
+
+def _head(backend, out, t, mode="mean-std"):
+    return backend.gaussian_head_logprob(*out.chunk(2, dim=2), t, mode, 1e-3)
+
+
+@needs_cpp
+@pytest.mark.parametrize("fast", ["cpp", "torch"])
+def test_fastest_candidate_wins_per_op(tmp_path, fast):
+    timer = FakeTimer(cpp=1.0 if fast == "cpp" else 3.0, torch=2.0)
+    auto = _auto(tmp_path, timer)
+    out, t = _head_inputs()
+    _head(auto.backend, out, t)
+    z = torch.zeros(4, 6)
+    auto.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
+    assert timer.calls == ["cpp", "torch", "cpp", "torch"]  # each op's class measured once, every candidate
+    assert {r["choice"] for r in auto.cache.decisions.values()} == {fast}
+    assert len(auto.cache.decisions) == 2
+    # the decision is per op: a different op may choose differently
+    timer2 = FakeTimer(cpp=1.0, torch=2.0)
+    auto2 = _auto(tmp_path / "b", timer2)
+    timer2.seconds = {"cpp": 1.0, "torch": 2.0}
+    _head(auto2.backend, out, t)
+    timer2.seconds = {"cpp": 2.0, "torch": 1.0}
+    auto2.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
+    choices = {k.split()[0]: r["choice"] for k, r in auto2.cache.decisions.items()}
+    assert choices == {"gaussian_head[mean-std]": "cpp", "correlated_samples": "torch"}
+
+
+@needs_cpp
+def test_a_tie_goes_to_the_first_candidate(tmp_path):
+    auto = _auto(tmp_path, FakeTimer(cpp=1.0, torch=1.0))
+    z = torch.zeros(4, 6)
+    auto.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
+    assert [r["choice"] for r in auto.cache.decisions.values()] == ["cpp"]
+
+
+@needs_cpp
+def test_cache_hit_skips_timing_and_survives_the_process(tmp_path, caplog):
+    timer = FakeTimer(cpp=2.0, torch=1.0)
+    out, t = _head_inputs()
+    _head(_auto(tmp_path, timer).backend, out, t)
+    assert timer.calls == ["cpp", "torch"]
+    data = json.loads((tmp_path / "auto.json").read_text())
+    (key, rec), = data["environments"][ENV].items()
+    assert key == shape_class("gaussian_head", "cpu", torch.float32, 4 * 6, 3, "mean-std")
+    assert rec["choice"] == "torch" and rec["ms"] == {"cpp": 2000.0, "torch": 1000.0}
+
+    later = FakeTimer(cpp=0.1, torch=9.0)  # a new process: the cached choice stands, nothing is timed
+    auto = _auto(tmp_path, later)
+    with caplog.at_level(logging.INFO, logger="hvae_fast.autotune"):
+        _head(auto.backend, out, t)
+        _head(auto.backend, out, t)
+        _head(auto.backend, *_head_inputs(B=5))  # 30 elements: the same numel bucket (4^2)
+    assert later.calls == []
+    logged = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert logged == [f"OU backend auto: {key} -> torch (cached; cpp 2e+03 ms, torch 1e+03 ms)"]  # once
+
+    # another shape class (numel bucket, K, mode, dtype) or another environment measures again
+    _head(auto.backend, *_head_inputs(B=40))
+    _head(auto.backend, *_head_inputs(K=5))
+    _head(auto.backend, *_head_inputs(), mode="ratio")
+    assert later.calls == ["cpp", "torch"] * 3
+    other = FakeTimer(cpp=0.1, torch=9.0)
+    _head(_auto(tmp_path, other, env="another torch").backend, out, t)
+    assert other.calls == ["cpp", "torch"]
+    envs = json.loads((tmp_path / "auto.json").read_text())["environments"]
+    assert set(envs) == {ENV, "another torch"} and len(envs[ENV]) == 4
+
+
+@needs_cpp
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "environments": {"test-env": {"k": {}}}}',
+                                     '[1, 2]', '{"format": 99, "environments": {}}'])
+def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, caplog, content):
+    (tmp_path / "auto.json").write_text(content)
+    timer = FakeTimer(cpp=1.0, torch=2.0)
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.autotune"):
+        auto = _auto(tmp_path, timer)
+        _head(auto.backend, *_head_inputs())
+    assert any("corrupt" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    data = json.loads((tmp_path / "auto.json").read_text())
+    assert [r["choice"] for r in data["environments"][ENV].values()] == ["cpp"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("fast", ["cpp", "torch"])
+def test_results_are_the_chosen_backends_bit_for_bit(tmp_path, fast):
+    auto = _auto(tmp_path, FakeTimer(cpp=1.0 if fast == "cpp" else 3.0, torch=2.0)).backend
+    chosen = ou.BACKENDS[fast]
+    for mode in ("mean-std", "ratio"):
+        grads = []
+        for b in (auto, chosen):
+            out, t = _head_inputs()
+            lp = _head(b, out, t, mode)
+            lp.sum().backward()
+            grads.append((lp.detach(), out.grad))
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+    g = torch.Generator().manual_seed(1)
+    z, mu, sigma = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g)
+    assert torch.equal(auto.correlated_samples(z, mu, sigma, 0.7, 3, 11), chosen.correlated_samples(z, mu, sigma, 0.7, 3, 11))
+    assert torch.equal(auto.correlated_noise(11, 3, (4, 6)), chosen.correlated_noise(11, 3, (4, 6)))
+
+
+def test_get_backend_auto_uses_the_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HVAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_AUTO", {})
+    b = ou.get_backend("auto", "cpu")
+    assert b.name == "auto" and ou.get_backend("auto", "cpu") is b
+    assert autotune._AUTO["cpu"].cache.path == tmp_path / "auto-backend.json"
+    z = torch.zeros(2, 3)
+    b.correlated_samples(z, z, z + 1, 0.5, 2, 1)  # a real (tiny) measurement: some candidate is chosen
+    path, env, decisions = autotune.cached_decisions("cpu")
+    assert path == tmp_path / "auto-backend.json" and env == autotune.environment_key("cpu")
+    assert [r["choice"] for r in decisions.values()][0] in autotune._AUTO["cpu"].candidates
+
+
+def test_info_lists_the_cached_decisions(tmp_path, monkeypatch, capsys):
+    from hvae_fast.cli import main
+
+    monkeypatch.setenv("HVAE_CACHE_DIR", str(tmp_path))
+    rec = {"choice": "torch", "ms": {"cpp": 2.5, "torch": 1.25}}
+    key = shape_class("correlated_samples", "cpu", torch.float32, 1000, 5)
+    env = autotune.environment_key("cpu")
+    (tmp_path / "auto-backend.json").write_text(json.dumps({"format": 1, "environments": {env: {key: rec},
+                                                                                         "other": {"x": rec}}}))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"auto decisions in {tmp_path / 'auto-backend.json'} ({env}):" in out
+    assert f"    {key} -> torch (cpp 2.5 ms, torch 1.25 ms)" in out and " x -> " not in out
+    assert main(["info", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["auto"]["cpu"]["decisions"] == {key: rec}
+
+
+@needs_cpp
+def test_auto_traces_without_graph_breaks_and_puts_the_chosen_ops_in_the_graph(tmp_path):
+    # Under torch.compile the decision is made while tracing (measured, or from the cache) and is a
+    # constant of the graph: the chosen backend's op is a node, nothing breaks the graph.
+    from hvae_fast.model import HierarchicalVAE, OUSmoothing
+    from hvae_fast.config import ModelConfig
+    from hvae_fast.objectives import training_loss
+
+    timer = FakeTimer(cpp=1.0, torch=2.0)
+    auto = _auto(tmp_path, timer)
+    torch.manual_seed(0)
+    m = HierarchicalVAE(ModelConfig(arch="mlp", latent_sizes=(8, 6, 4), hidden_sizes=(16, 16, 16)), (1, 8, 8))
+    x = torch.bernoulli(torch.rand(16, 1, 8, 8) * 0.6)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        ex = torch._dynamo.explain(training_loss)(m, x, "hvae", OUSmoothing(0.7, 3, auto.backend),
+                                                  torch.tensor(1.0), 0.0, 1)
+    assert ex.graph_break_count == 0, [r.reason[:300] for r in ex.break_reasons]
+    ops = {str(n.target) for g in ex.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert all(any(w in o for o in ops) for w in ("hvae_fast.correlated_samples_fwd", "hvae_fast.gaussian_head_fwd"))
+    assert set(timer.calls) == {"cpp", "torch"}
+    assert {r["choice"] for r in auto.cache.decisions.values()} == {"cpp"}
