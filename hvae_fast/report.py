@@ -242,9 +242,10 @@ def plot_steering(summary, rows, run_dir_of, output: Path) -> Path | None:
     axes[2].set(title="validation: ELBO against top-layer KL", xlabel="top-layer KL (nats)", ylabel="ELBO (nats)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7)
+    handles, labels = axes[2].get_legend_handles_labels()
     fig.tight_layout()
-    fig.savefig(output, dpi=110)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, ncol=2)
+    fig.savefig(output, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return output
 
