@@ -204,9 +204,10 @@ def steered(row) -> bool:
     return row.get("rho_schedule") not in (None, "constant") or (row.get("rho_control") or 0) > 0
 
 
-def _group_mean_curve(runs, key):
-    """(steps, mean over runs of train-record ``key`` at each step that every run logged)."""
-    per = [{r["step"]: r[key] for r in read_metrics(run)[1] if isinstance(r.get(key), (int, float))} for run in runs]
+def _mean_curve(trains, key):
+    """(steps, mean over runs of train-record ``key`` at each step that every run logged);
+    ``trains``: each run's train records."""
+    per = [{r["step"]: r[key] for r in recs if isinstance(r.get(key), (int, float))} for recs in trains]
     steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
     return steps, [sum(p[s] for p in per) / len(per) for s in steps]
 
@@ -227,11 +228,11 @@ def plot_steering(summary, rows, run_dir_of, output: Path) -> Path | None:
     for i, g in enumerate(summary):
         color, label = f"C{i % 10}", _label(g, keys)
         members = [r for r in rows if r.get("status") == "finished" and all(str(r.get(k)) == str(g.get(k)) for k in keys)]
-        runs = [run_dir_of(r) for r in members]
-        steps, rho = _group_mean_curve(runs, "rho")
+        trains = [read_metrics(run_dir_of(r))[1] for r in members]  # each metrics.jsonl read once
+        steps, rho = _mean_curve(trains, "rho")
         if steps:
             axes[0].plot(steps, rho, color=color, label=label)
-        steps, kl = _group_mean_curve(runs, "top_kl")
+        steps, kl = _mean_curve(trains, "top_kl")
         if steps:
             axes[1].plot(steps, ema(kl, 0.95), color=color, label=label)
         if "elbo_mean" in g and "top_kl_mean" in g:

@@ -1,7 +1,5 @@
 """--precision bf16 / fp16: the nets under torch.autocast, the densities in float32, fp16's GradScaler."""
 
-import json
-
 import pytest
 import torch
 
@@ -93,8 +91,8 @@ def test_fp16_uses_a_grad_scaler_that_checkpoints_and_resumes_exactly(shared_dat
 
     train_interrupted(monkeypatch, cfg, tmp_path / "part", shared_data)
     resumed = Trainer(cfg, tmp_path / "part", data_dir=shared_data, resume=True, progress=False)
-    assert resumed.step == 10 and resumed.scaler.get_scale() == json.loads(
-        json.dumps(torch.load(tmp_path / "part" / "checkpoint-latest.pt", weights_only=True)["grad_scaler"]["scale"]))
+    saved = torch.load(tmp_path / "part" / "checkpoint-latest.pt", weights_only=True)["grad_scaler"]
+    assert resumed.step == 10 and resumed.scaler.get_scale() == saved["scale"]
     resumed.fit()
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k

@@ -94,18 +94,15 @@ def plot_runs(run_dirs, output: Path, labels=None) -> Path:
     axes[2].set(title="active units, all layers (validation)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
-    # one legend, beside the panels, so that many runs (a sweep) do not cover the curves
-    handles, labels = axes[2].get_legend_handles_labels() if len(runs) > 4 else axes[0].get_legend_handles_labels()
-    if len(runs) > 4 and not handles:
-        handles, labels = axes[1].get_legend_handles_labels()
-    if handles:
-        if len(runs) > 4:
-            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-                       ncol=1 + len(runs) // 25)
-        else:
-            for ax in axes:
-                if ax.get_legend_handles_labels()[0]:
-                    ax.legend(fontsize=8)
+    if len(runs) > 4:
+        # many runs (a sweep): one legend beside the panels, so it does not cover the curves; the
+        # top-KL panel has one line per run
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+                   ncol=1 + len(runs) // 25)
+    else:
+        for ax in axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.tight_layout()
     output = Path(output)
     try:
