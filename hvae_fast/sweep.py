@@ -5,7 +5,8 @@ axis multiplies the points, the ``--list`` axes are zipped into one axis of alte
 point is an ordinary run directory ``ROOT/NAME/<axis>=<value>,...``, trained by a
 ``python -m hvae_fast train`` subprocess and evaluated by ``eval --split valid``. The folder holds::
 
-    sweep.json          the spec; re-running with another spec under the same NAME is an error
+    sweep.json          the spec; re-running with more axis values (seeds, rho) grows the sweep and
+                        keeps its finished points; any other change under the same NAME is an error
     logs/<point>.*.log  each subprocess's stdout+stderr; <point>.failed.json for a failed point
     results.csv/.json   one row per point (rebuilt from the run directories on every call)
     summary.csv/.json   mean, std (n-1), n over seeds for every other axis combination
@@ -465,15 +466,32 @@ def read_spec(sweep_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def grows(old: dict, new: dict) -> bool:
+    """Whether `new` only adds points to `old`: the same axes (keys and kinds, in order), and every old
+    point among the new ones, so that every finished run directory keeps its name and its meaning."""
+    shape = lambda spec: [(a["kind"], a["key"]) for a in spec["axes"]]  # noqa: E731
+    if shape(old) != shape(new) or old.get("critical") or new.get("critical"):
+        return False
+    new_points = {point_name(v) for v in expand(new["axes"])}
+    return all(point_name(v) in new_points for v in expand(old["axes"]))
+
+
 def prepare(sweep_dir: Path, spec: dict) -> None:
     """Write sweep.json, or check that a re-run asks for the same sweep."""
     path = sweep_dir / "sweep.json"
     if path.exists():
         old = json.loads(path.read_text())
         diff = [k for k in sorted(set(old) | set(spec)) if old.get(k) != spec.get(k)]
-        if diff:
+        if diff == ["axes"] and grows(old, spec):
+            n_old, n_new = len(expand(old["axes"])), len(expand(spec["axes"]))
+            print(f"sweep {sweep_dir.name}: grows from {n_old} to {n_new} points; finished points are kept", flush=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a kill mid-write keeps the old spec
+            tmp.write_text(json.dumps(spec, indent=1) + "\n")
+            os.replace(tmp, path)
+        elif diff:
             raise HVAEError(f"{sweep_dir} holds a sweep with another spec (differs in {', '.join(diff)}; see {path}): "
-                            f"re-run it with the same arguments, or give the new sweep another NAME or --root")
+                            f"re-run it with the same arguments (or add values to its axes: more seeds, more rho), "
+                            f"or give the new sweep another NAME or --root")
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1) + "\n")

@@ -132,10 +132,30 @@ def test_a_toml_spec_file_with_command_line_axes_and_overrides(tmp_path, capsys)
 
 def test_a_different_spec_under_the_same_name_is_a_one_line_error(tmp_path, capsys):
     make_sweep(tmp_path, "s", [("grid", "seed=0,1")])
-    rc = main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0,1,2", "--", *TINY])
+    rc = main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0,2", "--", *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
     assert err.startswith("hvae-fast: error:") and "differs in axes" in err and "another NAME or --root" in err
+
+
+def test_more_seeds_grow_a_sweep_and_keep_its_finished_points(tmp_path, monkeypatch, capsys):
+    d = make_sweep(tmp_path, "s", [("grid", "rho=0.5"), ("grid", "seed=0")])
+    fake_point(d, "rho=0.5,seed=0", rho=0.5, elbo=-90.0)
+    stamps = {f: f.stat().st_mtime_ns for f in (d / "rho=0.5,seed=0").iterdir()}
+    FakeProcess.launched = []
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "rho=0.5", "--grid", "seed=0,1,2", "--", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "grows from 1 to 3 points" in out
+    assert json.loads((d / "sweep.json").read_text())["axes"][1]["values"] == ["0", "1", "2"]
+    assert sorted(out for stage, out, *_ in FakeProcess.launched if stage == "train") == \
+        [str(d / "rho=0.5,seed=1"), str(d / "rho=0.5,seed=2")]
+    assert {f: f.stat().st_mtime_ns for f in (d / "rho=0.5,seed=0").iterdir()} == stamps
+    # dropping a finished point, or changing an axis's key, is not growth
+    for axes in (["--grid", "rho=0.5", "--grid", "seed=1,2"], ["--grid", "rho=0.5", "--grid", "data_seed=0,1"],
+                 ["--grid", "seed=0,1,2", "--grid", "rho=0.5"]):
+        assert main(["sweep", "s", "--root", str(tmp_path), *axes, "--", *TINY]) == 2
+        assert "differs in axes" in capsys.readouterr().err
 
 
 def test_a_checkpointed_point_resumes_and_eval_follows_the_base_command(tmp_path):
