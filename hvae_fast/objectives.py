@@ -20,14 +20,22 @@ def kl_weight(step: int, zero_steps: int, ramp_steps: int) -> float:
     return min(1.0, (step - zero_steps) / ramp_steps)
 
 
-def free_bits_kl(kl_layers: list, floor: float) -> list:
+def free_bits_kl(kl_layers: list, floor: float, global_mean=None) -> list:
     """Free bits: each layer's KL, averaged over the minibatch, clamped from below at ``floor`` nats.
 
     Below the floor the clamp is constant, so that layer's KL gets no gradient (Kingma et al. 2016).
-    Returns one scalar per layer.
+    Under data parallelism pass ``global_mean`` (a [L] tensor -> its mean over the processes): each
+    process holds a shard of the batch, and the clamp must decide on the whole batch's mean. A layer
+    above the floor then keeps its shard's mean (whose gradients DDP averages into the whole batch's),
+    one below it gets the constant floor, as in one process. Returns one scalar per layer.
     """
     means = [kl.mean() for kl in kl_layers]
-    return [torch.clamp(m, min=floor) for m in means] if floor > 0 else means
+    if floor <= 0:
+        return means
+    if global_mean is None:
+        return [torch.clamp(m, min=floor) for m in means]
+    above = global_mean(torch.stack([m.detach() for m in means])) > floor
+    return [torch.where(a, m, torch.full_like(m, floor)) for m, a in zip(means, above)]
 
 
 def elbo(terms) -> torch.Tensor:
@@ -35,9 +43,10 @@ def elbo(terms) -> torch.Tensor:
     return terms.log_weight
 
 
-def elbo_loss(terms, beta: float = 1.0, free_bits: float = 0.0):
-    """Negative (annealed, free-bits) ELBO averaged over the batch, and the unweighted ELBO [B]."""
-    kls = free_bits_kl(terms.kl, free_bits)
+def elbo_loss(terms, beta: float = 1.0, free_bits: float = 0.0, global_mean=None):
+    """Negative (annealed, free-bits) ELBO averaged over the batch, and the unweighted ELBO [B];
+    ``global_mean`` as in free_bits_kl."""
+    kls = free_bits_kl(terms.kl, free_bits, global_mean)
     loss = -terms.log_px.mean() + beta * sum(kls)
     return loss, elbo(terms)
 
@@ -85,14 +94,15 @@ def iw_bound(model, x, n_samples: int, chunk: int = 500) -> torch.Tensor:
     return (acc - math.log(n_samples)).float()
 
 
-def training_loss(model, x, method: str, ou, beta: float, free_bits: float, iw_k: int):
+def training_loss(model, x, method: str, ou, beta: float, free_bits: float, iw_k: int, global_mean=None):
     """The loss the optimizer minimises for ``method``, and the per-example bound it came from.
 
     vae / lvae / biva: ELBO; hvae: ELBO with OU-smoothed generator layers; iwae: k-sample bound.
+    ``global_mean``: the mean over data-parallel processes, for free bits (see free_bits_kl).
     """
     if method == "iwae":
         if free_bits > 0:
             raise HVAEError("--free-bits is defined for the ELBO's per-layer KL terms, not for the IWAE objective")
         return iwae_loss(model, x, iw_k, beta)
     terms = model(x, ou if method == "hvae" else None)
-    return elbo_loss(terms, beta, free_bits)
+    return elbo_loss(terms, beta, free_bits, global_mean)

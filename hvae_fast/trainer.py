@@ -389,7 +389,11 @@ class Trainer:
             # else (checkpoints, hooks, validation, samples) uses the model itself.
             self.net = self.model
             if self.world.size > 1:
-                self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+                # --compile: DDP around the compiled model (dynamo cannot trace DDP's own forward
+                # with fullgraph; its logging calls break the graph), so the model is one graph and
+                # DDP's gradient hooks fire from the compiled backward. See _compiled_loss.
+                inner = torch.compile(self.model, fullgraph=True) if t.compile else self.model
+                self.net = torch.nn.parallel.DistributedDataParallel(inner)
                 if self.ou is not None:
                     self.ou.backend = distributed.shard_backend(self.ou.backend, self.world)
             self.rho = tr.rho
@@ -429,11 +433,6 @@ class Trainer:
             if t.batch_size % w.size:
                 error = (f"--batch-size {t.batch_size} is the global batch and must split evenly over the {w.size} "
                          f"processes: pass a multiple of {w.size}")
-            elif t.free_bits > 0:
-                error = ("--free-bits clamps each layer's KL averaged over the whole batch, which the processes of a "
-                         "torchrun run do not see: drop --free-bits, or train in one process")
-            elif t.compile:
-                error = "--compile is not supported under torchrun yet: drop --compile, or train in one process"
         if w.main and error is None:
             try:
                 self._lock = lock_run_dir(self.out)
@@ -632,13 +631,24 @@ class Trainer:
         (fullgraph: a graph break is an error), their backward compiled by AOTAutograd. The OU seeds
         the model draws with .item() stay in the graph (capture_scalar_outputs); fallback_random keeps
         torch's RNG stream, so a compiled run draws the eager run's noise and resumes exactly; beta
-        goes in as a 0-d tensor so that KL annealing does not recompile."""
+        goes in as a 0-d tensor so that KL annealing does not recompile.
+
+        Under torchrun the model inside the DDP wrapper is compiled (fullgraph, see __init__) and the
+        loss around it stays eager."""
+        patches = lambda: (torch._dynamo.config.patch(capture_scalar_outputs=True),  # noqa: E731
+                           torch._inductor.config.patch(fallback_random=True))
+        if self.world.size > 1:
+            def loss(model, x, method, ou, beta, free_bits, iw_k, global_mean=None):
+                a, b = patches()
+                with a, b:
+                    return training_loss(model, x, method, ou, beta, free_bits, iw_k, global_mean)
+            return loss
         fn = torch.compile(training_loss, fullgraph=True)
 
-        def loss(model, x, method, ou, beta, free_bits, iw_k):
-            with torch._dynamo.config.patch(capture_scalar_outputs=True), \
-                    torch._inductor.config.patch(fallback_random=True):
-                return fn(model, x, method, ou, torch.tensor(beta, device=x.device), free_bits, iw_k)
+        def loss(model, x, method, ou, beta, free_bits, iw_k, global_mean=None):
+            a, b = patches()
+            with a, b:
+                return fn(model, x, method, ou, torch.tensor(beta, device=x.device), free_bits, iw_k, global_mean)
 
         return loss
 
@@ -652,7 +662,8 @@ class Trainer:
         amp = (torch.autocast(self.device.type, dtype=AMP_DTYPES[t.precision]) if t.precision in AMP_DTYPES
                else contextlib.nullcontext())
         with amp:  # the nets in bf16/fp16; the densities upcast their inputs (distributions.fp32)
-            loss, bound = loss_fn(self.net, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train)
+            loss, bound = loss_fn(self.net, x, self.cfg.method, self.ou, beta, t.free_bits, t.iw_samples_train,
+                                  self.world.mean if self.world.size > 1 else None)
         self.opt.zero_grad(set_to_none=True)
         # Means over the processes (one all-reduce): a NaN/inf on any process makes the loss's mean
         # non-finite, so every process skips the same steps; the rho controller sees the global top KL.

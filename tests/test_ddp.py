@@ -20,9 +20,11 @@ from hvae_fast.ou import get_backend
 from hvae_fast.trainer import load_checkpoint
 
 # A 2-layer MLP HVAE small enough that a 2-process run starts and trains in seconds; rho steered by
-# the controller, which must see the same (all-reduced) top-layer KL as one process does.
+# the controller, which must see the same (all-reduced) top-layer KL as one process does; free bits,
+# whose clamp must decide on the whole batch's KL means (layer 1's crosses the 1-nat floor at step 2,
+# the top layer's stays below it: both sides of the clamp).
 TINY = ["--latent-sizes", "8,4", "--hidden-sizes", "64,32", "--ou-samples", "3", "--backend", "torch",
-        "--rho-control", "2", "--rho", "0.8"]
+        "--rho-control", "2", "--rho", "0.8", "--free-bits", "1"]
 # Tolerances between W processes and one: the batch mean and the gradient mean over processes sum in
 # another order (float32 rounding, ~1e-7 relative a step), nothing else differs. The logged numbers
 # agree to RTOL; the weights to WEIGHT_ATOL, as Adam's g / sqrt(v) turns the rounding of a first-layer
@@ -175,6 +177,23 @@ def test_a_checkpoint_holds_every_process_state_and_resumes_only_with_as_many(tw
     assert err.startswith(f"hvae-fast: error: --resume: checkpoint-latest.pt in {two} was written by 2 process(es) "
                           f"and this run has 1;")
     assert "resume it under `torchrun --nproc_per_node 2`" in err
+
+
+@pytest.mark.slow
+def test_two_compiled_processes_train_like_one_eager_process(shared_data, tmp_path):
+    """--compile under torchrun: DDP around the compiled model (fullgraph, so a graph break fails the
+    run), the same losses as one eager process with the global batch. A constant rho (--compile
+    refuses a changing one); inductor's float rounding differs, hence test_compile's tolerances."""
+    argv = [a for a in train_argv(tmp_path / "one", shared_data, 6) if a not in ("--rho-control", "2")]
+    assert len(argv) == len(train_argv(tmp_path / "one", shared_data, 6)) - 2
+    assert main(argv) == 0
+    argv[argv.index("--out") + 1] = str(tmp_path / "two")
+    p = torchrun([*argv, "--compile"])
+    assert p.returncode == 0, p.stderr
+    a, b = records(tmp_path / "two"), records(tmp_path / "one")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4, abs=1e-3)
+    assert p.stderr.count("global batch 16, 8 per process") == 1
 
 
 @pytest.mark.slow

@@ -28,6 +28,27 @@ def test_free_bits_clamp_gradient():
     torch.testing.assert_close(g2, torch.full((2,), 0.5))
 
 
+@pytest.mark.parametrize("whole", [[0.1, 0.3, 1.6, 2.0], [0.0, 0.2, 0.3, 0.9]])
+def test_free_bits_over_shards_give_the_whole_batch_value_and_gradient(whole):
+    """Two data-parallel shards of a batch whose layer-1 KL mean is above the floor (0.5) in the first
+    case and below it in the second; in both, one shard's own mean sits on the other side of the floor,
+    so a clamp of each shard's mean would give the wrong gradient. With the processes' mean the
+    shards' losses average to the whole batch's, and their gradients concatenate to its gradient."""
+    floor = 0.5
+    kl = torch.tensor(whole, dtype=torch.float64, requires_grad=True)
+    (ref,) = free_bits_kl([kl], floor)
+    (g_ref,) = torch.autograd.grad(ref, kl)
+    shards = [kl.detach()[:2].clone().requires_grad_(), kl.detach()[2:].clone().requires_grad_()]
+    local = [s.mean().detach() for s in shards]
+    global_mean = lambda t: (local[0] + local[1]).reshape(t.shape) / 2  # noqa: E731 - a 2-process all-reduce
+    vals = [free_bits_kl([s], floor, global_mean)[0] for s in shards]
+    grads = [torch.autograd.grad(v, s)[0] / 2 for v, s in zip(vals, shards)]  # DDP averages the processes' grads
+    torch.testing.assert_close((vals[0] + vals[1]) / 2, ref)
+    torch.testing.assert_close(torch.cat(grads), g_ref)
+    naive = [torch.autograd.grad(torch.clamp(s.mean(), min=floor), s)[0] / 2 for s in shards]
+    assert not torch.allclose(torch.cat(naive), g_ref)  # the case is one where a shard-local clamp is wrong
+
+
 def fake_terms():
     return Terms(log_px=torch.tensor([-10.0, -12.0]), log_q=[torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])],
                  log_p=[torch.tensor([-2.0, -2.5]), torch.tensor([-3.5, -1.5])])
