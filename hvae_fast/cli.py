@@ -218,7 +218,13 @@ def config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except HVAEError:
+        # Under torchrun every process checks the same arguments: rank 0's message speaks for all.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+            return 2
+        raise
     if args.print_config:
         print(cfg.to_json())
         return 0

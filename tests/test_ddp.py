@@ -258,3 +258,10 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused_on_every_process(s
     assert p.stderr.count(msg) == 1, p.stderr  # rank 0 says it; rank 1 exits 2 too
     assert "exitcode  : 2" in p.stderr and "rank      : 1" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_argument_is_reported_once_not_by_every_process(shared_data, tmp_path):
+    p = torchrun(train_argv(tmp_path / "run", shared_data, 4, 16, "--compile"))  # TINY steers rho: refused
+    assert p.returncode != 0
+    assert p.stderr.count("hvae-fast: error: --compile traces the step with a fixed rho") == 1, p.stderr
+    assert "exitcode  : 2" in p.stderr and not (tmp_path / "run").exists()
