@@ -218,7 +218,9 @@ def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    threads = str(max(1, cores // workers))
+    # An OMP_NUM_THREADS the user set wins: with other work on the same cores (another sweep), an
+    # OpenMP process with more threads than the cores it gets spins in its barriers and slows ~50x.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // workers))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     status = {p.name: "skipped" for p in points if p.finished()}
     pending = [p for p in points if p.name not in status]
@@ -578,7 +580,8 @@ def add_parser(sub) -> None:
                    help="alternatives: all --list axes are zipped into one axis (e.g. --list 'latent_sizes=40;40,40' --list 'hidden_sizes=200;200,200')")
     p.add_argument("--spec", type=Path, help="a JSON or .toml file with base, grid, list, eval_iw_samples, find_critical_rho")
     p.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="where sweep folders go (default runs/sweeps)")
-    p.add_argument("--workers", type=int, default=1, help="points run at once; CPU threads are split between them")
+    p.add_argument("--workers", type=int, default=1, help="points run at once; CPU threads are split between them "
+                   "(OMP_NUM_THREADS, when set, is each point's thread count)")
     p.add_argument("--eval-iw-samples", type=int, help="L of each point's IW bound (default 100; 0 = skip)")
     p.add_argument("--eval-max-examples", type=int, help="validation examples each eval uses (default 0 = all)")
     p.add_argument("--print-commands", action="store_true", help="print each point's train && eval command line and exit")

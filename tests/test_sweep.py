@@ -218,6 +218,7 @@ def test_workers_split_threads_and_each_point_trains_then_evaluates(tmp_path, mo
     (pts[1].dir / "checkpoint-latest.pt").write_bytes(b"")
     FakeProcess.launched = []
     monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     status = sweep.run_points(pts, workers=2, log=lambda m: None)
     assert status == {"seed=0": "finished", "seed=1": "finished", "seed=2": "finished"}
     threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
@@ -227,6 +228,13 @@ def test_workers_split_threads_and_each_point_trains_then_evaluates(tmp_path, mo
         assert t == threads
     assert by_point == {"seed=0": [("train", False), ("eval", False)], "seed=1": [("train", True), ("eval", False)],
                         "seed=2": [("train", False), ("eval", False)]}
+    # a thread count the user set wins over the split
+    FakeProcess.launched = []
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    for p in pts:
+        (p.dir / sweep.EVAL_FILE).unlink()
+    sweep.run_points(pts, workers=2, log=lambda m: None)
+    assert {t for *_, t in FakeProcess.launched} == {"3"} and len(FakeProcess.launched) == 6
 
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
