@@ -14,7 +14,10 @@ sources, triton version, device name), so a new torch or a changed kernel measur
 unreadable or corrupt file is replaced, with a warning. ``hvae-fast info`` lists the decisions.
 
 The fused and torch backends draw different noise for one seed, so ``auto`` runs are reproducible
-on one machine (where the cache fixes the choice) but may differ between machines.
+on one machine (where the cache fixes the choice) but may differ between machines. A checkpoint
+holds the decisions its run used (``decisions_in_use``) and ``--resume`` pins them
+(``pin_decisions``), so a resumed run keeps its backends, and its noise stream, on another machine
+or after the cache is deleted, wherever those backends are available.
 """
 
 from __future__ import annotations
@@ -197,6 +200,8 @@ class AutoBackend:
         self.measure = measure or (lambda name, run: median_time(run, self.device))
         self._logged: set = set()
         self._lock = threading.RLock()
+        self.used: dict = {}  # shape class -> backend name, as dispatched by this process
+        self.pinned: dict = {}  # shape class -> backend name a resumed checkpoint used (pin_decisions)
         _INSTANCES[id(self)] = self  # _decided finds it by an int (a constant under torch.compile)
         self.backend = Backend(name="auto", correlated_samples=self.correlated_samples,
                                gaussian_head_logprob=self.gaussian_head_logprob,
@@ -210,8 +215,14 @@ class AutoBackend:
         """The backend for shape class ``key``; measures the candidates (``make_run(b)`` -> one fwd+bwd)
         when neither this process nor the cache has decided it."""
         with self._lock:
-            rec = self.cache.decisions.get(key)
-            how = "cached"
+            rec, how = self.cache.decisions.get(key), "cached"
+            pinned = self.pinned.get(key)
+            if pinned in self.candidates:
+                rec, how = {"choice": pinned, "ms": {}}, "as the resumed checkpoint"
+            elif pinned is not None and key not in self._logged:
+                log.warning("OU backend auto: the resumed checkpoint used %s for %s, which is not available here "
+                            "(%s): deciding again, so the noise stream changes from here on", pinned, key,
+                            ", ".join(self.candidates))
             if rec is None or rec["choice"] not in self.candidates:
                 if len(self.candidates) == 1:
                     times = {}
@@ -224,8 +235,9 @@ class AutoBackend:
                 how = "measured"
             if key not in self._logged:
                 self._logged.add(key)
-                ms = ", ".join(f"{n} {t:.3g} ms" for n, t in rec["ms"].items()) or "the only candidate"
+                ms = ", ".join(f"{n} {t:.3g} ms" for n, t in rec["ms"].items()) or "no timing"
                 log.info("OU backend auto: %s -> %s (%s; %s)", key, rec["choice"], how, ms)
+            self.used[key] = rec["choice"]
             return self.candidates[rec["choice"]]
 
     # -- the three ops of the Backend record --------------------------------------------------
@@ -254,12 +266,10 @@ class AutoBackend:
         """The eps that ``correlated_samples`` uses for a float32 call of this shape and K."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         key = shape_class("correlated_samples", self.device, torch.float32, math.prod(shape), int(K))
-        rec = self.cache.decisions.get(key)
-        if rec is None:
+        if key not in self.used:
             z = torch.zeros(shape, device=self.device)
             self.correlated_samples(z, z, z + 1, 0.5, K, 0)  # decides this shape class
-            rec = self.cache.decisions[key]
-        return self.candidates[rec["choice"]].correlated_noise(seed, K, shape, device or self.device, **kw)
+        return self.candidates[self.used[key]].correlated_noise(seed, K, shape, device or self.device, **kw)
 
 
 _AUTO: dict = {}  # device -> the AutoBackend of get_backend("auto", device)
@@ -276,6 +286,22 @@ def auto_backend(device, candidates: dict[str, Backend]) -> Backend:
         log.info("OU backend: auto on %s, per op and shape class among %s (cache %s)", device.type,
                  ", ".join(candidates), cache.path)
     return _AUTO[key].backend
+
+
+def decisions_in_use(device) -> dict:
+    """{shape class: backend name} that ``auto`` on ``device`` has dispatched to in this process
+    ({} when auto is not in use): a checkpoint stores it so that a resumed run keeps its noise stream."""
+    auto = _AUTO.get(str(torch.device(device)))
+    return dict(auto.used) if auto is not None else {}
+
+
+def pin_decisions(device, decisions: dict) -> None:
+    """Make ``auto`` on ``device`` dispatch each shape class of ``decisions`` (a resumed checkpoint's
+    ``decisions_in_use``) to the backend it names, ahead of the cache, where that backend is available."""
+    auto = _AUTO.get(str(torch.device(device)))
+    if auto is not None and decisions:
+        with auto._lock:
+            auto.pinned.update(decisions)
 
 
 def cached_decisions(device="cpu") -> tuple[Path, str, dict]:

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from . import autotune
 from . import data as data_mod
 from . import distributed
 from .config import RunConfig, load_config
@@ -385,6 +386,7 @@ class Trainer:
                                 f"{self.train_set.likelihood}: pick a preset made for {cfg.dataset} (`hvae-fast presets`)")
             tr = build_training(cfg, self.device, self.train_set.image_shape)
             self.model, self.opt, self.sched, self.ou, self.backend_name = tr.model, tr.opt, tr.sched, tr.ou, tr.backend
+            self._auto = self.ou is not None and self.backend_name == "auto"
             # The training forward runs through DDP (gradients averaged over processes); everything
             # else (checkpoints, hooks, validation, samples) uses the model itself.
             self.net = self.model
@@ -517,7 +519,8 @@ class Trainer:
         """Where the run stands between two steps: the step, the data stream, the RNGs and the rho
         controller; with several processes, "ranks" holds each one's stream and RNGs (a collective)."""
         mine = {"stream": self.stream.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "auto_backend": autotune.decisions_in_use(self.device) if self._auto else {}}
         pos = {"step": self.step, **mine, "world_size": self.world.size,
                "rho_control": self.controller.state_dict() if self.controller is not None else None}
         if self.world.size > 1:
@@ -562,6 +565,8 @@ class Trainer:
             self.scaler.load_state_dict(st["grad_scaler"])
         if self.controller is not None:
             self.controller.load_state_dict(st.get("rho_control"))
+        if self._auto:
+            autotune.pin_decisions(self.device, mine.get("auto_backend") or {})
         torch.set_rng_state(mine["rng_cpu"].cpu())
         if mine.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in mine["rng_cuda"]])

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+
 import pytest
 import torch
 
@@ -192,3 +195,80 @@ def test_auto_traces_without_graph_breaks_and_puts_the_chosen_ops_in_the_graph(t
     assert all(any(w in o for o in ops) for w in ("hvae_fast.correlated_samples_fwd", "hvae_fast.gaussian_head_fwd"))
     assert set(timer.calls) == {"cpp", "torch"}
     assert {r["choice"] for r in auto.cache.decisions.values()} == {"cpp"}
+
+
+@needs_cpp
+def test_a_pinned_decision_wins_over_the_cache_and_an_unavailable_one_is_measured(tmp_path, caplog):
+    z = torch.zeros(4, 6)
+    first = _auto(tmp_path / "a", FakeTimer(cpp=1.0, torch=2.0))
+    first.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
+    assert list(first.used.values()) == ["cpp"]
+    # another machine (its own cache) would pick torch; the checkpoint's decision is kept, unmeasured
+    timer = FakeTimer(cpp=2.0, torch=1.0)
+    second = _auto(tmp_path / "b", timer)
+    second.pinned.update(first.used)
+    with caplog.at_level(logging.INFO, logger="hvae_fast.autotune"):
+        got = second.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
+    assert timer.calls == [] and second.used == first.used
+    assert "as the resumed checkpoint" in caplog.text
+    assert torch.equal(got, ou.BACKENDS["cpp"].correlated_samples(z, z, z + 1, 0.5, 3, 7))
+    assert torch.equal(second.correlated_noise(11, 3, (4, 6)), ou.BACKENDS["cpp"].correlated_noise(11, 3, (4, 6)))
+    # a pinned backend this machine lacks: a warning, then the usual measurement
+    third = AutoBackend("cpu", {"torch": ou.BACKENDS["torch"]}, DecisionCache(tmp_path / "c.json", ENV),
+                        measure=FakeTimer(torch=1.0))
+    third.pinned.update(first.used)
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.autotune"):
+        third.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
+    assert list(third.used.values()) == ["torch"] and "not available here" in caplog.text
+
+
+@needs_cpp
+def test_a_resumed_auto_run_keeps_its_checkpoints_backends(tmp_path, monkeypatch, shared_data):
+    """Train with auto choosing cpp, stop; resume with an empty cache on a 'machine' where torch would
+    win: nothing is measured, the resumed run keeps cpp and ends with an uninterrupted run's weights."""
+    from hvae_fast.cli import main
+    from hvae_fast.trainer import Trainer, load_checkpoint
+
+    def train(out, steps, *extra):
+        return main(["train", "binarized-mnist", "--preset", "mnist-mlp-40x4", "--latent-sizes", "6,4",
+                     "--hidden-sizes", "16,8", "--ou-samples", "3", "--backend", "auto", "--device", "cpu",
+                     "--steps", str(steps), "--batch-size", "8", "--eval-every", "1000", "--eval-examples", "8",
+                     "--checkpoint-every", "3", "--sample-every", "1000", "--data-dir", str(shared_data),
+                     "--out", str(out), "--no-progress", *extra])
+
+    timed = []
+
+    def fresh_machine(winner):
+        """An empty cache and a fake timer under which ``winner`` (cpp, timed first, or torch) is fastest."""
+        monkeypatch.setenv("HVAE_CACHE_DIR", str(tmp_path / f"cache-{len(timed)}-{winner}"))
+        monkeypatch.setattr(autotune, "_AUTO", {})
+        first_wins = winner == "cpp"  # AutoBackend times its candidates in the order cpp, torch
+
+        def median_time(run, device, repeats=1):
+            timed.append(run)
+            return 1.0 if (len(timed) % 2 == 1) == first_wins else 2.0
+        monkeypatch.setattr(autotune, "median_time", median_time)
+
+    fresh_machine("cpp")
+    assert train(tmp_path / "full", 6) == 0
+    fresh_machine("cpp")
+    orig = Trainer.train_step
+
+    def signalled(self, x):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside step 3, which still completes
+        return orig(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    assert train(tmp_path / "part", 6) == 143
+    monkeypatch.setattr(Trainer, "train_step", orig)
+    st = load_checkpoint(tmp_path / "part" / "checkpoint-latest.pt", "cpu")
+    assert st["step"] == 3 and st["auto_backend"] and set(st["auto_backend"].values()) == {"cpp"}
+    fresh_machine("torch")
+    n = len(timed)
+    assert train(tmp_path / "part", 6, "--resume") == 0
+    assert len(timed) == n  # nothing measured: every decision came from the checkpoint
+    a, b = (load_checkpoint(tmp_path / d / "checkpoint-latest.pt", "cpu") for d in ("full", "part"))
+    assert a["step"] == b["step"] == 6 and b["auto_backend"] == st["auto_backend"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
