@@ -49,8 +49,10 @@ def _pm(row, m, fmt=".2f") -> str:
 
 
 def _label(row, keys) -> str:
-    """``k=v, ...`` of ``keys`` (the preset and method when no key tells rows apart)."""
-    return ", ".join(f"{k}={row[k]}" for k in (keys or ("preset", "method")) if k in row) or "all points"
+    """``k=v, ...`` of ``keys``; for a row that holds none of them (a pooled sweep without those
+    axes) or when no key tells rows apart, its sweep, preset, method and rho."""
+    own = [f"{k}={row[k]}" for k in keys if k in row]
+    return ", ".join(own or [f"{k}={row[k]}" for k in ("sweep", "preset", "method", "rho") if k in row]) or "all points"
 
 
 def _varying(rows, exclude) -> list[str]:

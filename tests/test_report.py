@@ -136,3 +136,13 @@ def test_steering_report_pools_sweeps_and_judges_the_goal(tmp_path, capsys):
 def test_a_sweep_without_steering_has_no_steering_section(tmp_path):
     md = report.make_report(phase_sweep(tmp_path)).read_text()
     assert "rho_steering" not in md and "steers itself" not in md
+
+
+def test_a_pooled_row_without_the_varying_keys_is_named_by_its_sweep_method_and_rho():
+    # e.g. a fixed-rho sweep (axis: seed only) pooled with a steered one (axes rho_schedule, rho_control)
+    keys = ["rho_schedule", "rho_control"]
+    fixed = {"sweep": "rho-fixed-40k", "method": "hvae", "rho": 0.7, "n": 1}
+    steered = {"sweep": "rho-steer-40k", "method": "hvae", "rho": 0.7, "rho_schedule": "constant", "rho_control": 25}
+    assert report._label(fixed, keys) == "sweep=rho-fixed-40k, method=hvae, rho=0.7"
+    assert report._label(steered, keys) == "rho_schedule=constant, rho_control=25"
+    assert report._label({"preset": "p", "method": "vae"}, []) == "preset=p, method=vae"

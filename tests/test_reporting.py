@@ -92,9 +92,23 @@ def test_bench_targets_judge_the_auto_step_and_each_fused_op(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(data))
     text = bench.report(tmp_path / "r.json")
     tg = text[text.index("### Targets"):]
-    assert "(mnist-mlp-40x4): `hvae-auto` at 0.90x of `hvae-torch` (9.00 vs 10.00 ms): **MET**" in tg
-    assert "(cifar10-resnet-4): `hvae-auto` at 1.10x of `hvae-torch`" in tg and "ms): **NOT MET**" in tg
+    assert "(mnist-mlp-40x4): `hvae-auto` at 0.900x of `hvae-torch` (9.00 vs 10.00 ms): **MET**" in tg
+    assert "(cifar10-resnet-4): `hvae-auto` at 1.100x of `hvae-torch`" in tg and "ms): **NOT MET**" in tg
     assert "`hvae-cpp` (for information): 1.20x of `hvae-torch`" in tg
     assert "`cpp` gaussian_head-fwdbwd-mlp: 0.50x: **MET**" in tg
     assert "`cpp` correlated_samples-fwdbwd-mlp: 1.20x: **NOT MET**" in tg
     assert "correlated_samples-fwd-mlp" not in tg
+
+
+def test_a_step_target_shows_the_rounds_spread_beside_its_verdict(tmp_path):
+    def b(name, median, lo, hi):
+        return {"group": "step-cifar10-resnet-4", "name": name, "stats": {"median": median, "min": lo, "max": hi},
+                "extra_info": {}}
+
+    for auto, note in ((b("hvae-auto", 2.2113, 2.1858, 2.2241), ", overlapping"), (b("hvae-auto", 2.6, 2.5, 2.7), "")):
+        data = {"benchmarks": [b("hvae-torch", 2.2108, 2.1846, 2.3155), auto]}
+        (tmp_path / "r.json").write_text(json.dumps(data))
+        tg = bench.report(tmp_path / "r.json").split("### Targets")[1]
+        line = next(x for x in tg.splitlines() if "(cifar10-resnet-4)" in x)
+        lo, hi = (f"{auto['stats'][k] * 1e3:.0f}" for k in ("min", "max"))
+        assert line.endswith(f"ms; rounds {lo}-{hi} vs 2185-2316 ms{note}): **NOT MET**"), line
