@@ -123,8 +123,13 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     return World(rank, size, local_size, device, backend), device
 
 
-def teardown() -> None:
+def teardown(barrier: bool = False) -> None:
+    """Leave the process group; ``barrier`` (a normal end, every process here) first waits for the
+    others, so that no process tears its connections down while rank 0 still writes the last
+    checkpoint (a 2-process gloo run aborted at exit now and then without it)."""
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

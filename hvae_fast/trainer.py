@@ -502,8 +502,9 @@ class Trainer:
             return None
         return SummaryWriter(str(self.out / "tb"))
 
-    def close(self) -> None:
-        """Flush TensorBoard, release the run directory and leave the process group."""
+    def close(self, finished: bool = False) -> None:
+        """Flush TensorBoard, release the run directory and leave the process group (``finished``:
+        every process ended the run normally, so they can wait for each other first)."""
         self._closed = True
         if self.tb is not None:
             self.tb.close()
@@ -512,7 +513,7 @@ class Trainer:
             self._lock.close()  # closing the file drops the flock
             self._lock = None
         if self.world.size > 1:
-            distributed.teardown()
+            distributed.teardown(barrier=finished)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _position(self) -> dict:
@@ -640,19 +641,11 @@ class Trainer:
 
         Under torchrun the model inside the DDP wrapper is compiled (fullgraph, see __init__) and the
         loss around it stays eager."""
-        patches = lambda: (torch._dynamo.config.patch(capture_scalar_outputs=True),  # noqa: E731
-                           torch._inductor.config.patch(fallback_random=True))
-        if self.world.size > 1:
-            def loss(model, x, method, ou, beta, free_bits, iw_k, global_mean=None):
-                a, b = patches()
-                with a, b:
-                    return training_loss(model, x, method, ou, beta, free_bits, iw_k, global_mean)
-            return loss
-        fn = torch.compile(training_loss, fullgraph=True)
+        fn = training_loss if self.world.size > 1 else torch.compile(training_loss, fullgraph=True)
 
         def loss(model, x, method, ou, beta, free_bits, iw_k, global_mean=None):
-            a, b = patches()
-            with a, b:
+            with torch._dynamo.config.patch(capture_scalar_outputs=True), \
+                    torch._inductor.config.patch(fallback_random=True):
                 return fn(model, x, method, ou, torch.tensor(beta, device=x.device), free_bits, iw_k, global_mean)
 
         return loss
@@ -762,7 +755,7 @@ class Trainer:
         self._last_save = last_time = last_status = time.monotonic()
         last_step, first_log = self.step, True
         t0 = s0 = None  # the rate is timed from the end of the first step (compiles, warms caches)
-        record = {}
+        record, finished = {}, False
         try:
             while self.step < t.steps:
                 if self._save_due:
@@ -821,9 +814,10 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"stopped by {name} after step {self.step}; checkpoint-latest.pt holds step {self._saved_step}: "
                         f"resume with `{self.resume_command()}`", code)
+            finished = True
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
             bar.close()
-            self.close()
+            self.close(finished)
         return record
