@@ -48,3 +48,21 @@ def offline(monkeypatch):
                  for s, srcs in spec.files.items()}
         monkeypatch.setitem(data_mod.SPECS, name, replace(spec, files=files))
     return monkeypatch
+
+
+def sigterm_in_step(monkeypatch, step: int):
+    """Make Trainer.train_step send this process SIGTERM as step ``step`` + 1 starts (that step still
+    completes, then the trainer checkpoints and stops); returns the original train_step."""
+    import signal
+
+    from hvae_fast.trainer import Trainer
+
+    orig = Trainer.train_step
+
+    def signalled(self, x):
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    return orig

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 
 import pytest
 import torch
 
 from hvae_fast import autotune, ou
 from hvae_fast.autotune import AutoBackend, DecisionCache, shape_class
+
+from conftest import sigterm_in_step
 
 STATUS = ou.backend_status("cpu")
 needs_cpp = pytest.mark.skipif(not STATUS["cpp"][0], reason=f"cpp backend unavailable: {STATUS['cpp'][1]}")
@@ -252,14 +252,7 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_backends(tmp_path, monkeypatch
     fresh_machine("cpp")
     assert train(tmp_path / "full", 6) == 0
     fresh_machine("cpp")
-    orig = Trainer.train_step
-
-    def signalled(self, x):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside step 3, which still completes
-        return orig(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", signalled)
+    orig = sigterm_in_step(monkeypatch, 2)  # arrives inside step 3, which still completes
     assert train(tmp_path / "part", 6) == 143
     monkeypatch.setattr(Trainer, "train_step", orig)
     st = load_checkpoint(tmp_path / "part" / "checkpoint-latest.pt", "cpu")

@@ -21,6 +21,7 @@ from hvae_fast.config import preset_config
 from hvae_fast.errors import HVAEError
 from hvae_fast.trainer import Trainer, atomic_save, format_duration, load_checkpoint, scale_notes
 
+from conftest import sigterm_in_step
 from test_trainer_cli import run_cli, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -282,14 +283,7 @@ def test_fit_logs_scale_eta_and_status_lines(tmp_path, shared_data, caplog, monk
 def test_a_signal_stops_after_the_step_and_the_resumed_run_ends_bit_identical(tmp_path, shared_data, monkeypatch, capsys):
     full = tmp_path / "full"
     assert main(cli_train(full, shared_data, steps=5)) == 0
-    orig = Trainer.train_step
-
-    def signalled(self, x):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside step 3, which still completes
-        return orig(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", signalled)
+    orig = sigterm_in_step(monkeypatch, 2)  # arrives inside step 3, which still completes
     part = tmp_path / "part"
     capsys.readouterr()
     assert main(cli_train(part, shared_data, steps=5)) == 143
