@@ -63,23 +63,22 @@ class World:
         r = self.rows(n)
         return batch_shard(r.start, r.stop - r.start, n)
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """The elementwise sum of ``t`` over processes (``t`` itself with one process)."""
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        """``op`` of ``t`` elementwise over processes, detached (``t`` itself with one process)."""
         if self.size == 1:
             return t
-        out = t.detach().to(self.device, copy=True)
-        dist.all_reduce(out)
+        out = t.detach().to(self.device, copy=True)  # NCCL reduces on the process's GPU
+        dist.all_reduce(out, op=op)
         return out.to(t.device)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(t, dist.ReduceOp.SUM)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.size == 1 else self.sum(t) / self.size
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return t
-        out = t.detach().to(self.device, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        return out.to(t.device)
+        return self._all_reduce(t, dist.ReduceOp.MAX)
 
     def gather(self, obj) -> list:
         """Every process's ``obj`` (picklable), in rank order, on every process."""
