@@ -4,7 +4,7 @@ Implementations (benchmark names): ``torch`` (the eager reference backend, the g
 ``torch-compile`` (torch.compile of the reference; its noise comes from torch.randn inside the
 compiled graph so inductor can fuse it), and each fused backend (``triton``, ``cuda``, ``cpp``)
 that ``backend_status`` reports available, and ``auto`` (``--backend auto``: the backend measured
-fastest for the shape class, hvae_fast/autotune.py). The head's mean_raw and scale_raw are what the
+fastest for the shape class, hvae_fast/ops/autotune.py). The head's mean_raw and scale_raw are what the
 model passes: the two channel halves of one [K, B, 2C, ...] tensor (non-contiguous views). Modes: ``fwd`` (training forward, inputs requiring
 grad), ``bwd`` (autograd.grad of a forward done untimed in the round's setup), ``fwdbwd``.
 Group names: ``op-<op>-<mode>-<size>``.
@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 
-from hvae_fast.ou import correlated_samples_reference, gaussian_head_reference, get_backend
+from hvae_fast.ops.ou import correlated_samples_reference, gaussian_head_reference, get_backend
 
 
 def sync(device) -> None:

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from hvae_fast.config import preset_config
-from hvae_fast.objectives import training_loss
-from hvae_fast.trainer import build_training
+from hvae_fast.models.objectives import training_loss
+from hvae_fast.training.trainer import build_training
 
 IMAGE_SHAPES = {"binarized-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 QUICK = os.environ.get("HVAE_BENCH_QUICK", "").strip() == "1"  # CI: does every benchmark run (bench/conftest.py)
@@ -180,7 +180,7 @@ def _bench_step(benchmark, preset, variant, device, scale):
     step = Step(preset, variant, device, batch)
     auto = {}
     if variant == "hvae-auto":  # decide (time the candidates) outside the memory and timed steps
-        from hvae_fast import autotune
+        from hvae_fast.ops import autotune
 
         step()
         auto = {k: r["choice"] for k, r in autotune.cached_decisions(device)[2].items()}

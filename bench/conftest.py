@@ -5,7 +5,7 @@
 * Device: CUDA when torch sees one, else CPU; ``HVAE_BENCH_DEVICE=cpu`` (or ``cuda``/``cuda:1``)
   overrides. ``HVAE_BENCH_THREADS=N`` sets torch's CPU threads (default: torch's own choice).
 * Parametrisation over OU implementations happens here, once, at collection time: every backend
-  ``hvae_fast.ou.backend_status`` knows of is listed and the unavailable ones are skipped with the
+  ``hvae_fast.ops.ou.backend_status`` knows of is listed and the unavailable ones are skipped with the
   probe's reason; torch.compile is tried once on a tiny function and skipped with the error if it
   fails on this machine.
 * Results: unless ``--benchmark-json PATH`` is passed, the JSON report goes to
@@ -113,7 +113,7 @@ _STATUS: dict = {}
 def backend_status() -> dict:
     """{name: (available, reason)} for DEVICE, computed once per session (probing may compile)."""
     if not _STATUS:
-        from hvae_fast.ou import backend_status as status
+        from hvae_fast.ops.ou import backend_status as status
 
         _STATUS.update(status(DEVICE))
     return _STATUS
@@ -170,7 +170,7 @@ def pytest_generate_tests(metafunc):
     # Step level: the plain VAE, the HVAE on the torch backend, the HVAE on each fused backend.
     if "step_variant" in metafunc.fixturenames:
         # `-recompute`: the K-sample generator activations are rebuilt in backward (--ou-recompute).
-        # `hvae-auto`: --backend auto (per op and shape class, the measured fastest: hvae_fast/autotune.py).
+        # `hvae-auto`: --backend auto (per op and shape class, the measured fastest: hvae_fast/ops/autotune.py).
         variants = (("vae", "hvae-torch", "hvae-auto") + tuple(f"hvae-{b}" for b in FUSED)
                     + ("hvae-torch-recompute",))
         metafunc.parametrize("step_variant", _impl_params(variants))

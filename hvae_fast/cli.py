@@ -120,7 +120,7 @@ def out_of_memory(hint: str):
     """Turn an allocation failure (CUDA, or the CPU allocator's) into an HVAEError naming the flag to lower."""
     import torch
 
-    from .trainer import is_out_of_memory
+    from .training.trainer import is_out_of_memory
 
     try:
         yield
@@ -228,7 +228,7 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    from .trainer import Trainer, TrainingInterrupted
+    from .training.trainer import Trainer, TrainingInterrupted
 
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.method}-seed{cfg.train.seed}"
     trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
@@ -246,8 +246,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import eval_batches, load_dataset
-    from .evaluate import evaluate, format_table
-    from .trainer import atomic_write_text, load_run
+    from .training.evaluate import evaluate, format_table
+    from .training.trainer import atomic_write_text, load_run
 
     cfg, model, dev, step = load_run(args.run_dir, args.device)
     out = Path(args.run_dir) / f"eval-{args.split}.json"
@@ -277,7 +277,7 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .trainer import load_run, save_image_grid
+    from .training.trainer import load_run, save_image_grid
 
     _, model, dev, step = load_run(args.run_dir, args.device)
     out = args.output or Path(args.run_dir) / f"samples-eval-{step:07d}.png"
@@ -296,7 +296,7 @@ def cmd_sample(args) -> int:
 def cmd_presets(args) -> int:
     from .config import PRESETS, DEFAULT_PRESET
     from .data import image_shape
-    from .model import build_model, count_parameters
+    from .models.model import build_model, count_parameters
 
     rows = []
     for name, p in PRESETS.items():
@@ -315,7 +315,7 @@ def info_dict() -> dict:
     import numpy
     import torch
 
-    from .ou import backend_status
+    from .ops.ou import backend_status
 
     d = {"hvae_fast": __import__("hvae_fast").__version__, "python": platform.python_version(),
          "torch": torch.__version__, "numpy": numpy.__version__, "cuda_available": torch.cuda.is_available(),
@@ -326,7 +326,7 @@ def info_dict() -> dict:
         d["triton"] = triton.__version__
     except Exception as exc:
         d["triton"] = f"not importable: {exc}"
-    from .autotune import cached_decisions
+    from .ops.autotune import cached_decisions
 
     d["backends"], d["auto"] = {}, {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
@@ -358,7 +358,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from . import native
+    from .ops import native
 
     status = native.build_all(verbose=args.verbose)
     for name, (ok, why) in status.items():
@@ -370,10 +370,10 @@ def cmd_build(args) -> int:
 def cmd_memory(args) -> int:
     import torch
 
-    from . import memory
-    from .ou import check_ou_args
+    from .experiments import memory
+    from .ops.ou import check_ou_args
     from .reporting import memory_table
-    from .trainer import resolve_device
+    from .training.trainer import resolve_device
 
     check_ou_args(args.rho, args.samples)
     device = resolve_device(args.device)
@@ -413,7 +413,7 @@ def cmd_plot(args) -> int:
 
 
 def _models(s: str):
-    from .memory import MODELS
+    from .experiments.memory import MODELS
 
     ms = tuple(v for v in s.split(",") if v)
     bad = [m for m in ms if m not in MODELS]
@@ -423,8 +423,8 @@ def _models(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .memory import MODELS
-    from .ou import BACKEND_NAMES
+    from .experiments.memory import MODELS
+    from .ops.ou import BACKEND_NAMES
     from .reporting.memory_table import CPU_MEASURE
 
     p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
     pl.set_defaults(func=cmd_plot)
 
-    from . import diagnostics, gpucheck, report, sweep
+    from .experiments import diagnostics, report, sweep
+    from . import gpucheck
 
     sweep.add_parser(sub)
     report.add_parser(sub)

@@ -131,7 +131,7 @@ SECTIONS = {"model": ModelConfig, "ou": OUConfig, "train": TrainConfig}
 
 def field_choices() -> dict:
     """{field name: allowed values} of the fields that take one of a few names."""
-    from .backends import BACKEND_NAMES, OU_TARGETS
+    from .ops.backends import BACKEND_NAMES, OU_TARGETS
 
     return {"method": METHODS, "arch": ("mlp", "resnet"), "activation": ACTIVATIONS,
             "likelihood": ("bernoulli", "logistic"), "target": OU_TARGETS, "backend": BACKEND_NAMES,
@@ -236,7 +236,7 @@ class RunConfig:
         return cls(**top)
 
     def validate(self) -> "RunConfig":
-        from .backends import check_ou_args
+        from .ops.backends import check_ou_args
 
         check_ou_args(self.ou.rho, self.ou.samples)
         choices = field_choices()
@@ -262,7 +262,7 @@ class RunConfig:
         return self
 
     def _validate_rho_steering(self) -> None:
-        from .rho_control import parse_schedule
+        from .training.rho_control import parse_schedule
 
         o = self.ou
         scheduled, controlled = parse_schedule(o.rho_schedule, o.rho).kind != "constant", o.rho_control > 0

@@ -4,7 +4,7 @@ Stages, in this order, each a subprocess in the source checkout with its own tim
 stays within ``--budget`` seconds (default 450, under 8 minutes on one H100), a stage left with
 less than 10 s is skipped:
 
-  build            ``hvae-fast build``: the C++ and CUDA extensions (hvae_fast.native.build_all)
+  build            ``hvae-fast build``: the C++ and CUDA extensions (hvae_fast.ops.native.build_all)
   info             ``hvae-fast info --json``: versions, the GPU, every OU backend's availability
   tests            pytest of the kernel suites (test_backends, test_kernels_triton, test_native),
                    ``-m "not slow"``, TRITON_INTERPRET unset: compiled Triton and CUDA, fp32/bf16/fp16

@@ -1,4 +1,4 @@
-"""The ``triton`` OU backend: registers the fused Triton ops with ``hvae_fast.ou``.
+"""The ``triton`` OU backend: registers the fused Triton ops with ``hvae_fast.ops.ou``.
 
 This module always imports, even without a working Triton: the backend is then listed with
 probe() -> (False, "triton not importable: <error>") and its ops raise HVAEError.
@@ -15,7 +15,7 @@ import os
 import torch
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.backends import Backend
+from hvae_fast.ops.backends import Backend
 
 try:
     import triton

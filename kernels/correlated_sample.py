@@ -11,7 +11,7 @@ and reduces over k in one pass over the N elements:
     dz = rho sum_k g_k,   dmu = (1 - rho) sum_k g_k,   dsigma = sqrt(1 - rho^2) sum_k g_k eps_k
 
 ``correlated_noise(seed, K, shape, device)`` materialises exactly the eps the kernels use (float32
-[K, *shape]) so tests can compare against the float64 reference in ``hvae_fast.ou``.
+[K, *shape]) so tests can compare against the float64 reference in ``hvae_fast.ops.ou``.
 
 Precision: float16 / bfloat16 / float32 inputs compute and accumulate in float32; float64 inputs
 compute in float64 (Philox noise is float32 and is cast up: it is the same noise, only the
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.backends import check_offsets, check_ou_args, check_seed
+from hvae_fast.ops.backends import check_offsets, check_ou_args, check_seed
 
 from .utils import check_float_dtype, check_same, compute_dtype, elementwise_block, num_warps_for
 

@@ -36,7 +36,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.backends import OU_TARGETS, head_saved_inputs, packed_rows
+from hvae_fast.ops.backends import OU_TARGETS, head_saved_inputs, packed_rows
 
 from .utils import check_float_dtype, check_same, elementwise_block, num_warps_for
 
@@ -248,7 +248,7 @@ def _setup(ctx, inputs, output):
     _, mbar, sbar = output
     ctx.mean_dtype = mean_raw.dtype
     # the inputs the backward reads (views of the caller's, or a compact scale_raw in the mean-std
-    # mode: hvae_fast.backends.head_saved_inputs) plus the [B, *S] averages
+    # mode: hvae_fast.ops.backends.head_saved_inputs) plus the [B, *S] averages
     ctx.save_for_backward(*head_saved_inputs(mean_raw, scale_raw, ctx.ratio), target, mbar, sbar)
 
 

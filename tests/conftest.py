@@ -55,7 +55,7 @@ def sigterm_in_step(monkeypatch, step: int):
     completes, then the trainer checkpoints and stops); returns the original train_step."""
     import signal
 
-    from hvae_fast.trainer import Trainer
+    from hvae_fast.training.trainer import Trainer
 
     orig = Trainer.train_step
 

@@ -1,4 +1,4 @@
-"""``--backend auto`` (hvae_fast/autotune.py): the per-op, per-shape-class decision from a measurement
+"""``--backend auto`` (hvae_fast/ops/autotune.py): the per-op, per-shape-class decision from a measurement
 cached on first use. The timer is injected (a fake ``measure``), so every test is exact; no timings."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from hvae_fast import autotune, ou
-from hvae_fast.autotune import AutoBackend, DecisionCache, shape_class
+from hvae_fast.ops import autotune, ou
+from hvae_fast.ops.autotune import AutoBackend, DecisionCache, shape_class
 
 from conftest import sigterm_in_step
 
@@ -90,7 +90,7 @@ def test_cache_hit_skips_timing_and_survives_the_process(tmp_path, caplog):
 
     later = FakeTimer(cpp=0.1, torch=9.0)  # a new process: the cached choice stands, nothing is timed
     auto = _auto(tmp_path, later)
-    with caplog.at_level(logging.INFO, logger="hvae_fast.autotune"):
+    with caplog.at_level(logging.INFO, logger="hvae_fast.ops.autotune"):
         _head(auto.backend, out, t)
         _head(auto.backend, out, t)
         _head(auto.backend, *_head_inputs(B=5))  # 30 elements: the same numel bucket (4^2)
@@ -116,7 +116,7 @@ def test_cache_hit_skips_timing_and_survives_the_process(tmp_path, caplog):
 def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, caplog, content):
     (tmp_path / "auto.json").write_text(content)
     timer = FakeTimer(cpp=1.0, torch=2.0)
-    with caplog.at_level(logging.WARNING, logger="hvae_fast.autotune"):
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.ops.autotune"):
         auto = _auto(tmp_path, timer)
         _head(auto.backend, *_head_inputs())
     assert any("corrupt" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
@@ -178,9 +178,9 @@ def test_info_lists_the_cached_decisions(tmp_path, monkeypatch, capsys):
 def test_auto_traces_without_graph_breaks_and_puts_the_chosen_ops_in_the_graph(tmp_path):
     # Under torch.compile the decision is made while tracing (measured, or from the cache) and is a
     # constant of the graph: the chosen backend's op is a node, nothing breaks the graph.
-    from hvae_fast.model import HierarchicalVAE, OUSmoothing
+    from hvae_fast.models.model import HierarchicalVAE, OUSmoothing
     from hvae_fast.config import ModelConfig
-    from hvae_fast.objectives import training_loss
+    from hvae_fast.models.objectives import training_loss
 
     timer = FakeTimer(cpp=1.0, torch=2.0)
     auto = _auto(tmp_path, timer)
@@ -207,7 +207,7 @@ def test_a_pinned_decision_wins_over_the_cache_and_an_unavailable_one_is_measure
     timer = FakeTimer(cpp=2.0, torch=1.0)
     second = _auto(tmp_path / "b", timer)
     second.pinned.update(first.used)
-    with caplog.at_level(logging.INFO, logger="hvae_fast.autotune"):
+    with caplog.at_level(logging.INFO, logger="hvae_fast.ops.autotune"):
         got = second.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
     assert timer.calls == [] and second.used == first.used
     assert "as the resumed checkpoint" in caplog.text
@@ -217,7 +217,7 @@ def test_a_pinned_decision_wins_over_the_cache_and_an_unavailable_one_is_measure
     third = AutoBackend("cpu", {"torch": ou.BACKENDS["torch"]}, DecisionCache(tmp_path / "c.json", ENV),
                         measure=FakeTimer(torch=1.0))
     third.pinned.update(first.used)
-    with caplog.at_level(logging.WARNING, logger="hvae_fast.autotune"):
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.ops.autotune"):
         third.backend.correlated_samples(z, z, z + 1, 0.5, 3, 7)
     assert list(third.used.values()) == ["torch"] and "not available here" in caplog.text
 
@@ -227,7 +227,7 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_backends(tmp_path, monkeypatch
     """Train with auto choosing cpp, stop; resume with an empty cache on a 'machine' where torch would
     win: nothing is measured, the resumed run keeps cpp and ends with an uninterrupted run's weights."""
     from hvae_fast.cli import main
-    from hvae_fast.trainer import Trainer, load_checkpoint
+    from hvae_fast.training.trainer import Trainer, load_checkpoint
 
     def train(out, steps, *extra):
         return main(["train", "binarized-mnist", "--preset", "mnist-mlp-40x4", "--latent-sizes", "6,4",

@@ -1,4 +1,4 @@
-"""One test suite for every OU backend ``hvae_fast.ou`` knows, against ONE float64 reference.
+"""One test suite for every OU backend ``hvae_fast.ops.ou`` knows, against ONE float64 reference.
 
 Each test runs once per (backend, device) case: torch (CPU, and CUDA where present), cpp (CPU),
 triton (CUDA, else the CPU interpreter: TRITON_INTERPRET=1 is set below before the kernels are
@@ -28,9 +28,9 @@ import torch
 if not torch.cuda.is_available():  # before any Triton kernel module is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
-from hvae_fast import ou  # noqa: E402
+from hvae_fast.ops import ou  # noqa: E402
 from hvae_fast.errors import HVAEError  # noqa: E402
-from hvae_fast.ou import correlated_samples_reference, gaussian_head_reference  # noqa: E402
+from hvae_fast.ops.ou import correlated_samples_reference, gaussian_head_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 CASES = [("torch", "cpu")] + ([("torch", "cuda")] if CUDA else []) + [

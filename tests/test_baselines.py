@@ -11,16 +11,16 @@ import math
 import pytest
 import torch
 
-from hvae_fast.baselines import BIVA, LadderVAE, precision_weighted
+from hvae_fast.models.baselines import BIVA, LadderVAE, precision_weighted
 from hvae_fast.cli import main
 from hvae_fast.config import PRESETS, ModelConfig, preset_config
 from hvae_fast.errors import HVAEError
-from hvae_fast.evaluate import evaluate
+from hvae_fast.training.evaluate import evaluate
 from hvae_fast.distributions import gaussian_logprob, split_gaussian
-from hvae_fast.nets import GatedResBlock
-from hvae_fast.model import OUSmoothing, build_model, count_parameters
-from hvae_fast.objectives import elbo, iw_bound, iw_log_weights, iwae_loss, log_mean_exp, training_loss
-from hvae_fast.ou import BACKENDS
+from hvae_fast.models.nets import GatedResBlock
+from hvae_fast.models.model import OUSmoothing, build_model, count_parameters
+from hvae_fast.models.objectives import elbo, iw_bound, iw_log_weights, iwae_loss, log_mean_exp, training_loss
+from hvae_fast.ops.ou import BACKENDS
 
 IMG = (1, 8, 8)
 ARCHS = {

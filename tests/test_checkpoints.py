@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import hvae_fast.trainer as T
+import hvae_fast.training.trainer as T
 from hvae_fast.cli import main
 from hvae_fast.config import preset_config
 from hvae_fast.errors import HVAEError
-from hvae_fast.trainer import Trainer, atomic_save, format_duration, load_checkpoint, scale_notes
+from hvae_fast.training.trainer import Trainer, atomic_save, format_duration, load_checkpoint, scale_notes
 
 from conftest import sigterm_in_step
 from test_trainer_cli import run_cli, tiny_config
@@ -264,7 +264,7 @@ def test_scale_notes_point_a_cpu_run_of_a_gpu_preset_to_a_cpu_sized_one():
 
 
 def test_fit_logs_scale_eta_and_status_lines(tmp_path, shared_data, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="hvae_fast.trainer")
+    caplog.set_level(logging.INFO, logger="hvae_fast.training.trainer")
     monkeypatch.setattr(T, "STATUS_SECONDS", 1e9)
     Trainer(tiny_config(steps=14, log_every=4, eval_every=100), tmp_path / "r", data_dir=shared_data, progress=False).fit()
     msgs = [r.getMessage() for r in caplog.records]

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvae_fast import cli, trainer
+from hvae_fast import cli
+from hvae_fast.training import trainer
 from hvae_fast.errors import HVAEError
 
 EDGE_VALUES = ["nan", "inf", "-inf", "1e23", "1e-400", "0", "-1", "0.5", "1", "2", "1e3", "9" * 30, "", " ", "0x10",
@@ -42,7 +43,7 @@ def flags_of(name):
 
 
 def _memory_checks(args):
-    from hvae_fast.ou import check_ou_args
+    from hvae_fast.ops.ou import check_ou_args
 
     check_ou_args(args.rho, args.samples)
 

@@ -17,7 +17,7 @@ from hvae_fast.cli import main
 from hvae_fast.config import (ModelConfig, OUConfig, RunConfig, TrainConfig, as_flag_value, config_fields, field_choices,
                               flag_of, load_config)
 from hvae_fast.errors import HVAEError
-from hvae_fast.model import build_model
+from hvae_fast.models.model import build_model
 
 # Flags of `train` that are not config fields: they pick the starting config or steer the command.
 COMMAND_FLAGS = {"-h", "--help", "--preset", "--config", "--print-config", "--out", "--resume", "--no-progress",
@@ -278,16 +278,16 @@ OOM_CPU = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator:
 @pytest.mark.parametrize("exc", [OOM_CPU, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB"),
                                  RuntimeError("Storage size calculation overflowed with sizes=[10**15, 10, 784]")])
 def test_out_of_memory_names_the_flag_to_lower(exc, run_dir, monkeypatch, capsys, shared_data):
-    import hvae_fast.evaluate
-    import hvae_fast.memory
-    from hvae_fast.model import HierarchicalVAE
+    import hvae_fast.training.evaluate
+    import hvae_fast.experiments.memory
+    from hvae_fast.models.model import HierarchicalVAE
 
     def boom(*a, **k):
         raise exc
 
-    monkeypatch.setattr(hvae_fast.evaluate, "evaluate", boom)
+    monkeypatch.setattr(hvae_fast.training.evaluate, "evaluate", boom)
     monkeypatch.setattr(HierarchicalVAE, "sample", boom)
-    monkeypatch.setattr(hvae_fast.memory, "run_table", boom)
+    monkeypatch.setattr(hvae_fast.experiments.memory, "run_table", boom)
     err = one_line_error(["eval", str(run_dir), "--iw-samples", "100000", "--iw-chunk", "100000",
                           "--data-dir", str(shared_data), "--no-progress"], capsys)
     assert "out of" in err and "memory" in err and "lower --iw-chunk" in err
@@ -296,7 +296,7 @@ def test_out_of_memory_names_the_flag_to_lower(exc, run_dir, monkeypatch, capsys
 
 
 def test_other_runtime_errors_keep_their_traceback(run_dir, monkeypatch):
-    from hvae_fast.model import HierarchicalVAE
+    from hvae_fast.models.model import HierarchicalVAE
 
     def bug(*a, **k):
         raise RuntimeError("shape mismatch: a bug, not a user error")
@@ -307,12 +307,12 @@ def test_other_runtime_errors_keep_their_traceback(run_dir, monkeypatch):
 
 
 def test_eval_prints_before_writing_and_keeps_a_result_it_cannot_write(run_dir, monkeypatch, capsys, shared_data):
-    import hvae_fast.trainer
+    import hvae_fast.training.trainer
 
     def disk_full(text, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hvae_fast.trainer, "atomic_write_text", disk_full)
+    monkeypatch.setattr(hvae_fast.training.trainer, "atomic_write_text", disk_full)
     argv = ["eval", str(run_dir), "--max-examples", "20", "--batch-size", "10", "--iw-samples", "2",
             "--data-dir", str(shared_data), "--no-progress"]
     assert main(argv) == 2
@@ -324,9 +324,9 @@ def test_eval_prints_before_writing_and_keeps_a_result_it_cannot_write(run_dir, 
 
 
 def test_outputs_are_checked_before_the_work(run_dir, monkeypatch, capsys):
-    import hvae_fast.evaluate
+    import hvae_fast.training.evaluate
 
-    monkeypatch.setattr(hvae_fast.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr(hvae_fast.training.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
     (run_dir / "eval-valid.json").mkdir()  # a folder where the result file should go
     err = one_line_error(["eval", str(run_dir)], capsys)
     assert "eval-valid.json is a folder" in err

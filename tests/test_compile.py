@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from hvae_fast.config import ModelConfig, OUConfig, RunConfig, TrainConfig
-from hvae_fast.model import HierarchicalVAE, OUSmoothing
-from hvae_fast.objectives import training_loss
-from hvae_fast.ou import backend_status, get_backend
-from hvae_fast.trainer import Trainer
+from hvae_fast.models.model import HierarchicalVAE, OUSmoothing
+from hvae_fast.models.objectives import training_loss
+from hvae_fast.ops.ou import backend_status, get_backend
+from hvae_fast.training.trainer import Trainer
 
 CPU_BACKENDS = [n for n in ("torch", "cpp") if backend_status("cpu")[n][0]]
 
@@ -83,7 +83,7 @@ def test_compile_is_a_train_flag_and_resumable():
     import subprocess
     import sys
 
-    from hvae_fast.trainer import RESUMABLE_CHANGES
+    from hvae_fast.training.trainer import RESUMABLE_CHANGES
 
     assert TrainConfig().compile is False and ("train", "compile") in RESUMABLE_CHANGES
     p = subprocess.run([sys.executable, "-m", "hvae_fast", "train", "binarized-mnist", "--compile", "--print-config"],

@@ -14,10 +14,10 @@ import torch
 
 from hvae_fast import distributions
 from hvae_fast.cli import main
-from hvae_fast.distributed import SEED_STRIDE, World, shard_backend
-from hvae_fast.evaluate import evaluate
-from hvae_fast.ou import get_backend
-from hvae_fast.trainer import load_checkpoint
+from hvae_fast.training.distributed import SEED_STRIDE, World, shard_backend
+from hvae_fast.training.evaluate import evaluate
+from hvae_fast.ops.ou import get_backend
+from hvae_fast.training.trainer import load_checkpoint
 
 # A 2-layer MLP HVAE small enough that a 2-process run starts and trains in seconds; rho steered by
 # the controller, which must see the same (all-reduced) top-layer KL as one process does; free bits,
@@ -113,7 +113,7 @@ def test_a_fused_backend_gets_a_seed_of_each_ranks_own():
 def test_evaluate_with_a_reduce_counts_every_process_examples():
     """Two processes that held the same examples: twice the examples, the same means and active units."""
     from hvae_fast.config import ModelConfig
-    from hvae_fast.model import build_model
+    from hvae_fast.models.model import build_model
 
     torch.manual_seed(0)
     model = build_model("vae", ModelConfig(arch="mlp", latent_sizes=(4, 2), hidden_sizes=(16, 8)), (1, 28, 28))

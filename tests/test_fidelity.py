@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from hvae_fast import data as D
-from hvae_fast import trainer as trainer_mod
+from hvae_fast.training import trainer as trainer_mod
 from hvae_fast.cli import main
 from hvae_fast.config import PAPER_STEPS, PRESETS, ModelConfig, RunConfig, TrainConfig, preset_config
 from hvae_fast.distributions import repeat_batch
 from hvae_fast.errors import HVAEError
-from hvae_fast.evaluate import evaluate
-from hvae_fast.model import HierarchicalVAE, OUSmoothing, build_model, count_parameters
-from hvae_fast.nets import ResBlock
-from hvae_fast.objectives import iw_log_weights, training_loss
-from hvae_fast.ou import BACKENDS
+from hvae_fast.training.evaluate import evaluate
+from hvae_fast.models.model import HierarchicalVAE, OUSmoothing, build_model, count_parameters
+from hvae_fast.models.nets import ResBlock
+from hvae_fast.models.objectives import iw_log_weights, training_loss
+from hvae_fast.ops.ou import BACKENDS
 
 from datatools import synthetic, write_chardata  # noqa: F401
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hvae_fast.config import ModelConfig
-from hvae_fast.model import HierarchicalVAE, OUSmoothing
-from hvae_fast.objectives import training_loss
-from hvae_fast.ou import BACKENDS, Backend, backend_status, get_backend
+from hvae_fast.models.model import HierarchicalVAE, OUSmoothing
+from hvae_fast.models.objectives import training_loss
+from hvae_fast.ops.ou import BACKENDS, Backend, backend_status, get_backend
 
 STEPS, WINDOW = 50, 15
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hvae_fast import diagnostics as dg
+from hvae_fast.experiments import diagnostics as dg
 from hvae_fast.cli import main
 from hvae_fast.config import ModelConfig
-from hvae_fast.model import HierarchicalVAE
-from hvae_fast.ou import get_backend
+from hvae_fast.models.model import HierarchicalVAE
+from hvae_fast.ops.ou import get_backend
 
 
 class LinearGaussian(torch.nn.Module):
@@ -95,7 +95,7 @@ def test_rho_one_reproduces_the_plain_vae_estimator(one_thread):
     res = dg.gradvar(dg.model_loss_fn(model, get_backend("torch", "cpu")), groups, dg._layer_names(model), [x],
                      [1.0], [3], D, seed=5)
     # Directly: the VAE loss's gradients with the seeds gradvar used for this estimator, and numpy's variance.
-    from hvae_fast.objectives import elbo_loss
+    from hvae_fast.models.objectives import elbo_loss
 
     per_layer = [[] for _ in groups]
     for d in range(D):

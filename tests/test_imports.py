@@ -134,7 +134,7 @@ def find_cycle(graph: dict) -> list | None:
 
 def test_package_has_no_import_cycle():
     mods = package_modules()
-    assert {"hvae_fast.ou", "hvae_fast.model", "hvae_fast.kernels.backend"} <= set(mods)
+    assert {"hvae_fast.ops.ou", "hvae_fast.models.model", "hvae_fast.kernels.backend"} <= set(mods)
     graph, problems = import_graph(mods)
     assert not problems, "\n".join(problems)
     cycle = find_cycle(graph)
@@ -146,9 +146,9 @@ def test_graph_sees_lazy_relative_and_dynamic_imports():
     graph, _ = import_graph(package_modules())
     assert "hvae_fast.errors" in graph["hvae_fast.kernels.backend"]  # absolute, from the kernels folder
     assert "hvae_fast.kernels.correlated_sample" in graph["hvae_fast.kernels.backend"]  # relative, in try
-    assert "hvae_fast.trainer" in graph["hvae_fast.cli"]  # lazy, inside a function
-    assert "hvae_fast.native" in graph["hvae_fast.cli"]  # `from . import native`
-    assert {"hvae_fast.kernels.backend", "hvae_fast.native"} <= set(graph["hvae_fast.ou"])  # __import__ loop
+    assert "hvae_fast.training.trainer" in graph["hvae_fast.cli"]  # lazy, inside a function
+    assert "hvae_fast.ops.native" in graph["hvae_fast.cli"]  # `from . import native`
+    assert {"hvae_fast.kernels.backend", "hvae_fast.ops.native"} <= set(graph["hvae_fast.ops.ou"])  # __import__ loop
 
 
 @pytest.mark.parametrize("graph, cycle", [
@@ -182,9 +182,9 @@ def test_a_lazy_relative_cycle_in_a_synthetic_package_is_found(tmp_path):
 
 
 def test_unreadable_dynamic_import_and_missing_module_are_problems():
-    known = {"hvae_fast", "hvae_fast.ou"}
+    known = {"hvae_fast", "hvae_fast.ops.ou"}
     src = "import hvae_fast.nope\ndef f(m):\n    return __import__(m)\n"
-    _, problems = module_imports("hvae_fast.ou", src, False, known)
+    _, problems = module_imports("hvae_fast.ops.ou", src, False, known)
     assert len(problems) == 2
     assert "hvae_fast.nope" in problems[0] and "run time" in problems[1]
 
@@ -195,17 +195,62 @@ def test_the_model_rooms_import_only_downwards():
     graph, _ = import_graph(package_modules())
     short = {m: {t.removeprefix("hvae_fast.") for t in ts} for m, ts in graph.items()}
     assert short["hvae_fast.distributions"] <= {"errors"}
-    assert short["hvae_fast.backends"] == {"errors"}
-    assert short["hvae_fast.stack"] == {"config", "errors", "likelihoods", "nets"}
-    assert short["hvae_fast.baselines"] == {"config", "distributions", "errors", "nets", "stack"}
-    assert short["hvae_fast.model"] == {"backends", "baselines", "config", "distributions", "errors", "stack"}
-    assert short["hvae_fast.ou"] == {"autotune", "backends", "distributions", "errors", "kernels.backend", "native"}
-    assert short["hvae_fast.autotune"] == {"backends", "native"}  # ou hands it the candidate backends
-    assert short["hvae_fast.rho_control"] == {"errors"}
-    assert short["hvae_fast.config"] <= {"backends", "errors", "rho_control"}  # everything may use config: it uses nothing above
-    for backend in ("hvae_fast.native", "hvae_fast.kernels.backend", "hvae_fast.kernels.correlated_sample",
+    assert short["hvae_fast.ops.backends"] == {"errors"}
+    assert short["hvae_fast.models.stack"] == {"config", "errors", "models.likelihoods", "models.nets"}
+    assert short["hvae_fast.models.baselines"] == {"config", "distributions", "errors", "models.nets", "models.stack"}
+    assert short["hvae_fast.models.model"] == {"ops.backends", "models.baselines", "config", "distributions", "errors",
+                                               "models.stack"}
+    assert short["hvae_fast.ops.ou"] == {"ops.autotune", "ops.backends", "distributions", "errors", "kernels.backend",
+                                         "ops.native"}
+    assert short["hvae_fast.ops.autotune"] == {"ops.backends", "ops.native"}  # ou hands it the candidate backends
+    assert short["hvae_fast.training.rho_control"] == {"errors"}
+    # everything may use config: it uses nothing above but two leaf modules that import only errors
+    assert short["hvae_fast.config"] <= {"ops.backends", "errors", "training.rho_control"}
+    for backend in ("hvae_fast.ops.native", "hvae_fast.kernels.backend", "hvae_fast.kernels.correlated_sample",
                     "hvae_fast.kernels.gaussian_head"):
-        assert "ou" not in short[backend] and "model" not in short[backend], backend
+        assert not any(t == "ops.ou" or t.startswith("models") for t in short[backend]), backend
+
+
+# The package's layers, bottom first: a module may import its own layer and the ones below, never
+# one above. `config` may read two leaf modules above it (each imports only `errors`).
+LAYERS = [
+    ("foundation", {"hvae_fast", "hvae_fast.errors", "hvae_fast.config", "hvae_fast.distributions",
+                    "hvae_fast.data", "hvae_fast.reporting"}),
+    ("ops", {"hvae_fast.ops", "hvae_fast.kernels"}),
+    ("models", {"hvae_fast.models"}),
+    ("training", {"hvae_fast.training"}),
+    ("experiments", {"hvae_fast.experiments"}),
+    ("commands", {"hvae_fast.cli", "hvae_fast.gpucheck", "hvae_fast.__main__"}),
+]
+LAYER_EXCEPTIONS = {("hvae_fast.config", "hvae_fast.ops.backends"), ("hvae_fast.config", "hvae_fast.training.rho_control")}
+
+
+def layer_of(module: str) -> int:
+    """Index in LAYERS of the longest prefix that names ``module``'s room."""
+    best, best_len = None, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+                best, best_len = i, len(p)
+    assert best is not None, f"{module} belongs to no layer: add it to LAYERS in tests/test_imports.py"
+    return best
+
+
+def upward_imports(graph: dict) -> list:
+    return [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+            for m, ts in graph.items() for t in ts
+            if layer_of(t) > layer_of(m) and (m, t) not in LAYER_EXCEPTIONS]
+
+
+def test_packages_import_only_downwards():
+    """foundation <- ops (backends, kernels) <- models <- training <- experiments <- commands."""
+    graph, _ = import_graph(package_modules())
+    assert upward_imports(graph) == []
+
+
+def test_an_upward_import_is_reported():
+    graph = {"hvae_fast.models.model": ["hvae_fast.training.trainer"], "hvae_fast.training.trainer": []}
+    assert upward_imports(graph) == ["hvae_fast.models.model (models) imports hvae_fast.training.trainer (training)"]
 
 
 def test_the_reporting_room_formats_and_never_measures():
@@ -219,7 +264,7 @@ def test_the_reporting_room_formats_and_never_measures():
     for m in rooms:
         outside = {t for t in short[m] if not t.startswith("reporting")}
         assert outside <= {"errors", "config"}, (m, outside)
-    assert "reporting.memory_table" in short["hvae_fast.memory"]  # the paper's Table 6 lives with its table
-    assert "reporting.curves" in short["hvae_fast.report"]
+    assert "reporting.memory_table" in short["hvae_fast.experiments.memory"]  # the paper's Table 6 lives with its table
+    assert "reporting.curves" in short["hvae_fast.experiments.report"]
     assert {"reporting.bench", "reporting.memory_table"} <= short["hvae_fast.gpucheck"]
     assert not any(m.startswith("hvae_fast.benchreport") or m == "hvae_fast.plots" for m in short)

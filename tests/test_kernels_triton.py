@@ -26,7 +26,7 @@ from hvae_fast.errors import HVAEError  # noqa: E402
 from hvae_fast.kernels.backend import BACKENDS, probe  # noqa: E402
 from hvae_fast.kernels.correlated_sample import correlated_noise, correlated_samples  # noqa: E402
 from hvae_fast.kernels.gaussian_head import gaussian_head_logprob  # noqa: E402
-from hvae_fast.ou import correlated_samples_reference, gaussian_head_reference  # noqa: E402
+from hvae_fast.ops.ou import correlated_samples_reference, gaussian_head_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -1,4 +1,4 @@
-"""Tests for hvae_fast.likelihoods: Bernoulli and discretized-logistic-mixture heads."""
+"""Tests for hvae_fast.models.likelihoods: Bernoulli and discretized-logistic-mixture heads."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.likelihoods import (
+from hvae_fast.models.likelihoods import (
     LIKELIHOODS,
     bernoulli_logprob,
     bernoulli_mean,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hvae_fast import cli
-from hvae_fast.memory import SavedTensorCounter, cpu_peak, step_memory
+from hvae_fast.experiments.memory import SavedTensorCounter, cpu_peak, step_memory
 from hvae_fast.reporting.memory_table import COLUMNS
 
 F32 = 4

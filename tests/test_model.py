@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hvae_fast.baselines import BIVA, LadderVAE
+from hvae_fast.models.baselines import BIVA, LadderVAE
 from hvae_fast.config import METHODS, PRESETS, ModelConfig
 from hvae_fast.distributions import Terms, gaussian_logprob, repeat_batch, split_gaussian, std_normal_logprob
 from hvae_fast.errors import HVAEError
-from hvae_fast.model import MODELS, HierarchicalVAE, OUSmoothing, build_model, count_parameters
-from hvae_fast.stack import StackedVAE
-from hvae_fast.objectives import elbo_loss, iw_bound, training_loss
-from hvae_fast.ou import BACKENDS
+from hvae_fast.models.model import MODELS, HierarchicalVAE, OUSmoothing, build_model, count_parameters
+from hvae_fast.models.stack import StackedVAE
+from hvae_fast.models.objectives import elbo_loss, iw_bound, training_loss
+from hvae_fast.ops.ou import BACKENDS
 
 TORCH = BACKENDS["torch"]
 
@@ -247,7 +247,7 @@ def test_optional_inference_smoothing():
 def test_recompute_gives_the_same_gradients_and_saves_less():
     # --ou-recompute rebuilds the K*B generator activations in backward: same loss and gradients
     # (the generator nets are deterministic; float32 reassociation only, 1e-6), fewer saved bytes.
-    from hvae_fast.memory import SavedTensorCounter
+    from hvae_fast.experiments.memory import SavedTensorCounter
 
     m = tiny_resnet()
     x = binary(4, (1, 8, 8))
@@ -264,6 +264,7 @@ def test_recompute_gives_the_same_gradients_and_saves_less():
 
 
 def test_config_activation_names_are_the_nets_activations():
-    from hvae_fast import config, nets
+    from hvae_fast import config
+    from hvae_fast.models import nets
 
     assert set(config.ACTIVATIONS) == set(nets.ACTIVATIONS)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvae_fast import native
+from hvae_fast.ops import native
 from hvae_fast.errors import HVAEError
 
 CPP = {b.name: b for b in native.BACKENDS}["cpp"]
@@ -377,11 +377,11 @@ def test_failed_build_is_reported_not_raised(tmp_path, caplog):
     src.mkdir()
     (src / "broken.cpp").write_text("this is not C++ {\n")
     ext = native.NativeExtension("hvae_fast_broken_test", ("broken.cpp",), src_dir=src, build_dir=tmp_path / "build")
-    with caplog.at_level(logging.WARNING, logger="hvae_fast.native"):
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.ops.native"):
         ok, why = ext.probe()
         assert ext.get() is None  # cached: no second build, no second warning
     assert not ok and "failed" in why and "error" in why.lower(), why
-    warnings = [r for r in caplog.records if r.name == "hvae_fast.native" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "hvae_fast.ops.native" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "hvae_fast_broken_test" in warnings[0].getMessage()
 
     missing = native.NativeExtension("hvae_fast_missing_test", ("nope.cpp",), src_dir=src, build_dir=tmp_path / "b2")
@@ -412,7 +412,7 @@ def test_cuda_backend_probe_on_this_machine():
 
 
 def test_registry_picks_cpp():
-    from hvae_fast import ou
+    from hvae_fast.ops import ou
 
     assert ou.backend_status("cpu")["cpp"][0]
     assert ou.get_backend("cpp", "cpu").name == "cpp"
@@ -470,7 +470,7 @@ def _all_threads(threads, counts, fn):
 @pytest.mark.parametrize("K,B,S", [(4, 4, 20_000), (4, 8, 80_000)])
 @pytest.mark.parametrize("mode", ["mean-std", "ratio"])
 def test_head_parallel_paths_match_one_thread_and_the_reference(threads, K, B, S, mode):
-    from hvae_fast.ou import gaussian_head_reference
+    from hvae_fast.ops.ou import gaussian_head_reference
 
     m, s, t = _head_inputs((B, S), K, torch.float64, True)
 
@@ -517,7 +517,7 @@ def test_correlated_samples_parallel_paths_match_one_thread(threads, N):
 # ----------------------------------------------------------------------------------------------
 
 def _fused(name):
-    from hvae_fast.ou import backend_status, get_backend
+    from hvae_fast.ops.ou import backend_status, get_backend
 
     ok, why = backend_status("cpu")[name]
     if not ok:

@@ -8,10 +8,10 @@ import torch
 from hvae_fast.config import ModelConfig
 from hvae_fast.distributions import Terms, gaussian_logprob
 from hvae_fast.errors import HVAEError
-from hvae_fast.model import HierarchicalVAE, OUSmoothing
-from hvae_fast.objectives import (elbo_loss, free_bits_kl, iwae_loss, kl_weight, log_mean_exp, repeat_batch,
+from hvae_fast.models.model import HierarchicalVAE, OUSmoothing
+from hvae_fast.models.objectives import (elbo_loss, free_bits_kl, iwae_loss, kl_weight, log_mean_exp, repeat_batch,
                                   training_loss)
-from hvae_fast.ou import BACKENDS
+from hvae_fast.ops.ou import BACKENDS
 
 
 def test_kl_weight_schedule():

@@ -1,14 +1,14 @@
 """The OU ops as torch.library operators: torch.library.opcheck on every op of every CPU backend
 (schema, autograd registration, fake kernel, AOT dispatch), and the one seed policy and offset
-limit of hvae_fast/backends.py that every backend applies."""
+limit of hvae_fast/ops/backends.py that every backend applies."""
 
 import pytest
 import torch
 from torch.library import opcheck
 
-from hvae_fast.backends import MAX_PHILOX_OFFSET, check_offsets, check_seed
+from hvae_fast.ops.backends import MAX_PHILOX_OFFSET, check_offsets, check_seed
 from hvae_fast.errors import HVAEError
-from hvae_fast.ou import BACKENDS, backend_status
+from hvae_fast.ops.ou import BACKENDS, backend_status
 
 STATUS = backend_status("cpu")
 needs_cpp = pytest.mark.skipif(not STATUS["cpp"][0], reason=f"cpp backend unavailable: {STATUS['cpp'][1]}")
@@ -66,7 +66,7 @@ def test_triton_ops_pass_opcheck_under_the_interpreter():
 
 
 def test_torch_reference_op_passes_opcheck_and_gradcheck():
-    from hvae_fast import ou
+    from hvae_fast.ops import ou
 
     z, mu, sigma, rho, K, seed, _ = _cs_args(torch.float64)
     opcheck(ou._ref_correlated_samples, (z, mu, sigma, rho, K, seed))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hvae_fast.errors import HVAEError
-from hvae_fast.ou import (BACKENDS, backend_status, check_ou_args, correlated_samples_reference,
+from hvae_fast.ops.ou import (BACKENDS, backend_status, check_ou_args, correlated_samples_reference,
                           gaussian_head_reference, get_backend, torch_correlated_noise)
 
 torch_backend = BACKENDS["torch"]
@@ -109,7 +109,8 @@ def test_bad_rho_or_K_is_a_clear_error(rho, K):
 def test_names_moved_below_ou_stay_importable_from_ou():
     """The backend contract and the Gaussian log-density live below ou (no import cycle with the
     backends); ou re-exports the very same objects for the code and tests that import them from it."""
-    from hvae_fast import backends, distributions, ou
+    from hvae_fast.ops import backends, ou
+    from hvae_fast import distributions
 
     assert ou.Backend is backends.Backend and ou.check_ou_args is backends.check_ou_args
     assert ou.OU_TARGETS is backends.OU_TARGETS == ("mean-std", "ratio")
@@ -119,13 +120,13 @@ def test_names_moved_below_ou_stay_importable_from_ou():
 
 
 def test_backend_selection_reports_and_logs(caplog, monkeypatch):
-    from hvae_fast import autotune
+    from hvae_fast.ops import autotune
 
     st = backend_status("cpu")
     assert set(st) == {"triton", "cuda", "cpp", "torch"}
     assert st["torch"][0] and not st["cuda"][0] and st["cuda"][1]
     monkeypatch.setattr(autotune, "_AUTO", {})
-    with caplog.at_level("INFO", logger="hvae_fast.autotune"):
+    with caplog.at_level("INFO", logger="hvae_fast.ops.autotune"):
         b = get_backend("auto", "cpu")
     assert b.name == "auto"  # per op and shape class: tests/test_autotune.py
     assert "auto on cpu, per op and shape class among" in caplog.text

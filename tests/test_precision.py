@@ -5,10 +5,10 @@ import torch
 
 from hvae_fast.config import ModelConfig, OUConfig, RunConfig, TrainConfig
 from hvae_fast.distributions import gaussian_logprob
-from hvae_fast.likelihoods import bernoulli_logprob
-from hvae_fast.model import OUSmoothing, build_model
-from hvae_fast.ou import get_backend
-from hvae_fast.trainer import Trainer
+from hvae_fast.models.likelihoods import bernoulli_logprob
+from hvae_fast.models.model import OUSmoothing, build_model
+from hvae_fast.ops.ou import get_backend
+from hvae_fast.training.trainer import Trainer
 
 from test_trainer_cli import records, train_interrupted
 

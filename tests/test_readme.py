@@ -53,7 +53,7 @@ def test_readme_commands_parse_and_their_train_configs_validate(tmp_path, monkey
         if argv[0] == "train":
             cli.config_from_args(args)
         elif argv[0] == "sweep":  # every point's train command builds a valid config
-            from hvae_fast import sweep
+            from hvae_fast.experiments import sweep
 
             for point in sweep.expand(args.axes or []):
                 flags = [x for k, v in point.items() for x in (sweep.flag(k), v)]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from hvae_fast import report, sweep
+from hvae_fast.experiments import report, sweep
 from hvae_fast.cli import main
 from hvae_fast.errors import HVAEError
 

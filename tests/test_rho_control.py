@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-import hvae_fast.trainer as T
+import hvae_fast.training.trainer as T
 from hvae_fast.cli import main
 from hvae_fast.config import OUConfig, RunConfig
 from hvae_fast.errors import HVAEError
-from hvae_fast.rho_control import KI, KP, RhoController, parse_schedule
-from hvae_fast.trainer import Trainer, load_checkpoint
+from hvae_fast.training.rho_control import KI, KP, RhoController, parse_schedule
+from hvae_fast.training.trainer import Trainer, load_checkpoint
 
 from test_trainer_cli import records, tiny_config, train_interrupted
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-import hvae_fast.trainer as T
+import hvae_fast.training.trainer as T
 from hvae_fast.cli import main
-from hvae_fast.trainer import LOCK_NAME, load_checkpoint
+from hvae_fast.training.trainer import LOCK_NAME, load_checkpoint
 
 from test_checkpoints import cli_train
 

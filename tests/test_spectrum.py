@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvae_fast import diagnostics as dg
+from hvae_fast.experiments import diagnostics as dg
 from hvae_fast.cli import main
 from test_gradvar import train_tiny_run
 

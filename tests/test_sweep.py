@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hvae_fast import sweep
+from hvae_fast.experiments import sweep
 from hvae_fast.cli import main
 from hvae_fast.errors import HVAEError
 

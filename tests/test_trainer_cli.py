@@ -9,7 +9,7 @@ import torch
 
 from hvae_fast.cli import main
 from hvae_fast.config import ModelConfig, RunConfig, TrainConfig, OUConfig
-from hvae_fast.trainer import Trainer
+from hvae_fast.training.trainer import Trainer
 
 
 def tiny_config(steps=20, method="hvae", **train):
@@ -72,7 +72,7 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(shared_data, tm
 
 
 def test_non_finite_steps_are_skipped_and_counted(shared_data, tmp_path, monkeypatch):
-    import hvae_fast.trainer as T
+    import hvae_fast.training.trainer as T
 
     orig = T.training_loss
     calls = {"n": 0}

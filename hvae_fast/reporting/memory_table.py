@@ -1,5 +1,5 @@
 """The `hvae-fast memory` table (Table 6) as text, CSV, JSON and a bar chart, from the rows
-``hvae_fast.memory.run_table`` returns (one dict per model and depth; sizes in bytes)."""
+``hvae_fast.experiments.memory.run_table`` returns (one dict per model and depth; sizes in bytes)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
-from .errors import HVAEError
+from ..config import ModelConfig
+from ..errors import HVAEError
 from .likelihoods import make_likelihood
 from .nets import MLP, ConvNet
 

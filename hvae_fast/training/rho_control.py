@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import HVAEError
+from ..errors import HVAEError
 
 KP = 0.05
 KI = 1e-4

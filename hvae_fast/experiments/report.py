@@ -22,8 +22,8 @@ import json
 import math
 from pathlib import Path
 
-from .errors import HVAEError
-from .reporting.curves import ema, plot_runs, read_metrics
+from ..errors import HVAEError
+from ..reporting.curves import ema, plot_runs, read_metrics
 from .sweep import read_spec, summarize, write_results
 
 # method.md, "Results to compare against": validation ELBO, top-layer KL (nats), active units

@@ -26,11 +26,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from .backends import SEED_LIMIT, Backend
-from .distributions import batch_shard
-from .errors import HVAEError
+from ..ops.backends import SEED_LIMIT, Backend
+from ..distributions import batch_shard
+from ..errors import HVAEError
 
-log = logging.getLogger("hvae_fast.distributed")
+log = logging.getLogger("hvae_fast.training.distributed")
 
 # An odd 64-bit constant: seed + rank * SEED_STRIDE (mod SEED_LIMIT) differs for every rank.
 SEED_STRIDE = 0x9E3779B97F4A7C15

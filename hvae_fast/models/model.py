@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .backends import Backend, check_ou_args
+from ..ops.backends import Backend, check_ou_args
 from .baselines import BIVA, LadderVAE
-from .config import ModelConfig
-from .distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
-from .errors import HVAEError
+from ..config import ModelConfig
+from ..distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
+from ..errors import HVAEError
 from .stack import StackedVAE
 
 

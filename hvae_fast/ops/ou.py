@@ -35,10 +35,10 @@ import torch.nn.functional as F
 # check_ou_args is not used here: ou re-exports it with the rest of the backend contract.
 from .autotune import auto_backend
 from .backends import BACKEND_NAMES, OU_TARGETS, Backend, check_ou_args, check_seed
-from .distributions import fp32, gaussian_logprob
-from .errors import HVAEError
+from ..distributions import fp32, gaussian_logprob
+from ..errors import HVAEError
 
-log = logging.getLogger("hvae_fast.ou")
+log = logging.getLogger("hvae_fast.ops.ou")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def _register_fused_backends() -> None:
     if _registered:
         return
     _registered = True
-    for modname in ("hvae_fast.kernels.backend", "hvae_fast.native"):
+    for modname in ("hvae_fast.kernels.backend", "hvae_fast.ops.native"):
         try:
             mod = __import__(modname, fromlist=["BACKENDS"])
         except Exception as exc:  # an import failure is reported by `info`, never hidden
@@ -183,7 +183,7 @@ def backend_status(device) -> dict[str, tuple[bool, str]]:
 
 def get_backend(name: str, device) -> Backend:
     """Resolve ``name`` to an available backend for ``device`` (logs the choice); ``auto`` is the
-    backend of hvae_fast/autotune.py, which picks per op and shape class from a cached measurement."""
+    backend of hvae_fast/ops/autotune.py, which picks per op and shape class from a cached measurement."""
     if name not in BACKEND_NAMES:
         raise HVAEError(f"unknown OU backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")
     device = torch.device(device)

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributions import fp32
-from .errors import HVAEError
+from ..distributions import fp32
+from ..errors import HVAEError
 
 __all__ = [
     "LIKELIHOODS",

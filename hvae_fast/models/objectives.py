@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .distributions import repeat_batch  # noqa: F401  (evaluate.py repeats batches with it too)
-from .errors import HVAEError
+from ..distributions import repeat_batch  # noqa: F401  (evaluate.py repeats batches with it too)
+from ..errors import HVAEError
 
 
 def kl_weight(step: int, zero_steps: int, ramp_steps: int) -> float:

@@ -24,7 +24,7 @@ probed or used (once per process; later processes reuse the build from the cache
   present.
 
 A build that fails (no compiler, no ninja, a compile error) never raises: it is logged once on
-``hvae_fast.native`` with the first lines of the compiler's message, and the backend's ``probe``
+``hvae_fast.ops.native`` with the first lines of the compiler's message, and the backend's ``probe``
 answers ``(False, reason)``. ``build_all(verbose)`` builds everything eagerly (``hvae-fast build``).
 
 Noise: element (k, j) of the [K, *S] noise is Triton's ``tl.randn(seed, k * N + j)``
@@ -53,10 +53,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import HVAEError
+from ..errors import HVAEError
 from .backends import OU_TARGETS, Backend, check_offsets, check_ou_args, check_seed, head_saved_inputs, packed_rows
 
-log = logging.getLogger("hvae_fast.native")
+log = logging.getLogger("hvae_fast.ops.native")
 
 _ERROR_LINES = 12  # lines of compiler output kept in the warning and the probe's reason
 
@@ -67,8 +67,8 @@ _ERROR_LINES = 12  # lines of compiler output kept in the warning and the probe'
 
 def csrc_dir() -> Path | None:
     """The directory that holds philox.h and the kernels (installed package first, then checkout)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # hvae_fast/
+    for cand in (package / "csrc", package.parent / "csrc"):
         if (cand / "philox.h").is_file():
             return cand
     return None

@@ -51,19 +51,19 @@ from pathlib import Path
 
 import torch
 
-from . import autotune
-from . import data as data_mod
+from ..ops import autotune
+from .. import data as data_mod
 from . import distributed
-from .config import RunConfig, load_config
-from .errors import HVAEError
+from ..config import RunConfig, load_config
+from ..errors import HVAEError
 from .evaluate import evaluate
-from .likelihoods import bits_per_dim
-from .model import OUSmoothing, build_model, count_parameters
-from .objectives import kl_weight, training_loss
-from .ou import get_backend
+from ..models.likelihoods import bits_per_dim
+from ..models.model import OUSmoothing, build_model, count_parameters
+from ..models.objectives import kl_weight, training_loss
+from ..ops.ou import get_backend
 from .rho_control import RhoController, RhoSchedule, parse_schedule
 
-log = logging.getLogger("hvae_fast.trainer")
+log = logging.getLogger("hvae_fast.training.trainer")
 
 # --precision: the autocast dtype of the nets (fp32: no autocast).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,7 +12,7 @@ optimizer, Adamax for CIFAR-10) after one warm-up step, so the optimizer state e
   vae   HierarchicalVAE, training_loss(method="vae")
   iwae  HierarchicalVAE, training_loss(method="iwae", iw_k=samples)
   hvae  HierarchicalVAE with OUSmoothing(rho=0.9, samples, backend=get_backend(--backend, device))
-  lvae / biva  their models (hvae_fast.baselines), ELBO
+  lvae / biva  their models (hvae_fast.models.baselines), ELBO
 
 The memory figure:
   CUDA  torch.cuda.max_memory_allocated() over the measured step, after reset_peak_memory_stats()
@@ -45,10 +45,10 @@ import time
 
 import torch
 
-from .errors import HVAEError
-from .reporting.memory_table import PAPER
+from ..errors import HVAEError
+from ..reporting.memory_table import PAPER
 
-log = logging.getLogger("hvae_fast.memory")
+log = logging.getLogger("hvae_fast.experiments.memory")
 
 MODELS = ("vae", "iwae", "hvae", "lvae", "biva")
 IMAGE_SHAPE = (3, 32, 32)
@@ -165,7 +165,7 @@ def step_memory(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimize
 def model_config(model: str, layers: int, channels: int | None = None, blocks: int | None = None,
                  data_blocks: int | None = None):
     """The RunConfig measured for ``model`` at ``layers`` stochastic layers (with optional shrinking)."""
-    from .config import preset_config
+    from ..config import preset_config
 
     name = {"lvae": "cifar10-lvae-15", "biva": "cifar10-biva-15"}.get(model, "cifar10-resnet-4")
     cfg = preset_config(name)
@@ -186,9 +186,9 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
             channels: int | None = None, blocks: int | None = None, data_blocks: int | None = None,
             rho: float = 0.9, seed: int = 0, recompute: bool = False) -> dict:
     """One row of the table: the memory of one training step of ``model`` (see the module docstring)."""
-    from .model import count_parameters
-    from .objectives import training_loss
-    from .trainer import build_training
+    from ..models.model import count_parameters
+    from ..models.objectives import training_loss
+    from ..training.trainer import build_training
 
     if model not in MODELS:
         raise HVAEError(f"unknown model {model!r}: choose from {', '.join(MODELS)}")

@@ -57,9 +57,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
-from .distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
-from .errors import HVAEError
+from ..config import ModelConfig
+from ..distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
+from ..errors import HVAEError
 from .nets import GatedResBlock, WNConv
 from .stack import StackedVAE
 

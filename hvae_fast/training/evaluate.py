@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .likelihoods import bits_per_dim
-from .objectives import iw_bound, repeat_batch
+from ..models.likelihoods import bits_per_dim
+from ..models.objectives import iw_bound, repeat_batch
 
 
 @torch.no_grad()

@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import OU_METHODS
-from .errors import HVAEError
+from ..config import OU_METHODS
+from ..errors import HVAEError
 
 EVAL_FILE = "eval-valid.json"
 SCALARS = ("elbo", "iw_bound", "top_kl", "kl_total", "recon", "bpd")  # eval's names, copied as they are

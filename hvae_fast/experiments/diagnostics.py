@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import HVAEError
-from .objectives import training_loss
-from .trainer import load_checkpoint, load_run
+from ..errors import HVAEError
+from ..models.objectives import training_loss
+from ..training.trainer import load_checkpoint, load_run
 
 # ----------------------------------------------------------------------------------------------
 # Shared: arguments and checkpoints
@@ -89,7 +89,7 @@ def _load_into(model, path: Path) -> None:
 
 def _checkpoint_models(args):
     """Yield (cfg, model, device, step, label) for every checkpoint the command names."""
-    from .model import HierarchicalVAE
+    from ..models.model import HierarchicalVAE
 
     cfg, model, dev, step = load_run(args.run_dir, args.device, args.which)
     if not isinstance(model, HierarchicalVAE):
@@ -109,7 +109,7 @@ def _checkpoint_models(args):
 
 def _batches(cfg, args, device) -> list:
     """The fixed minibatches: the first ``args.batches`` of the training stream with ``args.seed``."""
-    from .data import BatchStream, load_dataset
+    from ..data import BatchStream, load_dataset
 
     ds = load_dataset(cfg.dataset, "train", args.data_dir)
     stream = BatchStream(ds, args.batch_size or cfg.train.batch_size, seed=args.seed)
@@ -261,7 +261,7 @@ def gradvar(loss_fn, groups, names, batches, rhos, Ks, draws: int, seed: int = 0
 def model_loss_fn(model, backend, target: str = "mean-std"):
     """loss_fn(x, rho, K) of `gradvar` for a stacked VAE: the negative OU-smoothed ELBO (batch mean),
     or with rho None the negative ELBO (the plain VAE estimator)."""
-    from .model import OUSmoothing
+    from ..models.model import OUSmoothing
 
     def loss(x, rho, K):
         if rho is None:
@@ -274,7 +274,7 @@ def model_loss_fn(model, backend, target: str = "mean-std"):
 def cmd_gradvar(args) -> int:
     from tqdm.auto import tqdm
 
-    from .ou import get_backend
+    from ..ops.ou import get_backend
 
     rhos = check_rhos(parse_list(args.rho, float, "--rho"))
     Ks = parse_list(args.K, int, "--K")
@@ -407,7 +407,7 @@ def layer_spectra(model, x, rhos, degree: int, noise: int, seed: int = 0) -> lis
 def cmd_spectrum(args) -> int:
     from tqdm.auto import tqdm
 
-    from .data import eval_batches, load_dataset
+    from ..data import eval_batches, load_dataset
 
     rhos = check_rhos(parse_list(args.rhos, float, "--rhos"), "--rhos")
     if args.points < 1 or args.noise < 2:

@@ -5,7 +5,7 @@ per-sample [B, *S] tensor, and the head's class also names its mode (mean-std / 
 call of a class times forward + backward of every available candidate (``ou.AUTO_CANDIDATES``, which
 ``ou.get_backend`` hands over: cpp and torch on CPU; triton, cuda and torch on CUDA) on random inputs
 of the call's shape and strides (one warm-up, then the median of ``REPEATS`` runs), picks the fastest (ties: the candidates' order),
-logs the decision once on ``hvae_fast.autotune`` (INFO), and stores it in a JSON file:
+logs the decision once on ``hvae_fast.ops.autotune`` (INFO), and stores it in a JSON file:
 
     $HVAE_CACHE_DIR/auto-backend.json, else <user cache dir>/hvae-fast/auto-backend.json
 
@@ -37,7 +37,7 @@ import torch
 
 from .backends import Backend, check_ou_args
 
-log = logging.getLogger("hvae_fast.autotune")
+log = logging.getLogger("hvae_fast.ops.autotune")
 
 REPEATS = 5
 CACHE_NAME = "auto-backend.json"

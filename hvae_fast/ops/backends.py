@@ -14,7 +14,7 @@ import operator
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import HVAEError
+from ..errors import HVAEError
 
 OU_TARGETS = ("mean-std", "ratio")
 # Every backend's noise of element (k, j) sits at the Philox offset offset_base + k * N + j, an int64
