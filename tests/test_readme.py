@@ -124,3 +124,28 @@ def test_relative_links_resolve_inside_the_repository(page):
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             bad.append(f"{target}: no heading #{anchor} in {file.relative_to(REPO)}")
     assert not bad, bad
+
+
+def _expand_braces(path):
+    """`a.{x,y}` -> [`a.x`, `a.y`] (one brace group, as the docs write them)."""
+    m = re.search(r"\{([^}]*)\}", path)
+    return [path[: m.start()] + alt + path[m.end():] for alt in m.group(1).split(",")] if m else [path]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_repository_paths_named_in_the_docs_exist(page):
+    """Each `tests/...`, `hvae_fast/...`, `docs/...` (etc.) path a page names in prose exists, and so
+    does each `file.py::test_name` it cites for a guarantee; `<...>` names outputs, not files."""
+    prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    bad = []
+    for tok in re.findall(r"`([^`\s]+)`", prose):
+        m = re.match(r"((?:hvae_fast|tests|docs|bench|csrc|kernels|\.ci)/[^:]*)(?:::(\w+))?$", tok)
+        if not m or "<" in tok:
+            continue
+        for path in _expand_braces(m.group(1)):
+            files = list(REPO.glob(path)) if "*" in path else [REPO / path]
+            if not files or not all(f.exists() for f in files):
+                bad.append(f"{tok}: no such path")
+            elif m.group(2) and f"def {m.group(2)}(" not in files[0].read_text():
+                bad.append(f"{tok}: no test {m.group(2)} in {path}")
+    assert not bad, bad
