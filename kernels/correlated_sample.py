@@ -16,8 +16,9 @@ and reduces over k in one pass over the N elements:
 Precision: float16 / bfloat16 / float32 inputs compute and accumulate in float32; float64 inputs
 compute in float64 (Philox noise is float32 and is cast up: it is the same noise, only the
 arithmetic around it is float64, which is what gradcheck needs). The coefficients rho, 1 - rho and
-sqrt(1 - rho^2) are computed in Python double precision and passed through a tiny tensor in the
-compute dtype, so rho = 1 gives z' = z exactly.
+sqrt(1 - rho^2) are computed in Python double precision and passed as kernel arguments, each as two
+float32 scalars hi + lo (``utils.split_f64``): exact float32 values in float32 compute, within 2^-48
+relative in float64; rho = 1 gives z' = z exactly. A launch copies nothing from the host.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from torch.library import triton_op, wrap_triton
 from hvae_fast.errors import HVAEError
 from hvae_fast.backends import check_offsets, check_ou_args, check_seed
 
-from .utils import check_float_dtype, check_same, compute_dtype, elementwise_block, num_warps_for
+from .utils import (check_float_dtype, check_same, compute_dtype, elementwise_block, join_f64, num_warps_for,
+                    split_f64)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 # CUDA caps grid dimension 1 at 65535; K runs on that axis in the forward and noise kernels.
@@ -58,7 +60,7 @@ def _ou_noise_kernel(out_ptr, N, seed, offset_base, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed", "offset_base"])
 def _ou_fwd_kernel(
-    z_ptr, mu_ptr, sigma_ptr, out_ptr, coef_ptr, N, seed, offset_base,
+    z_ptr, mu_ptr, sigma_ptr, out_ptr, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, N, seed, offset_base,
     BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """out[k, j] = a z[j] + b mu[j] + c sigma[j] eps_k[j]; grid (cdiv(N, BLOCK), K)."""
@@ -66,9 +68,9 @@ def _ou_fwd_kernel(
     k = tl.program_id(1).to(tl.int64)
     j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = j < N
-    a = tl.load(coef_ptr)  # rho
-    b = tl.load(coef_ptr + 1)  # 1 - rho
-    c = tl.load(coef_ptr + 2)  # sqrt(1 - rho^2)
+    a = join_f64(a_hi, a_lo, ACC_DTYPE)  # rho
+    b = join_f64(b_hi, b_lo, ACC_DTYPE)  # 1 - rho
+    c = join_f64(c_hi, c_lo, ACC_DTYPE)  # sqrt(1 - rho^2)
     z = tl.load(z_ptr + j, mask=mask, other=0.0).to(ACC_DTYPE)
     mu = tl.load(mu_ptr + j, mask=mask, other=0.0).to(ACC_DTYPE)
     sigma = tl.load(sigma_ptr + j, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -80,16 +82,16 @@ def _ou_fwd_kernel(
 
 @triton.jit(do_not_specialize=["seed", "offset_base"])
 def _ou_bwd_kernel(
-    g_ptr, dz_ptr, dmu_ptr, dsigma_ptr, coef_ptr, N, K, seed, offset_base,
+    g_ptr, dz_ptr, dmu_ptr, dsigma_ptr, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, N, K, seed, offset_base,
     BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """One pass over N elements, loop over k: regenerate eps_k, reduce g_k and g_k eps_k."""
     pid = tl.program_id(0)
     j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = j < N
-    a = tl.load(coef_ptr)
-    b = tl.load(coef_ptr + 1)
-    c = tl.load(coef_ptr + 2)
+    a = join_f64(a_hi, a_lo, ACC_DTYPE)
+    b = join_f64(b_hi, b_lo, ACC_DTYPE)
+    c = join_f64(c_hi, c_lo, ACC_DTYPE)
     acc_g = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     acc_ge = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     idx = j  # int64 position of element j in row k: k * N + j
@@ -113,9 +115,10 @@ def _check_k(K: int) -> None:
         raise HVAEError(f"the Triton OU kernels support K <= {MAX_K} samples, got {K}: reduce --ou-samples")
 
 
-def _coefs(rho: float, dtype: torch.dtype, device) -> torch.Tensor:
+def _coefs(rho: float) -> tuple:
+    """(a_hi, a_lo, b_hi, b_lo, c_hi, c_lo): rho, 1 - rho, sqrt(1 - rho^2) as kernel scalars (split_f64)."""
     rho = float(rho)
-    return torch.tensor([rho, 1.0 - rho, math.sqrt(max(0.0, 1.0 - rho * rho))], dtype=dtype, device=device)
+    return (*split_f64(rho), *split_f64(1.0 - rho), *split_f64(math.sqrt(max(0.0, 1.0 - rho * rho))))
 
 
 def correlated_noise(seed: int, K: int, shape, device=None, *, offset_base: int = 0) -> torch.Tensor:
@@ -149,10 +152,9 @@ def correlated_samples_fwd(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tenso
     if n == 0:
         return out
     acc = compute_dtype(z.dtype)
-    coef = _coefs(rho, acc, z.device)
     block = elementwise_block(n)
     wrap_triton(_ou_fwd_kernel)[(triton.cdiv(n, block), K)](
-        z, mu, sigma, out, coef, n, seed, offset_base,
+        z, mu, sigma, out, *_coefs(rho), n, seed, offset_base,
         BLOCK=block, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return out
@@ -168,10 +170,9 @@ def correlated_samples_bwd(grad: torch.Tensor, rho: float, K: int, seed: int,
     if n == 0:
         return dz, dmu, dsigma
     acc = compute_dtype(grad.dtype)
-    coef = _coefs(rho, acc, grad.device)
     block = elementwise_block(n)
     wrap_triton(_ou_bwd_kernel)[(triton.cdiv(n, block),)](
-        grad, dz, dmu, dsigma, coef, n, K, seed, offset_base,
+        grad, dz, dmu, dsigma, *_coefs(rho), n, K, seed, offset_base,
         BLOCK=block, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return dz, dmu, dsigma

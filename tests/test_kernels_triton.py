@@ -184,6 +184,79 @@ def test_gaussian_head_validation():
 
 
 # ----------------------------------------------------------------------------------------------
+# No host work per launch: scalars travel as kernel arguments (issue 19, defect 1)
+# ----------------------------------------------------------------------------------------------
+
+# Calls that copy host data to a device, or wait for one: a torch.tensor(..., device=cuda) of the
+# coefficients was a blocking host-to-GPU copy on every op call.
+_HOST_SYNC = {torch.tensor, torch.as_tensor, torch.from_numpy, torch.Tensor.item, torch.Tensor.tolist,
+              torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.numpy, torch.Tensor.to, torch.Tensor.copy_,
+              torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
+
+
+class _HostCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_SYNC:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def _run_stubbed(monkeypatch, op, *args):
+    """Run the Python body of triton_op ``op`` with its kernel launch stubbed: (host calls, launches)."""
+    import hvae_fast.kernels.correlated_sample as cs
+    import hvae_fast.kernels.gaussian_head as gh
+
+    launches = []
+
+    class _Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.kernel, grid, a, kw))
+
+    for mod in (cs, gh):
+        monkeypatch.setattr(mod, "wrap_triton", _Launch)
+    with _HostCalls() as mode:
+        op._init_fn(*args)
+    return mode.calls, launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_launchers_copy_nothing_from_the_host(monkeypatch, dtype):
+    import hvae_fast.kernels.correlated_sample as cs
+    import hvae_fast.kernels.gaussian_head as gh
+
+    z = torch.randn(4, 6, dtype=dtype)
+    mr, sr = torch.randn(2, 3, 4, 6, dtype=dtype).unbind(0)
+    t, g = torch.randn(4, 6, dtype=dtype), torch.randn(4, dtype=dtype)
+    mbar, sbar = torch.randn(4, 6, dtype=dtype), torch.rand(4, 6, dtype=dtype) + 1
+    for op, args in ((cs.correlated_samples_fwd, (z, z, z, 0.95, 3, 7, 0)),
+                     (cs.correlated_samples_bwd, (torch.randn(3, 4, 6, dtype=dtype), 0.95, 3, 7, 0)),
+                     (gh.gaussian_head_fwd, (mr, sr, t, True, 1e-3)),
+                     (gh.gaussian_head_bwd, (g, mr, sr, t, mbar, sbar, True, 1e-3, dtype))):
+        calls, launches = _run_stubbed(monkeypatch, op, *args)
+        assert calls == [], f"{op}: host-to-device copies or syncs per call: {calls}"
+        assert len(launches) == 1
+        # every tensor the kernel gets is an input or an output the launcher allocated: no scalar tensors
+        tensors = [a for a in launches[0][2] if isinstance(a, torch.Tensor)]
+        assert all(a.numel() > 1 for a in tensors), f"{op}: a scalar tensor argument"
+
+
+def test_split_f64_carries_a_double_in_two_float32():
+    from hvae_fast.kernels.utils import split_f64
+
+    for x in (0.95, 1.0, 0.0, 1e-3, 0.3122498999199199, 1 - 1e-12):
+        hi, lo = split_f64(x)
+        assert np.float32(hi) == hi and np.float32(lo) == lo and hi == np.float32(x)
+        assert abs((hi + lo) - x) <= 2.0 ** -48 * abs(x)
+
+
+# ----------------------------------------------------------------------------------------------
 # Backend registration
 # ----------------------------------------------------------------------------------------------
 
