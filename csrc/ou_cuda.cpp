@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -112,6 +113,8 @@ Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw_in, const at::Tensor& scale
     auto mbar = at::empty(target.sizes(), f32);
     auto sbar = at::empty(target.sizes(), f32);
     auto lp = at::empty(target.sizes(), f32);
+    // An empty batch (or empty rows): a [B] of zeros; reshape({0, -1}) below would throw.
+    if (target.numel() == 0) return {at::zeros({target.size(0)}, f32), mbar, sbar};
     check_launch(hvae_cuda_head_fwd(dtype_code(target), mean_raw.data_ptr(), scale_raw.data_ptr(), target.data_ptr(),
                                     mbar.data_ptr<float>(), sbar.data_ptr<float>(), lp.data_ptr<float>(),
                                     target.numel(), K, ratio ? 1 : 0, min_scale, stream_of(target)));
