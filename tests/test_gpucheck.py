@@ -194,3 +194,51 @@ def test_allow_cpu_rehearsal_writes_both_reports(tmp_path):
     assert rep["tests"]["tests"] > 0 and rep["tests"]["failures"] == rep["tests"]["errors"] == 0
     assert [g["status"] for g in rep["goals"]] == ["not measured"] * 3
     assert "## Benchmarks: steps.json" in md and "## Memory: memory-recompute.json" in md
+
+
+def test_op_benchmark_times_kernels_with_cuda_events_over_back_to_back_calls(monkeypatch):
+    # The GPU bandwidth figures divide by the CUDA-event time of many queued calls, not by a Python
+    # call's wall time: a fake Event that reads how many calls were issued checks the bookkeeping.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ou_ops", gpucheck.REPO / "bench" / "bench_ou_ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    issued = {"n": 0}
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = issued["n"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):  # milliseconds: 2 ms per call issued in between
+            return 2.0 * (end.at - self.at)
+
+    def no_sync(*a, **k):
+        raise AssertionError("a sync between the timed calls")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    x = torch.ones(3, requires_grad=True)
+
+    class Twice(torch.autograd.Function):  # counts forward and backward launches
+        @staticmethod
+        def forward(ctx, a):
+            issued["n"] += 1
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            issued["n"] += 1
+            return g * 2
+
+    for mode, per_call in (("fwd", 1), ("bwd", 1), ("fwdbwd", 2)):
+        issued["n"] = 0
+        t = mod.cuda_event_time(Twice.apply, (x,), torch.ones(3), mode, calls=10, repeats=3)
+        assert t == 0.002 * per_call  # seconds per call: 2 ms per launch, calls issued back to back
+        assert issued["n"] == per_call * 31 + (mode == "bwd")  # one warm-up (+ the bwd's one forward)
