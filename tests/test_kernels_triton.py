@@ -89,18 +89,19 @@ def test_correlated_samples_validation():
 # ----------------------------------------------------------------------------------------------
 
 def test_noise_offset_base_rows():
-    # Exact: row k of a K-sample draw is the 1-sample draw at offset_base = k * N
+    # Exact: row k of a K-sample draw is the 1-sample draw at offset_base = k * ceil(N / 4) (a row
+    # takes one Philox counter per four elements)
     a = correlated_noise(5, 3, (4, 6), DEVICE)
     for k in range(3):
-        assert torch.equal(correlated_noise(5, 1, (4, 6), DEVICE, offset_base=k * 24)[0], a[k])
+        assert torch.equal(correlated_noise(5, 1, (4, 6), DEVICE, offset_base=k * 6)[0], a[k])
 
 
-# Triton's Philox4x32-10 and randn (triton/language/random.py), re-implemented in numpy to check
-# that the kernels' int64 offsets reach the generator unwrapped: lo word -> counter c0, hi -> c1.
+# Triton's Philox4x32-10 (triton/language/random.py), re-implemented in numpy to check the kernels'
+# noise stream and that their int64 counters reach the generator unwrapped: lo word -> c0, hi -> c1.
 _M32 = np.uint64(0xFFFFFFFF)
 
 
-def _philox_randn_reference(seed: int, offsets: np.ndarray) -> np.ndarray:
+def _philox_words(seed: int, offsets: np.ndarray):
     offsets = offsets.astype(np.uint64)
     c0, c1 = offsets & _M32, offsets >> np.uint64(32)
     c2 = np.zeros_like(c0)
@@ -113,14 +114,29 @@ def _philox_randn_reference(seed: int, offsets: np.ndarray) -> np.ndarray:
         k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
         k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
 
-    def uniform(x):
-        x = x.astype(np.uint32).view(np.int32)
-        x = np.where(x < 0, ~x, x)
-        return x.astype(np.float32) * np.float32(4.6566127342e-10)
+    return c0, c1, c2, c3
 
-    u1 = np.maximum(np.float32(1e-7), uniform(c0)).astype(np.float64)
-    u2 = uniform(c1).astype(np.float64)
-    return np.sqrt(-2.0 * np.log(u1)) * np.cos(6.283185307179586 * u2)
+
+def _uniform(x):
+    x = x.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def _kernel_noise_reference(seed: int, K: int, N: int, base: int) -> np.ndarray:
+    """[K, N] eps of the Triton kernels: element (k, j) is word-pair lane j % 4 of the Philox counter
+    base + k * ceil(N / 4) + j // 4, (r1 cos t1, r1 sin t1, r2 cos t2, r2 sin t2) with r = sqrt(-2 log
+    u) from words 0 / 2 and t = 2 pi u from words 1 / 3 (float32 uniforms, float64 math)."""
+    G = -(-N // 4)
+    j = np.arange(N)
+    ctr = base + (np.arange(K)[:, None] * G + j[None, :] // 4).astype(np.uint64)
+    words = _philox_words(seed, ctr)
+    w = [_uniform(c).astype(np.float64) for c in words]
+    r = [np.sqrt(-2.0 * np.log(np.maximum(np.float32(1e-7), _uniform(c)).astype(np.float64)))
+         for c in words[::2]]
+    t = [6.283185307179586 * w[1], 6.283185307179586 * w[3]]
+    lanes = [r[0] * np.cos(t[0]), r[0] * np.sin(t[0]), r[1] * np.cos(t[1]), r[1] * np.sin(t[1])]
+    return np.choose(j[None, :] % 4, lanes)
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
@@ -130,8 +146,7 @@ def test_noise_64bit_offsets_match_philox(seed):
     shape, K = (5,), 3
     for base in (5, 2**32 + 5, 2**32 - 7, 3 * 2**40 + 11):  # 2**32 - 7 straddles the 2**32 boundary
         got = correlated_noise(seed, K, shape, DEVICE, offset_base=base).cpu().double().numpy()
-        offs = base + np.arange(K * 5, dtype=np.uint64).reshape(K, 5)
-        np.testing.assert_allclose(got, _philox_randn_reference(seed, offs), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(got, _kernel_noise_reference(seed, K, 5, base), atol=2e-5, rtol=0)
     low = correlated_noise(seed, 1, (8,), DEVICE, offset_base=5)
     high = correlated_noise(seed, 1, (8,), DEVICE, offset_base=2**32 + 5)
     assert not torch.equal(low, high)  # no wrap-around at 2**32
