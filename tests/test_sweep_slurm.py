@@ -133,3 +133,17 @@ def test_a_tiny_sweep_runs_end_to_end_on_submitits_local_executor(tmp_path, shar
     assert [(r["name"], r["status"]) for r in rows] == [("seed=0", "finished"), ("seed=1", "finished")]
     assert list(json.loads((tmp_path / "t" / "slurm" / "jobs.json").read_text())) == ["seed=1"]
 
+
+
+def test_a_torchrun_point_is_one_task_whose_train_starts_n_processes(tmp_path, capsys):
+    assert main(["sweep", "t", "--root", str(tmp_path), "--grid", "seed=0", "--nproc-per-point", "2",
+                 "--print-commands", "--", *TINY]) == 0
+    train = capsys.readouterr().out.split(" && ")[0]
+    assert f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 -m hvae_fast train " in train
+    args = parse_args(["t", "--executor", "slurm", "--nproc-per-point", "2", "--slurm-gpus-per-task", "2", "--", *TINY])
+    opts = sweep_slurm.slurm_options(args)
+    assert opts["ntasks_per_node"] == 1 and opts["nodes"] == 1 and opts["gpus_per_task"] == 2
+    # the process count is part of the spec: a run resumes only with the processes it started with
+    d = make_sweep(tmp_path, "s", [("grid", "seed=0")])
+    assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0", "--nproc-per-point", "2", "--", *TINY]) == 2
+    assert "differs in nproc_per_point" in capsys.readouterr().err and "nproc_per_point" not in sweep.read_spec(d)
