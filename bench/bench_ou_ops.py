@@ -9,11 +9,14 @@ model passes: the two channel halves of one [K, B, 2C, ...] tensor (non-contiguo
 grad), ``bwd`` (autograd.grad of a forward done untimed in the round's setup), ``fwdbwd``.
 Group names: ``op-<op>-<mode>-<size>``.
 
-``extra_info["bytes"]`` is the compulsory fp32 traffic at the op's autograd boundary (each input
-read once, each output written once; the noise is generated in-kernel, never read):
+``extra_info["bytes"]`` is the fp32 traffic of the triton implementation (``op_bytes``; every
+distinct address once, so a re-read that a GPU's cache serves is not counted):
   correlated_samples  fwd: read z, mu, sigma (3N), write K N        bwd: read grad K N, write 3 grads (3N)
-  gaussian_head       fwd: read mean_raw, scale_raw (2 K N), target N, write B
-                      bwd: read grad B and the three inputs again ((2K+1) N), write their grads ((2K+1) N)
+  gaussian_head       fwd: read mean_raw, scale_raw (2 K N), target N, write log p, mu_bar, sigma_bar
+                      (3N); the row sum reads log p (N) and writes B; mean-std with grad also copies
+                      scale_raw for backward (2 K N)
+                      bwd: read grad B, target, mu_bar, sigma_bar (3N), scale_raw K N (ratio: and
+                      mean_raw, K N), write d mean_raw, d scale_raw (2 K N) and d target N
 with N = B x prod(S) elements per sample; fwdbwd is the sum. On CUDA ``kernel_time_s`` is the GPU
 time per call from CUDA events around 50 back-to-back calls (``cuda_event_time``; the benchmark's
 own median times the Python call with a sync, ``call_time_s``), ``bandwidth_Bps`` = bytes /
@@ -98,13 +101,22 @@ def _inputs(op: str, size: str, device):
     return (mean_raw.requires_grad_(True), scale_raw.requires_grad_(True), t(B, *S)), (B,)
 
 
-def op_bytes(op: str, mode: str, size: str, itemsize: int = 4) -> int:
+def op_bytes(op: str, mode: str, size: str, itemsize: int = 4, head_mode: str = MODE) -> int:
+    """Bytes the triton implementation moves to and from memory per call (module docstring), each
+    distinct address once: the kernels' loads and stores (tests/test_kernels_aot.py checks them
+    against the counts of the compiled kernels) plus the torch work of the op's Python call."""
     B, K, S = SIZES[size]
     N = B * math.prod(S)
     if op == "correlated_samples":
         fwd, bwd = (3 + K) * N, (K + 3) * N
     else:
-        fwd, bwd = (2 * K + 1) * N + B, B + 2 * (2 * K + 1) * N
+        ratio = head_mode == "ratio"
+        # kernel: read both halves and the target, write log p, mu_bar, sigma_bar; torch: the row sum
+        # (read log p, write [B]) and, mean-std with grad, the compact scale_raw copy kept for backward
+        fwd = (2 * K + 1) * N + 3 * N + (N + B) + (0 if ratio else 2 * K * N)
+        # kernel: read g [B], target, mu_bar, sigma_bar, scale_raw (and mean_raw in the ratio mode),
+        # write d mean_raw, d scale_raw, d target
+        bwd = B + 3 * N + (2 if ratio else 1) * K * N + 2 * K * N + N
     return itemsize * {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -338,6 +339,17 @@ def info_dict() -> dict:
 
 
 def cmd_info(args) -> int:
+    if args.kernels:
+        # The kernels compile ahead of time for sm_80 / sm_90 with compiled Triton (no GPU needed):
+        # a subprocess, since TRITON_INTERPRET decides at import how the kernels are defined.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        p = subprocess.run([sys.executable, "-m", "hvae_fast.kernels.aot", "--figures"] + (["--json"] if args.json else []),
+                           env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HVAEError(f"the ahead-of-time compile of the Triton kernels failed: {last}")
+        print(p.stdout, end="")
+        return 0
     d = info_dict()
     if args.json:
         print(json.dumps(d, indent=2))
@@ -471,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, device and the OU backends available")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--kernels", action="store_true",
+                   help="static figures of the Triton kernels compiled for A100 / H100 (no GPU needed; ~1 min)")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("build", help="compile the C++/CUDA OU kernels now (otherwise on first use)")
