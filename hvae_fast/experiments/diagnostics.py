@@ -27,7 +27,7 @@ import torch
 
 from ..errors import HVAEError
 from ..models.objectives import training_loss
-from ..training.trainer import load_checkpoint, load_run
+from ..training.rundir import load_checkpoint, load_run
 
 # ----------------------------------------------------------------------------------------------
 # Shared: arguments and checkpoints

@@ -487,9 +487,9 @@ def prepare(sweep_dir: Path, spec: dict) -> None:
         if diff == ["axes"] and grows(old, spec):
             n_old, n_new = len(expand(old["axes"])), len(expand(spec["axes"]))
             print(f"sweep {sweep_dir.name}: grows from {n_old} to {n_new} points; finished points are kept", flush=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a kill mid-write keeps the old spec
-            tmp.write_text(json.dumps(spec, indent=1) + "\n")
-            os.replace(tmp, path)
+            from ..training.rundir import atomic_write_text
+
+            atomic_write_text(json.dumps(spec, indent=1) + "\n", path)  # a kill mid-write keeps the old spec
         elif diff:
             raise HVAEError(f"{sweep_dir} holds a sweep with another spec (differs in {', '.join(diff)}; see {path}): "
                             f"re-run it with the same arguments (or add values to its axes: more seeds, more rho), "
