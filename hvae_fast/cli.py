@@ -3,6 +3,8 @@
 Every user error is an HVAEError (or an argparse error), printed as one line
 ``hvae-fast: error: ...`` with exit status 2; anything else is a bug and keeps its traceback.
 The train flags are generated from the config dataclasses' fields (config.py), one flag a field.
+Every command joins the parser one way: its module's ``register(subparsers)`` (this module's for
+the core commands), listed once in ``command_modules()``.
 """
 
 from __future__ import annotations
@@ -428,14 +430,12 @@ def _models(s: str):
     return ms
 
 
-def build_parser() -> argparse.ArgumentParser:
+def register(sub) -> None:
+    """Register the core commands: train, eval, sample, presets, info, build, memory, plot."""
     from .experiments.memory import MODELS
     from .ops.ou import BACKEND_NAMES
     from .reporting.memory_table import CPU_MEASURE
 
-    p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
     seed = dict(type=_count(0), default=0, help="random seed")
 
     t = sub.add_parser("train", help="train a model (`hvae-fast train cifar10` = the paper's CIFAR-10 HVAE)")
@@ -507,13 +507,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
     pl.set_defaults(func=cmd_plot)
 
-    from .experiments import diagnostics, report, sweep
-    from . import gpucheck
 
-    sweep.add_parser(sub)
-    report.add_parser(sub)
-    diagnostics.add_parser(sub)
-    gpucheck.add_parser(sub)
+def command_modules() -> tuple:
+    """The modules whose ``register(subparsers)`` adds the commands, in `hvae-fast --help` order: the
+    one way a command joins the CLI."""
+    from . import gpucheck
+    from .experiments import diagnostics, report, sweep
+
+    return (sys.modules[__name__], sweep, report, diagnostics, gpucheck)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in command_modules():
+        module.register(sub)
     return p
 
 

@@ -370,3 +370,19 @@ def test_optional_fields_take_null_or_their_type():
     with pytest.raises(HVAEError, match="x must be a number"):
         _coerce(f, "2", "cfg")
 
+
+def test_every_command_joins_the_cli_through_its_modules_register():
+    """One way to add a command (issue 17.3): a module in cli.command_modules() with register(subparsers)."""
+    import argparse
+
+    from hvae_fast import cli
+
+    names = []
+    for module in cli.command_modules():
+        assert not hasattr(module, "add_parser"), module.__name__
+        sub = argparse.ArgumentParser().add_subparsers()
+        module.register(sub)
+        names += list(sub.choices)
+    top = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert names == list(top.choices) and len(set(names)) == len(names)
+    assert {"train", "eval", "sample", "memory", "sweep", "report", "gradvar", "spectrum", "gpucheck"} <= set(names)

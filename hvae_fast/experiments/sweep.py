@@ -567,7 +567,7 @@ def _axis_type(kind: str):
     return parse
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("sweep", help="many train runs (a grid of flag values) as one resumable experiment",
                        usage="hvae-fast sweep NAME [--grid FLAG=V1,V2 ...] [options] -- train DATASET [train flags]",
                        description="Run `hvae-fast train` once per point of a grid of flag values, evaluate each "
