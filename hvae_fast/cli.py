@@ -234,6 +234,7 @@ def cmd_train(args) -> int:
     from .training.trainer import Trainer, TrainingInterrupted
 
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.method}-seed{cfg.train.seed}"
+    trainer = None
     try:
         trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
         rec = trainer.fit()
@@ -241,6 +242,12 @@ def cmd_train(args) -> int:
         if trainer.world.main:  # under torchrun, rank 0 speaks for the run
             print(f"hvae-fast: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, but say how to go on
+        if trainer is None or trainer.resume_note() is None:
+            raise
+        if trainer.world.main:
+            print(f"hvae-fast: interrupted; {trainer.resume_note()}", file=sys.stderr)
+        return 130
     except WriteFailed as exc:
         raise HVAEError(exc.advise("and run again, with --resume if checkpoint-latest.pt exists",
                                    elsewhere=" (or pass --out on another disk)")) from None

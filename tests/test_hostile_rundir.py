@@ -249,3 +249,19 @@ def test_ctrl_c_during_validation_checkpoints_and_prints_the_resume_command(tmp_
     assert main(argv + ["--resume"]) == 0  # the validation of step 2 runs first
     assert [(r["split"], r["step"]) for r in _records(out)] == [("train", 2), ("valid", 2), ("train", 4),
                                                                    ("valid", 4)]
+
+
+def test_a_second_ctrl_c_still_prints_the_exact_resume_command(tmp_path, shared_data, monkeypatch, capsys):
+    orig = Trainer.train_step
+
+    def second_ctrl_c(self, x):  # the handler's KeyboardInterrupt, as a second Ctrl-C raises it
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return orig(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", second_ctrl_c)
+    out = tmp_path / "run"
+    assert main(cli_train(out, shared_data, steps=6)) == 130
+    err = capsys.readouterr().err
+    resume = f"hvae-fast train binarized-mnist --out {out} --resume --data-dir {shared_data}"
+    assert f"interrupted; checkpoint-latest.pt holds step 2: resume with `{resume}`" in err

@@ -123,6 +123,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (other threads may be
+    creating files)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -476,8 +476,14 @@ class Trainer:
     def _interrupted(self) -> TrainingInterrupted:
         name, code = signal.Signals(self._signal).name, 128 + self._signal
         during = " (during its validation, which runs first on resume)" if self._valid_pending else ""
-        return TrainingInterrupted(f"stopped by {name} after step {self.step}{during}; checkpoint-latest.pt holds "
-                                   f"step {self._saved_step}: resume with `{self.resume_command()}`", code)
+        return TrainingInterrupted(f"stopped by {name} after step {self.step}{during}; {self.resume_note()}", code)
+
+    def resume_note(self) -> str | None:
+        """Which step checkpoint-latest.pt holds and the exact command that resumes it (None before
+        the first checkpoint)."""
+        if self._saved_step is None:
+            return None
+        return f"checkpoint-latest.pt holds step {self._saved_step}: resume with `{self.resume_command()}`"
 
     def _status(self, rec: dict, rate) -> None:
         t = self.cfg.train
