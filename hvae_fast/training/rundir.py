@@ -6,7 +6,7 @@ Run directory layout::
     .train.lock              flock'ed by the one `train` process that owns the folder (holds its pid);
                              the OS releases it when that process dies, however it dies
     config.json              the full RunConfig, written once data and model are set up
-    metrics.jsonl            one JSON object per logged step (train; an hvae run's holds the step's
+    metrics.jsonl            one JSON object per logged step (train; a smoothed run's holds the step's
                              "rho") or evaluation (valid); on resume the records past the
                              checkpoint's step are dropped, so the file is an uninterrupted run's
     checkpoint-latest.pt     the state to resume from: at step 0, at the first logged step, every
