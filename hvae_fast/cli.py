@@ -3,6 +3,8 @@
 Every user error is an HVAEError (or an argparse error), printed as one line
 ``hvae-fast: error: ...`` with exit status 2; anything else is a bug and keeps its traceback.
 The train flags are generated from the config dataclasses' fields (config.py), one flag a field.
+Every command joins the parser one way: its module's ``register(subparsers)`` (this module's for
+the core commands), listed once in ``command_modules()``.
 """
 
 from __future__ import annotations
@@ -229,16 +231,27 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    from .training.rundir import WriteFailed
     from .training.trainer import Trainer, TrainingInterrupted
 
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.method}-seed{cfg.train.seed}"
-    trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
+    trainer = None
     try:
+        trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
         rec = trainer.fit()
     except TrainingInterrupted as exc:
         if trainer.world.main:  # under torchrun, rank 0 speaks for the run
             print(f"hvae-fast: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step, but say how to go on
+        if trainer is None or trainer.resume_note() is None:
+            raise
+        if trainer.world.main:
+            print(f"hvae-fast: interrupted; {trainer.resume_note()}", file=sys.stderr)
+        return 130
+    except WriteFailed as exc:
+        raise HVAEError(exc.advise("and run again, with --resume if checkpoint-latest.pt exists",
+                                   elsewhere=" (or pass --out on another disk)")) from None
     if trainer.world.main:
         print(f"done: {trainer.step} steps in {out}; last train ELBO {rec.get('elbo', float('nan')):.3f} nats, "
               f"best validation ELBO {trainer.best_valid:.3f}; skipped non-finite steps: {trainer.skipped}")
@@ -248,10 +261,11 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .data import eval_batches, load_dataset
     from .training.evaluate import evaluate, format_table
-    from .training.trainer import atomic_write_text, load_run
+    from .training.rundir import WriteFailed, atomic_write_text, load_run, refuse_link
 
     cfg, model, dev, step = load_run(args.run_dir, args.device)
     out = Path(args.run_dir) / f"eval-{args.split}.json"
+    refuse_link(out)
     check_writable(out)
     ds = load_dataset(cfg.dataset, args.split, args.data_dir)
     n = min(args.max_examples, len(ds)) if args.max_examples > 0 else len(ds)
@@ -268,9 +282,9 @@ def cmd_eval(args) -> int:
     print(format_table(res))
     try:
         atomic_write_text(json.dumps(res, indent=2) + "\n", out)
-    except OSError as exc:
+    except WriteFailed as exc:
         print(json.dumps(res, indent=2))
-        raise HVAEError(f"could not write {out}: {exc.strerror or exc}; the evaluation is printed above as JSON") from None
+        raise HVAEError(exc.advise("and run eval again; the evaluation is printed above as JSON")) from None
     print(f"wrote {out}")
     return 0
 
@@ -278,18 +292,19 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .training.trainer import load_run, save_image_grid
+    from .training.rundir import WriteFailed, load_run, refuse_link, save_image_grid
 
     _, model, dev, step = load_run(args.run_dir, args.device)
     out = args.output or Path(args.run_dir) / f"samples-eval-{step:07d}.png"
+    refuse_link(out)
     check_writable(out)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     with out_of_memory(f"drawing -n {args.n} samples at once: lower -n"):
         imgs = model.sample(args.n, generator=gen, mean=not args.draw)
     try:
         save_image_grid(imgs, Path(out))
-    except OSError as exc:
-        raise HVAEError(f"could not write {out}: {exc.strerror or exc}; pass --output to a writable file") from None
+    except WriteFailed as exc:
+        raise HVAEError(exc.advise("and run again, or pass --output to another file")) from None
     print(f"wrote {out}")
     return 0
 
@@ -391,7 +406,7 @@ def cmd_memory(args) -> int:
     from .experiments import memory
     from .ops.ou import check_ou_args
     from .reporting import memory_table
-    from .training.trainer import resolve_device
+    from .training.rundir import resolve_device
 
     check_ou_args(args.rho, args.samples)
     device = resolve_device(args.device)
@@ -440,14 +455,12 @@ def _models(s: str):
     return ms
 
 
-def build_parser() -> argparse.ArgumentParser:
+def register(sub) -> None:
+    """Register the core commands: train, eval, sample, presets, info, build, memory, plot."""
     from .experiments.memory import MODELS
     from .ops.ou import BACKEND_NAMES
     from .reporting.memory_table import CPU_MEASURE
 
-    p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
     seed = dict(type=_count(0), default=0, help="random seed")
 
     t = sub.add_parser("train", help="train a model (`hvae-fast train cifar10` = the paper's CIFAR-10 HVAE)")
@@ -521,13 +534,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
     pl.set_defaults(func=cmd_plot)
 
-    from .experiments import diagnostics, report, sweep
-    from . import gpucheck
 
-    sweep.add_parser(sub)
-    report.add_parser(sub)
-    diagnostics.add_parser(sub)
-    gpucheck.add_parser(sub)
+def command_modules() -> tuple:
+    """The modules whose ``register(subparsers)`` adds the commands, in `hvae-fast --help` order: the
+    one way a command joins the CLI."""
+    from . import gpucheck
+    from .experiments import diagnostics, report, sweep
+
+    return (sys.modules[__name__], sweep, report, diagnostics, gpucheck)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in command_modules():
+        module.register(sub)
     return p
 
 

@@ -395,7 +395,7 @@ def cmd_gpucheck(args) -> int:
     return 1 if bad else 0
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("gpucheck", help="on a GPU: build, kernel tests, benchmarks, memory table -> one report",
                        description=__doc__.splitlines()[0])
     add_arguments(p)

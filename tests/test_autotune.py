@@ -227,7 +227,8 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_backends(tmp_path, monkeypatch
     """Train with auto choosing cpp, stop; resume with an empty cache on a 'machine' where torch would
     win: nothing is measured, the resumed run keeps cpp and ends with an uninterrupted run's weights."""
     from hvae_fast.cli import main
-    from hvae_fast.training.trainer import Trainer, load_checkpoint
+    from hvae_fast.training.rundir import load_checkpoint
+    from hvae_fast.training.trainer import Trainer
 
     def train(out, steps, *extra):
         return main(["train", "binarized-mnist", "--preset", "mnist-mlp-40x4", "--latent-sizes", "6,4",

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 import hvae_fast.training.trainer as T
+import hvae_fast.training.rundir as R
 from hvae_fast.cli import main
 from hvae_fast.config import preset_config
 from hvae_fast.errors import HVAEError
-from hvae_fast.training.trainer import Trainer, atomic_save, format_duration, load_checkpoint, scale_notes
+from hvae_fast.training.rundir import atomic_save, load_checkpoint
+from hvae_fast.training.trainer import Trainer, format_duration, scale_notes
 
 from conftest import sigterm_in_step
 from test_trainer_cli import run_cli, tiny_config
@@ -52,7 +54,7 @@ def tiny_run(tmp_path_factory):
 def copy_run(src, dst):
     import shutil
 
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(T.LOCK_NAME))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(R.LOCK_NAME))
     return dst
 
 
@@ -157,7 +159,7 @@ def test_a_checkpoint_missing_an_entry_names_it(tiny_run, tmp_path, shared_data,
     if key == "model":
         torch.save(st, run / "checkpoint-best.pt")
         with pytest.raises(HVAEError, match="has no 'model' entry"):
-            T.load_run(run, "cpu")
+            R.load_run(run, "cpu")
 
 
 def test_resume_checks_the_config_inside_the_checkpoint(tmp_path, shared_data, capsys):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hvae_fast import cli
-from hvae_fast.training import trainer
+from hvae_fast.training import rundir
 from hvae_fast.errors import HVAEError
 
 EDGE_VALUES = ["nan", "inf", "-inf", "1e23", "1e-400", "0", "-1", "0.5", "1", "2", "1e3", "9" * 30, "", " ", "0x10",
@@ -57,8 +57,8 @@ def _plot_checks(args):
 
 COMMANDS = {  # subcommand: (positional arguments, the validation it runs before any heavy work)
     "train": (["binarized-mnist"], cli.config_from_args),
-    "eval": (["/nonexistent/run"], lambda args: trainer.load_run(args.run_dir, args.device)),
-    "sample": (["/nonexistent/run"], lambda args: trainer.load_run(args.run_dir, args.device)),
+    "eval": (["/nonexistent/run"], lambda args: rundir.load_run(args.run_dir, args.device)),
+    "sample": (["/nonexistent/run"], lambda args: rundir.load_run(args.run_dir, args.device)),
     "memory": ([], _memory_checks),
     "plot": (["/nonexistent/run"], _plot_checks),
 }

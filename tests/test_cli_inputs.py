@@ -308,17 +308,18 @@ def test_other_runtime_errors_keep_their_traceback(run_dir, monkeypatch):
 
 
 def test_eval_prints_before_writing_and_keeps_a_result_it_cannot_write(run_dir, monkeypatch, capsys, shared_data):
-    import hvae_fast.training.trainer
+    import os
 
-    def disk_full(text, path):
+    def disk_full(fd):  # the data reached no disk: the write's fsync fails, as on a full disk
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hvae_fast.training.trainer, "atomic_write_text", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     argv = ["eval", str(run_dir), "--max-examples", "20", "--batch-size", "10", "--iw-samples", "2",
             "--data-dir", str(shared_data), "--no-progress"]
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert "No space left on device" in err and "printed above as JSON" in err and len(err.strip().splitlines()) == 1
+    assert "free disk space" in err and "--out" not in err and "--resume" not in err  # eval has neither flag
     res = json.loads(out[out.index("{"):])
     assert res["num_examples"] == 20 and "iw_bound" in res and "ELBO (nats)" in out
     assert not (run_dir / "eval-valid.json").exists()
@@ -369,3 +370,20 @@ def test_optional_fields_take_null_or_their_type():
     assert _coerce(f, None, "cfg") is None and _coerce(f, 2, "cfg") == 2.0
     with pytest.raises(HVAEError, match="x must be a number"):
         _coerce(f, "2", "cfg")
+
+
+def test_every_command_joins_the_cli_through_its_modules_register():
+    """One way to add a command (issue 17.3): a module in cli.command_modules() with register(subparsers)."""
+    import argparse
+
+    from hvae_fast import cli
+
+    names = []
+    for module in cli.command_modules():
+        assert not hasattr(module, "add_parser"), module.__name__
+        sub = argparse.ArgumentParser().add_subparsers()
+        module.register(sub)
+        names += list(sub.choices)
+    top = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert names == list(top.choices) and len(set(names)) == len(names)
+    assert {"train", "eval", "sample", "memory", "sweep", "report", "gradvar", "spectrum", "gpucheck"} <= set(names)

@@ -83,7 +83,7 @@ def test_compile_is_a_train_flag_and_resumable():
     import subprocess
     import sys
 
-    from hvae_fast.training.trainer import RESUMABLE_CHANGES
+    from hvae_fast.training.rundir import RESUMABLE_CHANGES
 
     assert TrainConfig().compile is False and ("train", "compile") in RESUMABLE_CHANGES
     p = subprocess.run([sys.executable, "-m", "hvae_fast", "train", "binarized-mnist", "--compile", "--print-config"],

@@ -17,7 +17,7 @@ from hvae_fast.cli import main
 from hvae_fast.training.distributed import SEED_STRIDE, World, shard_backend
 from hvae_fast.training.evaluate import evaluate
 from hvae_fast.ops.ou import get_backend
-from hvae_fast.training.trainer import load_checkpoint
+from hvae_fast.training.rundir import load_checkpoint
 
 # A 2-layer MLP HVAE small enough that a 2-process run starts and trains in seconds; rho steered by
 # the controller, which must see the same (all-reduced) top-layer KL as one process does; free bits,

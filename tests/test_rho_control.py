@@ -13,7 +13,8 @@ from hvae_fast.cli import main
 from hvae_fast.config import OUConfig, RunConfig
 from hvae_fast.errors import HVAEError
 from hvae_fast.training.rho_control import KI, KP, RhoController, parse_schedule
-from hvae_fast.training.trainer import Trainer, load_checkpoint
+from hvae_fast.training.rundir import load_checkpoint
+from hvae_fast.training.trainer import Trainer
 
 from test_trainer_cli import records, tiny_config, train_interrupted
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-import hvae_fast.training.trainer as T
+import hvae_fast.training.rundir as R
 from hvae_fast.cli import main
-from hvae_fast.training.trainer import LOCK_NAME, load_checkpoint
+from hvae_fast.training.rundir import LOCK_NAME, load_checkpoint
 
 from test_checkpoints import cli_train
 
@@ -99,7 +99,7 @@ def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path, shared_da
     for name in stale:
         (out / name).write_bytes(b"half")
     assert main(cli_train(out, shared_data, steps=2)) == 0  # temp files alone do not make a folder foreign
-    assert not any(T._is_temp(p.name) for p in out.iterdir())
+    assert not any(R._is_temp(p.name) for p in out.iterdir())
     (out / stale[0]).write_bytes(b"half")
     assert main(cli_train(out, shared_data, "--resume", steps=3)) == 0
     assert not (out / stale[0]).exists()

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import HVAEError
 from ..models.objectives import training_loss
-from ..training.trainer import load_checkpoint, load_run
+from ..training.rundir import load_checkpoint, load_run
 
 # ----------------------------------------------------------------------------------------------
 # Shared: arguments and checkpoints
@@ -498,7 +498,7 @@ def _common_args(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     """Register `gradvar` and `spectrum`."""
     g = sub.add_parser("gradvar", help="gradient variance and bias of the smoothed ELBO against rho and K")
     _common_args(g)

@@ -188,7 +188,7 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
     """One row of the table: the memory of one training step of ``model`` (see the module docstring)."""
     from ..models.model import count_parameters
     from ..models.objectives import training_loss
-    from ..training.trainer import build_training
+    from ..training.build import build_training
 
     if model not in MODELS:
         raise HVAEError(f"unknown model {model!r}: choose from {', '.join(MODELS)}")

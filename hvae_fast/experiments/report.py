@@ -343,7 +343,7 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     return path
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("report", help="figures and tables of a sweep: phase transition, depth x width grid, Tables 3/4")
     p.add_argument("sweep_dir", type=Path, nargs="+", help="one sweep folder, or several reported side by side")
     p.add_argument("--output", type=Path, help="folder for the PNGs and report.md (default: the first SWEEP_DIR/report)")

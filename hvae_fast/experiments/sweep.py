@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from ..errors import HVAEError
-from ..training.trainer import LOCK_NAME, atomic_write_text, run_dir_contents
+from ..training.rundir import LOCK_NAME, atomic_write_text, run_dir_contents
 from .sweep_results import (EVAL_FILE, SCALARS, collect_results, metric_columns, read_eval,  # noqa: F401
                             summarize, write_results, write_table)
 from .sweep_spec import (expand, flag, grows, load_spec_file, make_spec, parse_axis, point_name,  # noqa: F401
@@ -435,7 +435,7 @@ def _axis_type(kind: str):
     return parse
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("sweep", help="many train runs (a grid of flag values) as one resumable experiment",
                        usage="hvae-fast sweep NAME [--grid FLAG=V1,V2 ...] [options] -- train DATASET [train flags]",
                        description="Run `hvae-fast train` once per point of a grid of flag values, evaluate each "

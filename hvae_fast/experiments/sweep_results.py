@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import OU_METHODS
 from ..errors import HVAEError
-from ..training.trainer import atomic_write_text
+from ..training.rundir import atomic_write_text
 from .sweep_spec import expand, parse_point_name, point_name, read_spec, typed
 
 EVAL_FILE = "eval-valid.json"

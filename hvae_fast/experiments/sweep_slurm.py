@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..errors import HVAEError
-from ..training.trainer import atomic_write_text
+from ..training.rundir import atomic_write_text
 from .sweep import Point, PointBusy, _die_with_parent, _last_line, open_logs, record_failure
 
 # SLURM job states in which a job may still start or run a point (sacct's names).

@@ -1,29 +1,13 @@
 """The training loop: optimizer and schedule, clipping, non-finite skips, safe checkpoints and
-exact resume, metrics, periodic validation and sample grids.
-
-Run directory layout::
-
-    .train.lock              flock'ed by the one `train` process that owns the folder (holds its pid);
-                             the OS releases it when that process dies, however it dies
-    config.json              the full RunConfig, written once data and model are set up
-    metrics.jsonl            one JSON object per logged step (train; a smoothed run's holds the step's
-                             "rho") or evaluation (valid)
-    checkpoint-latest.pt     the state to resume from: at step 0, at the first logged step, every
-                             `checkpoint_every` steps, every `checkpoint_minutes`, on SIGINT/SIGTERM
-                             and at the end
-    checkpoint-best.pt       the best validation ELBO so far
-    samples-<step>.png       sample grids from the unsmoothed generative model
+exact resume, metrics, periodic validation and sample grids. The run folder it writes (its layout,
+lock, atomic writes and checkpoint checks) is rundir.py's.
 
 Under torchrun (distributed.py) rank 0 holds the lock, logs and writes every file; a checkpoint of a
 run of W processes also holds "world_size" and, in "ranks", every process's RNG and data-stream
 state, and resumes only with W processes.
 
-Checkpoints and config.json are written atomically (a temporary ``.NAME.tmp-PID`` in the same folder,
-fsync, rename, fsync of the folder): a crash or a full disk leaves the previous file intact, and the
-next `train` in the folder removes the temporary files a dead writer left. A periodic checkpoint of
-step s is written only once step s + 1 has produced a finite loss and gradient from its weights, so a
-run stopped by NaN/inf keeps its last good weights. Checkpoints hold only tensors, numbers, strings,
-lists and dicts and are read with ``torch.load(weights_only=True)``.
+A periodic checkpoint of step s is written only once step s + 1 has produced a finite loss and
+gradient from its weights, so a run stopped by NaN/inf keeps its last good weights.
 
 A new run needs a new or empty --out. A folder with other files is refused untouched; one with run
 files but no checkpoint-latest.pt (an attempt that died before its first checkpoint) is refused too:
@@ -33,20 +17,15 @@ remove it and train again.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import functools
 import json
 import logging
 import math
-import os
-import re
 import shlex
 import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,14 +33,18 @@ import torch
 from ..ops import autotune
 from .. import data as data_mod
 from . import distributed
-from ..config import OU_METHODS, RunConfig, load_config
+from ..config import OU_METHODS, RunConfig
 from ..errors import HVAEError
 from .evaluate import evaluate
 from ..models.likelihoods import bits_per_dim
-from ..models.model import OUSmoothing, build_model, count_parameters
+from ..models.model import count_parameters
 from ..models.objectives import kl_weight, training_loss
-from ..ops.ou import get_backend
-from .rho_control import RhoController, RhoSchedule, parse_schedule
+from .build import Training, build_training, lr_lambda  # noqa: F401 (the README's Python API imports them here)
+from .rho_control import RhoController
+from .rundir import (LATEST, append_metrics, atomic_save, atomic_write_text, check_run_dir, load_checkpoint,
+                     load_run, lock_run_dir, resolve_device, save_image_grid, trim_metrics)
+
+__all__ = ["Trainer", "TrainingInterrupted", "Training", "build_training", "load_run", "save_image_grid"]
 
 log = logging.getLogger("hvae_fast.training.trainer")
 
@@ -69,20 +52,14 @@ log = logging.getLogger("hvae_fast.training.trainer")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # A run that produces only non-finite updates for this many steps in a row is stopped.
 MAX_CONSECUTIVE_NONFINITE = 50
-# Fields that may differ between a run's saved config and a resume request.
-RESUMABLE_CHANGES = {("train", "steps"), ("device",), ("ou", "backend"), ("train", "eval_every"),
-                     ("train", "log_every"), ("train", "checkpoint_every"), ("train", "sample_every"),
-                     ("train", "checkpoint_minutes"), ("train", "compile")}
-LOCK_NAME = ".train.lock"
-# Also in every checkpoint: "rho_control", the RhoController's state (None without --rho-control).
-CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "stream", "rng_cpu", "skipped", "best_valid", "config")
-# Files a `train` run writes before its first checkpoint-latest.pt: a folder holding any of them is
-# the remains of an earlier attempt, never a fresh --out.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint-best.pt", "tb")
 # With the progress bar off, a status line at a logged step at most this often (seconds).
 STATUS_SECONDS = 30.0
 # Steps timed (after the first, which compiles and warms caches) before the time-to-finish estimate.
 ETA_STEPS = 10
+
+
+class _ValidationStopped(Exception):
+    """A signal stopped a validation pass (raised by the signal handler, caught in fit)."""
 
 
 class TrainingInterrupted(HVAEError):
@@ -91,216 +68,6 @@ class TrainingInterrupted(HVAEError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HVAEError("--device cuda was asked for but torch sees no CUDA device: pass --device cpu (or auto)")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise HVAEError(f"unknown device {name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
-
-
-# -- files -------------------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(write, path: Path) -> None:
-    """``write(file)`` into ``.NAME.tmp-PID`` beside ``path``, fsync, rename over ``path``; on any
-    failure the temporary file is removed and ``path`` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            hint = ("free disk space (or pass --out on another disk)" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                    else "fix the folder")
-            raise HVAEError(f"cannot write {path}: {exc.strerror or exc}; {path.name} was left as it was: {hint} "
-                            f"and run again, with --resume if checkpoint-latest.pt exists") from exc
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save ``obj`` to ``path`` atomically (see the module docstring)."""
-    _atomic_write(lambda f: torch.save(obj, f), path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    _atomic_write(lambda f: f.write(text.encode()), path)
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith((".checkpoint-", ".config.json.")) and ".tmp-" in name
-
-
-def run_dir_contents(out: Path) -> tuple:
-    """(names, run_files) of folder ``out``: its entries but the lock and temporary files, and those
-    of them that a `train` run writes."""
-    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not _is_temp(p.name)) if out.is_dir() else []
-    return names, [n for n in names if n in RUN_FILES or n == "checkpoint-latest.pt" or n.startswith("samples-")]
-
-
-def lock_run_dir(out: Path):
-    """Create ``out`` and take the exclusive lock of its LOCK_NAME; returns the open lock file.
-
-    A folder with other files and none of a run is refused before anything is written into it."""
-    names, run_files = run_dir_contents(out)
-    if names and not run_files:
-        raise HVAEError(f"--out {out} is not a run directory and not empty (it holds {', '.join(names[:3])}"
-                        f"{', ...' if len(names) > 3 else ''}): pass --out to a new or empty folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / LOCK_NAME, "a+")
-    except OSError as exc:
-        raise HVAEError(f"cannot write to the output directory {out}: {exc.strerror}; "
-                        f"pass --out to a writable folder") from exc
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip()
-        f.close()
-        who = f"process {pid}" if pid.isdigit() else "another process"
-        raise HVAEError(f"{out} is in use by another `hvae-fast train` ({who}): wait for it to finish or stop it"
-                        + (f" (kill {pid})" if pid.isdigit() else "") + ", or pass a different --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    # We own the folder: temporary files in it are left over from a writer that died.
-    for stale in [p for p in out.iterdir() if _is_temp(p.name)]:
-        log.info("removing %s, left by an interrupted write", stale)
-        stale.unlink(missing_ok=True)
-    return f
-
-
-def load_checkpoint(path: Path, device, keys=CHECKPOINT_KEYS) -> dict:
-    """The dict saved at ``path``, read with weights_only=True; HVAEError if unreadable or lacking one of ``keys``."""
-    import pickle
-
-    try:
-        st = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message suggests weights_only=False; quote only what the file asked for.
-        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        what = what.group(1) if what else "unpickling failed"
-        raise HVAEError(f"refusing to load {path}: it holds objects other than tensors, numbers and strings ({what}); "
-                        f"hvae-fast never writes those, so the file is not a trusted checkpoint: delete it and use "
-                        f"one written by `hvae-fast train`") from None
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HVAEError(f"cannot read checkpoint {path}: {first}; it may be truncated: restore it "
-                        f"or start a new --out") from None
-    if not isinstance(st, dict):
-        raise HVAEError(f"{path} holds a {type(st).__name__}, not a checkpoint dict: "
-                        f"pass a checkpoint written by `hvae-fast train`")
-    for k in keys:
-        if k not in st:
-            raise HVAEError(f"checkpoint {path} has no {k!r} entry: it is incomplete or from another program; "
-                            f"use a checkpoint-latest.pt written by `hvae-fast train` or start a new --out")
-    return st
-
-
-def load_run(run_dir: Path, device: str = "auto", which: str = "best"):
-    """(config, model in eval mode, device, step) of a run directory, from checkpoint-best.pt (or -latest)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise HVAEError(f"{run_dir} is not a run directory (no config.json): pass the --out of a `hvae-fast train` run")
-    cfg = load_config(cfg_path)
-    ckpt = run_dir / f"checkpoint-{which}.pt"
-    if not ckpt.exists():
-        ckpt = run_dir / "checkpoint-latest.pt"
-    if not ckpt.exists():
-        raise HVAEError(f"no checkpoint in {run_dir}: train first, or wait for the first checkpoint")
-    dev = resolve_device(device)
-    model = build_model(cfg.method, cfg.model, data_mod.image_shape(cfg.dataset)).to(dev)
-    st = load_checkpoint(ckpt, dev, keys=("model",))
-    try:
-        model.load_state_dict(st["model"])
-    except RuntimeError as exc:
-        raise HVAEError(f"{ckpt} does not match the model in {cfg_path}: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    return cfg, model, dev, st.get("step", 0)
-
-
-# -- the training set-up -----------------------------------------------------------------------
-
-def lr_lambda(cfg):
-    """Multiplier of the base lr at a step: linear warm-up, then constant / cosine / exponential decay."""
-    t = cfg.train
-
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        if t.lr_schedule == "cosine":
-            return t.lr_decay + (1 - t.lr_decay) * 0.5 * (1 + math.cos(math.pi * frac))
-        if t.lr_schedule == "exponential":
-            return t.lr_decay ** frac
-        return 1.0
-
-    return f
-
-
-@dataclass
-class Training:
-    """What one training step needs: the model, its optimizer and LR schedule, and the OU smoothing
-    (None unless the method is one of OU_METHODS; ``backend`` names its OU backend, ``rho`` maps the step index to
-    the step's rho: a RhoSchedule, or the RhoController of --rho-control)."""
-
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    ou: OUSmoothing | None
-    backend: str | None
-    rho: RhoSchedule | RhoController | None = None
-
-
-def build_training(cfg: RunConfig, device, image_shape=None) -> Training:
-    """Model + optimizer + LR schedule + OU smoothing of ``cfg`` on ``device``.
-
-    image_shape (C, H, W) defaults to the dataset's; the model's initial weights come from torch's
-    global RNG (seed it first for a reproducible run)."""
-    device = torch.device(device)
-    model = build_model(cfg.method, cfg.model, image_shape or data_mod.image_shape(cfg.dataset)).to(device)
-    ou = backend = rho = None
-    if cfg.method in OU_METHODS:
-        o = cfg.ou
-        b = get_backend(o.backend, device)
-        ou = OUSmoothing(o.rho, o.samples, b, o.target, o.smooth_inference, o.recompute)
-        backend = b.name
-        rho = RhoController(o.rho_control, o.rho_min, o.rho) if o.rho_control > 0 else parse_schedule(o.rho_schedule, o.rho)
-    t = cfg.train
-    opt = (torch.optim.Adamax if t.optimizer == "adamax" else torch.optim.Adam)(model.parameters(), lr=t.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    return Training(model, opt, sched, ou, backend, rho)
-
-
-def config_diff(a: dict, b: dict, prefix=()) -> list:
-    """Paths (tuples of keys) at which two nested config dicts differ."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, prefix + (k,))
-        elif (list(va) if isinstance(va, (list, tuple)) else va) != (list(vb) if isinstance(vb, (list, tuple)) else vb):
-            out.append(prefix + (k,))
-    return out
 
 
 def format_duration(seconds: float) -> str:
@@ -326,34 +93,6 @@ def scale_notes(cfg: RunConfig, device: torch.device, n_params: int) -> list:
         notes.append(f"{cfg.preset} is sized for a GPU (weeks on a CPU): for a CPU run pass a small --steps "
                      f"(e.g. --steps 500) or train a CPU-sized preset: `hvae-fast train binarized-mnist` (mnist-mlp-40x4)")
     return notes
-
-
-def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one PNG grid at ``path`` (str or Path)."""
-    path = Path(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.image as mpimg
-
-    x = images.detach().float().cpu()
-    if x.min() < 0:
-        x = (x + 1) / 2
-    x = x.clamp(0, 1)
-    n, c, h, w = x.shape
-    ncol = min(nrow, n)
-    nrows = math.ceil(n / ncol)
-    grid = torch.ones(c, nrows * (h + 2) + 2, ncol * (w + 2) + 2)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    if c == 1:
-        mpimg.imsave(tmp, arr[:, :, 0], cmap="gray", vmin=0, vmax=1)
-    else:
-        mpimg.imsave(tmp, arr)
-    os.replace(tmp, path)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -412,6 +151,8 @@ class Trainer:
             self._nonfinite_run = 0  # consecutive skipped steps; MAX_CONSECUTIVE_NONFINITE stops the run
             self.best_valid = -math.inf
             self._saved_step = None  # step held by checkpoint-latest.pt
+            # A signal stopped the validation of this step: it runs before the next training step.
+            self._valid_pending = self._validating = False
             if state is not None:
                 self._restore(state)
             self._save_due = False
@@ -419,6 +160,8 @@ class Trainer:
             self._signal = self._signal_seen = None  # agreed by every process / seen by this one
             if self.world.main:
                 atomic_write_text(self.cfg.to_json() + "\n", self.out / "config.json")
+                if state is not None:  # the records logged after the checkpoint are logged again
+                    trim_metrics(self.out, self.step)
             if state is None:
                 self.save()  # the initial weights: from here on the folder is a run that resumes
             self.tb = self._tensorboard() if self.world.main else None
@@ -438,7 +181,7 @@ class Trainer:
         if w.main and error is None:
             try:
                 self._lock = lock_run_dir(self.out)
-                state = self._check_run_dir(resume)
+                state = check_run_dir(self.out, self.cfg, self.world.size, resume, self.device)
                 self._load_data()
             except HVAEError as exc:
                 error = str(exc)
@@ -446,7 +189,7 @@ class Trainer:
         if not w.main:
             self._load_data()
             if resume:
-                state = load_checkpoint(self.out / "checkpoint-latest.pt", self.device)
+                state = load_checkpoint(self.out / LATEST, self.device)
         return state
 
     def _load_data(self) -> None:
@@ -456,39 +199,6 @@ class Trainer:
         if n < self.world.size:
             raise HVAEError(f"validation on {n} examples cannot be shared by {self.world.size} processes: "
                             f"pass --eval-examples {self.world.size} or more")
-
-    # -- run directory --------------------------------------------------------------------------
-    def _check_run_dir(self, resume: bool):
-        """Refuse a folder that is not ours to write; on resume, the checkpoint whose config matches."""
-        ckpt = self.out / "checkpoint-latest.pt"
-        _, run_files = run_dir_contents(self.out)
-        if not ckpt.exists():
-            if run_files:
-                raise HVAEError(f"{self.out} holds an attempt that stopped before its first checkpoint "
-                                f"({', '.join(run_files)}, no checkpoint-latest.pt): nothing to resume; remove it "
-                                f"(rm -r {shlex.quote(str(self.out))}) and train again, or pass a new --out")
-            if resume:
-                raise HVAEError(f"--resume: no checkpoint-latest.pt in {self.out}; start without --resume "
-                                f"or pass the run's --out")
-            return None
-        if not resume:
-            raise HVAEError(f"{self.out} already holds a run (checkpoint-latest.pt): pass --resume to continue it, "
-                            f"or --out for a new run")
-        st = load_checkpoint(ckpt, self.device)
-        saved = int(st.get("world_size", 1))
-        if saved != self.world.size:
-            how = (f"under `torchrun --nproc_per_node {saved}` (or any launch of {saved} processes)" if saved > 1
-                   else "in one process, without torchrun")
-            raise HVAEError(f"--resume: checkpoint-latest.pt in {self.out} was written by {saved} process(es) and this "
-                            f"run has {self.world.size}; its data order and noise depend on that: resume it {how}")
-        # A checkpoint written before a config field existed lacks it: compare with that field's default.
-        saved = RunConfig.from_dict(st["config"], where=f"the config inside {ckpt}").to_dict()
-        diff = [p for p in config_diff(saved, self.cfg.to_dict()) if p not in RESUMABLE_CHANGES]
-        if diff:
-            names = ", ".join(".".join(p) for p in diff)
-            raise HVAEError(f"--resume: the config differs from the checkpoint's in {names}; "
-                            f"resume with the run's own settings (see {self.out / 'config.json'}) or start a new --out")
-        return st
 
     def resume_command(self) -> str:
         cmd = ["train", self.cfg.dataset, "--out", str(self.out), "--resume"]
@@ -536,9 +246,10 @@ class Trainer:
                 "skipped": self.skipped,
                 "best_valid": self.best_valid,
                 "grad_scaler": self.scaler.state_dict(),  # {} unless --precision fp16
+                "valid_pending": self._valid_pending,
                 "config": json.loads(self.cfg.to_json())}
 
-    def save(self, name: str = "checkpoint-latest.pt", position=None) -> bool:
+    def save(self, name: str = LATEST, position=None) -> bool:
         """Write checkpoint ``name`` of the current weights (at ``position``, default now) atomically.
         Returns False, writing nothing, when a parameter is NaN/inf. Every process calls it; rank 0 writes."""
         params = [p.detach() for p in self.model.parameters()]
@@ -548,7 +259,7 @@ class Trainer:
         state = self._state(position)
         if self.world.main:
             atomic_save(state, self.out / name)
-        if name == "checkpoint-latest.pt":
+        if name == LATEST:
             self._saved_step, self._save_due, self._last_save = state["step"], False, time.monotonic()
         return True
 
@@ -572,6 +283,7 @@ class Trainer:
         if mine.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in mine["rng_cuda"]])
         self.step, self.skipped, self.best_valid = int(st["step"]), int(st["skipped"]), float(st["best_valid"])
+        self._valid_pending = st.get("valid_pending") is True
         self._saved_step = self.step
         log.info("resumed %s at step %d", self.out / "checkpoint-latest.pt", self.step)
 
@@ -579,8 +291,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.world.main:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.out, record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step",):
@@ -614,9 +325,38 @@ class Trainer:
                 if len(x[w.rows(len(x))]):
                     yield x[w.rows(len(x))]
 
+        n = min(t.eval_examples or len(self.valid_set), len(self.valid_set))
         # Active units with eval's estimator (10 samples), so metrics.jsonl and `hvae-fast eval` agree.
         return evaluate(self.model, batches, self.device, iw_samples=0, au_samples=10, seed=w.rank,
-                        reduce=w.sum if w.size > 1 else None)
+                        reduce=w.sum if w.size > 1 else None, progress=self.progress,
+                        num_batches=math.ceil(n / t.batch_size))
+
+    def _validation(self) -> bool:
+        """Validate at this step, log it and keep the best checkpoint. A signal stops the pass (in a
+        one-process run: stopping one process of several would leave the others waiting in its
+        all-reduce) and leaves it due: returns False."""
+        started = time.monotonic()
+        if not self.progress and self.world.main:
+            log.info("validating step %d on %d examples", self.step,
+                     min(self.cfg.train.eval_examples or len(self.valid_set), len(self.valid_set)))
+        self._validating = self.world.size == 1
+        try:
+            res = self.validate()
+        except _ValidationStopped:
+            self._valid_pending = True
+            self.model.train()  # evaluate() restores the mode only when it finishes
+            return False
+        finally:
+            self._validating = False
+        self._valid_pending = False
+        self._log({"split": "valid", "step": self.step, **res})
+        if not self.progress and self.world.main:
+            log.info("validation at step %d: ELBO %.2f (%s)", self.step, res["elbo"],
+                     format_duration(time.monotonic() - started))
+        if res["elbo"] > self.best_valid:
+            self.best_valid = res["elbo"]
+            self.save("checkpoint-best.pt")
+        return True
 
     def write_samples(self, name: str) -> Path | None:
         if not self.world.main:
@@ -715,6 +455,10 @@ class Trainer:
         if self._signal_seen is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self._signal_seen = signum
+        if self._validating:
+            self._validating = False
+            log.warning("%s: stopping the validation and the run", signal.Signals(signum).name)
+            raise _ValidationStopped
         log.warning("%s: stopping after this step", signal.Signals(signum).name)
 
     def _catch_signals(self) -> dict:
@@ -728,6 +472,18 @@ class Trainer:
         flags = self.world.max(torch.tensor([float(late), float(self._signal_seen or 0)]))
         self._signal = int(flags[1]) or None
         return bool(flags[0])
+
+    def _interrupted(self) -> TrainingInterrupted:
+        name, code = signal.Signals(self._signal).name, 128 + self._signal
+        during = " (during its validation, which runs first on resume)" if self._valid_pending else ""
+        return TrainingInterrupted(f"stopped by {name} after step {self.step}{during}; {self.resume_note()}", code)
+
+    def resume_note(self) -> str | None:
+        """Which step checkpoint-latest.pt holds and the exact command that resumes it (None before
+        the first checkpoint)."""
+        if self._saved_step is None:
+            return None
+        return f"checkpoint-latest.pt holds step {self._saved_step}: resume with `{self.resume_command()}`"
 
     def _status(self, rec: dict, rate) -> None:
         t = self.cfg.train
@@ -757,6 +513,10 @@ class Trainer:
         t0 = s0 = None  # the rate is timed from the end of the first step (compiles, warms caches)
         record, finished = {}, False
         try:
+            if self._valid_pending and not self._validation():  # stopped again
+                self._agree(False)
+                self.save()
+                raise self._interrupted()
             while self.step < t.steps:
                 if self._save_due:
                     self._pending = self._position()
@@ -796,11 +556,7 @@ class Trainer:
                     if first_log:  # an early checkpoint, long before checkpoint_every
                         self._save_due, first_log = True, False
                 if self.step % t.eval_every == 0 or self.step == t.steps:
-                    res = self.validate()
-                    self._log({"split": "valid", "step": self.step, **res})
-                    if res["elbo"] > self.best_valid:
-                        self.best_valid = res["elbo"]
-                        self.save("checkpoint-best.pt")
+                    self._validation()
                 if self.step % t.sample_every == 0 or self.step == t.steps:
                     self.write_samples(f"samples-{self.step:07d}.png")
                 late = self._agree(time.monotonic() - self._last_save >= 60 * t.checkpoint_minutes)
@@ -810,10 +566,7 @@ class Trainer:
                     self.save()
                 bar.update(1)
                 if self._signal is not None:
-                    name, code = signal.Signals(self._signal).name, 128 + self._signal
-                    raise TrainingInterrupted(
-                        f"stopped by {name} after step {self.step}; checkpoint-latest.pt holds step {self._saved_step}: "
-                        f"resume with `{self.resume_command()}`", code)
+                    raise self._interrupted()
             finished = True
         finally:
             for s, h in handlers.items():
