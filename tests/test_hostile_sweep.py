@@ -299,3 +299,10 @@ def test_report_reads_a_damaged_eval_as_one_line(tmp_path, capsys):
     (d / "seed=1" / "eval-valid.json").write_text(json.dumps({"elbo": -90.0, "active_units": 5}))
     with pytest.raises(HVAEError, match="eval-valid.json is damaged"):
         make_report(d, tmp_path / "out")
+
+
+def test_existing_sweeps_keep_their_folder_names():
+    """Values that were plain before the hashing (schedules with ':' and '=') name folders as they did."""
+    assert sweep.point_name({"rho_schedule": "linear:0.5:1.0:15000:hold=2000", "rho_control": "25"}) == \
+        "rho_schedule=linear:0.5:1.0:15000:hold=2000,rho_control=25"
+    assert sweep.point_name({"v": "_a~6a50dc85"}) != sweep.point_name({"v": "/a"})  # '~' only marks a hash

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import HVAEError
 from ..training.rundir import atomic_write_text
-from .sweep import Point, PointBusy, _die_with_parent, _last_line, open_logs, record_failure
+from .sweep_points import Point, PointBusy, _die_with_parent, _last_line, open_logs, record_failure
 
 # SLURM job states in which a job may still start or run a point (sacct's names).
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",

@@ -2,7 +2,7 @@
 folder names, and the checks that a spec read from disk or a --spec file is one.
 
 A point's folder name is ``key=value,...`` (``rho=0.5,seed=1``). A value that is not a plain token
-(letters, digits, ``. _ + -``; commas become ``-``: ``latent_sizes=40-40``) is written as a readable
+(letters, digits, ``. _ + - : =``, not starting with ``.``; commas become ``-``: ``latent_sizes=40-40``) is written as a readable
 part and a hash of the value (``data_dir=_a~3b1f0c2e``), so that no name holds ``/`` or is ``..``
 and every folder stays inside the sweep folder; the values themselves reach ``train`` unchanged.
 """
@@ -21,7 +21,9 @@ from ..errors import HVAEError
 
 OWNED_FLAGS = ("--out", "--resume", "--no-progress")  # the sweep sets these itself
 SPEC_FILE_KEYS = ("base", "grid", "list", "eval_iw_samples", "eval_max_examples", "find_critical_rho")
-_PLAIN = re.compile(r"[A-Za-z0-9+_-][A-Za-z0-9.+_-]*")  # no '/', no leading '.': never '..' or hidden
+# no '/', no leading '.' (never '..' or hidden), no '~' (the hash's mark); ':' and '=' as in
+# rho_schedule=linear:0.5:1.0:15000:hold=2000, the names of existing sweeps
+_PLAIN = re.compile(r"[A-Za-z0-9+_:=-][A-Za-z0-9.+_:=-]*")
 _KEY = re.compile(r"[a-z0-9][a-z0-9_]*")
 NAME_BYTES = 200  # a folder name's limit is 255 bytes; room for "logs/<name>.train.log" and temp names
 
@@ -135,7 +137,7 @@ def name_part(value: str) -> str:
     plain = value.replace(",", "-")
     if _PLAIN.fullmatch(plain) and len(plain) <= 64:
         return plain
-    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", plain)[:32].lstrip(".") + "~" + _digest(value)
+    return re.sub(r"[^A-Za-z0-9.+_:=-]+", "_", plain)[:32].lstrip(".") + "~" + _digest(value)
 
 
 def point_name(point: dict) -> str:
