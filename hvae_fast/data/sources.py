@@ -19,6 +19,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from hvae_fast.errors import HVAEError
@@ -67,13 +68,21 @@ def content_digest(src: Source, path: Path) -> str:
         raise parsers.read_error(path, exc) from None
 
 
-def verify(src: Source, path: Path) -> str:
+def verify(src: Source, path: Path, *, trust_record: bool = True) -> str:
     """The content digest of local file ``path``, checked against ``src.sha256``. The digest is
-    computed once per (size, mtime) of the file and remembered in the cache."""
-    digest = cache.known_digest(path)
-    fresh = digest is None
-    if fresh:
+    computed once per (size, mtime) of the file and remembered in the cache; with
+    ``trust_record=False`` the file is hashed even so. A record that disagrees with the content
+    (an edit that kept size and mtime, or a damaged or planted record) is replaced, with a warning."""
+    recorded = cache.known_digest(path)
+    digest = recorded if trust_record else None
+    if digest is not None and src.sha256 is not None and digest != src.sha256:
+        digest = None  # the record, not necessarily the file, may be wrong: hash before refusing
+    if digest is None:
         digest = content_digest(src, path)
+    if recorded is not None and digest != recorded:
+        warnings.warn(f"{path}: the content digest on record for its size and mtime is not its "
+                      "content's (an edit that kept both, or a damaged cache record); using the "
+                      "content's", RuntimeWarning, stacklevel=2)
     if src.sha256 is not None and digest != src.sha256:
         what = "uncompressed content" if _gunzips(src, path) else "content"
         raise HVAEError(
@@ -81,7 +90,7 @@ def verify(src: Source, path: Path) -> str:
             f"{src.sha256}: the file is damaged, truncated or altered. Fix: delete it and re-run "
             f"to download it again ({src.url}), or restore the publisher's file in its place"
         )
-    if fresh:
+    if digest != recorded:
         cache.remember_digest(path, digest)
     return digest
 

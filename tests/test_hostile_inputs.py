@@ -1,0 +1,123 @@
+"""Hostile and careless inputs (issue 18 items 4, 5, 8, 10, 11): caches that were tampered with
+are verified and rebuilt, never trusted and never fatal to a good source; bad flags, configs and
+output paths get one line before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hvae_fast import data as D
+from hvae_fast.data import cache
+from hvae_fast.errors import HVAEError
+
+from datatools import amat_bytes, cache_files, isolated_env, patch_spec, sha256, synthetic, write  # noqa: F401
+
+# --------------------------------------------------------------------------------------------
+# 4. The parsed-array cache and the digest records
+# --------------------------------------------------------------------------------------------
+
+
+def _amat_source(tmp_path, monkeypatch, n=3, publisher_digest=False):
+    """A binarized-MNIST test file of n random images; its record fits it (and publishes its
+    sha256 when ``publisher_digest``)."""
+    x = np.random.default_rng(0).integers(0, 2, (n, 784))
+    body = amat_bytes(x)
+    synthetic(monkeypatch, "binarized-mnist", test=n)
+    if publisher_digest:
+        patch_spec(monkeypatch, "binarized-mnist", digests={"binarized_mnist_test.amat": sha256(body)})
+    src = write(tmp_path / "binarized_mnist" / "binarized_mnist_test.amat", body)
+    return src, x
+
+
+def _load(tmp_path):
+    return D.load_dataset("binarized-mnist", "test", data_dir=tmp_path, download=False)
+
+
+def _images(ds):
+    return ds.images.reshape(len(ds.images), 784).numpy()
+
+
+PLANTED = {
+    "zeros": lambda a: np.zeros_like(a),
+    "x200": lambda a: (a * 200).astype(np.uint8),
+    "10 rows": lambda a: np.repeat(a[:1], 10, axis=0),
+    "float64": lambda a: a.astype(np.float64),
+}
+
+
+@pytest.mark.parametrize("plant,forge_record", [(p, False) for p in PLANTED]
+                         + [(p, True) for p in PLANTED if p != "zeros"])  # forged zeros are valid data
+def test_planted_parsed_array_is_reparsed(tmp_path, monkeypatch, plant, forge_record):
+    """A planted .npy (zeros, values x200, 10 rows, float64) is never used: its digest does not
+    match the record, and where the record was forged to match it, the shape, dtype or value
+    range does not match the dataset's; the split is re-parsed with a warning."""
+    src, x = _amat_source(tmp_path, monkeypatch)
+    _load(tmp_path)
+    (npy,) = cache_files("binarized-mnist-test-*.images.npy")
+    bad = PLANTED[plant](np.load(npy))
+    np.save(npy, bad)
+    if forge_record:
+        (rec,) = cache_files("binarized-mnist-test-*.json")
+        record = json.loads(rec.read_text())
+        record["parts"]["images"] = cache._describe(bad)
+        rec.write_text(json.dumps(record))
+    with pytest.warns(RuntimeWarning, match="cached binarized-mnist test split"):
+        again = _load(tmp_path)
+    assert np.array_equal(_images(again), x)
+    # The re-parse rewrote the entry.
+    np.testing.assert_array_equal(np.load(npy).reshape(3, 784), x)
+
+
+def test_damaged_split_record_is_reparsed(tmp_path, monkeypatch):
+    src, x = _amat_source(tmp_path, monkeypatch)
+    _load(tmp_path)
+    (rec,) = cache_files("binarized-mnist-test-*.json")
+    for planted in ("[" * 100_000, "not json", "[]", '{"v": 3, "sources": [], "parts": {}}'):
+        rec.write_text(planted)
+        with pytest.warns(RuntimeWarning, match="parsing the source files again"):
+            assert np.array_equal(_images(_load(tmp_path)), x)
+
+
+def test_edit_keeping_size_and_mtime_is_seen_once_the_parsed_cache_is_gone(tmp_path, monkeypatch):
+    """The (size, mtime) record saves hashing on a cache hit; a parse hashes the file again."""
+    src, x = _amat_source(tmp_path, monkeypatch)
+    _load(tmp_path)
+    st = src.stat()
+    write(src, amat_bytes(1 - x))  # same size, other content
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for f in cache_files("binarized-mnist-*"):
+        f.unlink()
+    with pytest.warns(RuntimeWarning, match="digest on record"):
+        assert np.array_equal(_images(_load(tmp_path)), 1 - x)
+
+
+@pytest.mark.parametrize("how", ["edit keeping size and mtime", "planted digest record"])
+def test_altered_source_with_a_matching_record_is_refused(tmp_path, monkeypatch, how):
+    """A file whose content no longer has the publisher's digest is refused when it is parsed,
+    whatever the (size, mtime) record says."""
+    src, x = _amat_source(tmp_path, monkeypatch, publisher_digest=True)
+    good = sha256(src.read_bytes())
+    _load(tmp_path)
+    st = src.stat()
+    write(src, amat_bytes(1 - x))  # flipped, same size
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for f in cache_files("binarized-mnist-*"):
+        f.unlink()
+    if how == "planted digest record":
+        for f in cache_files("digests/*.json"):
+            f.unlink()
+        cache.remember_digest(src, good)
+    with pytest.warns(RuntimeWarning, match="digest on record"), pytest.raises(HVAEError, match="damaged"):
+        _load(tmp_path)
+
+
+def test_wrong_recorded_digest_does_not_refuse_a_good_file(tmp_path, monkeypatch):
+    src, x = _amat_source(tmp_path, monkeypatch, publisher_digest=True)
+    cache.remember_digest(src, "0" * 64)
+    with pytest.warns(RuntimeWarning, match="digest on record"):
+        assert np.array_equal(_images(_load(tmp_path)), x)
+    assert cache.known_digest(src) == sha256(src.read_bytes())  # the record was put right
