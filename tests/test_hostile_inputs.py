@@ -121,3 +121,61 @@ def test_wrong_recorded_digest_does_not_refuse_a_good_file(tmp_path, monkeypatch
     with pytest.warns(RuntimeWarning, match="digest on record"):
         assert np.array_equal(_images(_load(tmp_path)), x)
     assert cache.known_digest(src) == sha256(src.read_bytes())  # the record was put right
+
+
+# --------------------------------------------------------------------------------------------
+# 5. auto-backend.json
+# --------------------------------------------------------------------------------------------
+
+BAD_DECISIONS = {
+    "no ms": {"choice": "torch"},
+    "ms a string": {"choice": "torch", "ms": "fast"},
+    "ms a list": {"choice": "torch", "ms": [1.0, 2.0]},
+    "ms of strings": {"choice": "torch", "ms": {"torch": "1"}},
+}
+
+
+def _auto_cache_file(tmp_path, monkeypatch, decision):
+    import torch
+
+    from hvae_fast.ops import autotune
+
+    monkeypatch.setenv("HVAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_AUTO", {})
+    env = autotune.environment_key("cpu")
+    good = {"choice": "torch", "ms": {"torch": 1.0}}
+    # The shape class of the default model's first OU call at batch 8 (a train below reads it).
+    key = autotune.shape_class("correlated_samples", "cpu", torch.float32, 8 * 40, 5)
+    path = tmp_path / "auto-backend.json"
+    if isinstance(decision, str):
+        path.write_text(decision)
+    else:
+        path.write_text(json.dumps({"format": 1, "environments": {env: {key: decision, "kept": good}}}))
+    return path
+
+
+@pytest.mark.parametrize("decision", [*BAD_DECISIONS, "100k-deep JSON"])
+def test_malformed_auto_backend_cache_warns_in_info(tmp_path, monkeypatch, capsys, caplog, decision):
+    from hvae_fast.cli import main
+
+    bad = BAD_DECISIONS.get(decision, "[" * 100_000 + "]" * 100_000)
+    _auto_cache_file(tmp_path, monkeypatch, bad)
+    with caplog.at_level("WARNING", logger="hvae_fast.ops.autotune"):
+        assert main(["info"]) == 0
+        assert main(["info", "--json"]) == 0
+    assert any("auto-backend cache" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    out = capsys.readouterr().out
+    if decision != "100k-deep JSON":
+        assert "    kept -> torch (torch 1 ms)" in out  # the good decisions are kept
+
+
+def test_malformed_auto_backend_cache_is_replaced_by_a_default_train(tmp_path, monkeypatch, shared_data, capsys):
+    from hvae_fast.cli import main
+
+    path = _auto_cache_file(tmp_path, monkeypatch, BAD_DECISIONS["ms a string"])
+    code = main(["train", "binarized-mnist", "--steps", "1", "--batch-size", "8", "--eval-examples", "8",
+                 "--device", "cpu",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--data-dir", str(shared_data)])
+    assert code == 0, capsys.readouterr().err
+    sections = json.loads(path.read_text())["environments"].values()
+    assert all(isinstance(rec["ms"], dict) for sec in sections for rec in sec.values())
