@@ -429,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"hvae-fast {__import__('hvae_fast').__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     seed = dict(type=_count(0), default=0, help="random seed")
 
