@@ -179,3 +179,32 @@ def test_malformed_auto_backend_cache_is_replaced_by_a_default_train(tmp_path, m
     assert code == 0, capsys.readouterr().err
     sections = json.loads(path.read_text())["environments"].values()
     assert all(isinstance(rec["ms"], dict) for sec in sections for rec in sec.values())
+
+
+# --------------------------------------------------------------------------------------------
+# 13. The README's test command, as written
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_relative_data_dir_is_taken_from_where_the_program_started(tmp_path, monkeypatch):
+    from conftest import SHARED_DATA
+    from hvae_fast.data import sources
+
+    assert SHARED_DATA.is_absolute()
+    start = os.getcwd()
+    monkeypatch.setenv("HVAE_DATA_DIR", os.path.relpath(tmp_path / "data", start))
+    monkeypatch.chdir(tmp_path)  # as tests/test_readme.py does
+    assert sources.resolve_data_dir() == tmp_path / "data"
+    monkeypatch.setenv("HVAE_DATA_DIR", str(tmp_path / "abs"))
+    assert sources.resolve_data_dir() == tmp_path / "abs"
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    commands = re.findall(r'pip install -e "\.\[test\]" && (.*pytest.*)$', (repo / "README.md").read_text(), re.M)
+    assert len(commands) == 1, "the README's test command is not where this test looks for it"
+    assert commands[0] in (repo / ".ci" / "run").read_text().splitlines()
+    assert "../shared/data" in commands[0]  # relative, as a user types it from the repository root

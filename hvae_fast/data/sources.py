@@ -31,13 +31,23 @@ from .parsers import one_line
 _DOWNLOAD_TIMEOUT_S = 60
 
 
+# The working directory when the package was imported: a relative HVAE_DATA_DIR (the README's
+# ../shared/data) names a folder relative to where the program started, even after a chdir.
+try:
+    _START_DIR = os.getcwd()
+except OSError:  # started in a deleted folder: relative settings are then taken as they come
+    _START_DIR = None
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data dir: ``data_dir``, else env ``HVAE_DATA_DIR``, else ``user_cache_dir/data``."""
+    """The data dir: ``data_dir``, else env ``HVAE_DATA_DIR`` (absolute; a relative one is taken
+    from the directory the program started in), else ``user_cache_dir/data``."""
     if data_dir is not None and str(data_dir) != "":
         return Path(data_dir).expanduser()
     env = os.environ.get("HVAE_DATA_DIR")
     if env:
-        return Path(env).expanduser()
+        path = Path(env).expanduser()
+        return Path(os.path.normpath(os.path.join(_START_DIR, path))) if _START_DIR is not None else path
     return cache.user_cache_root() / "data"
 
 
