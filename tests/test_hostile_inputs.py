@@ -208,3 +208,59 @@ def test_ci_runs_the_readmes_test_command_verbatim():
     assert len(commands) == 1, "the README's test command is not where this test looks for it"
     assert commands[0] in (repo / ".ci" / "run").read_text().splitlines()
     assert "../shared/data" in commands[0]  # relative, as a user types it from the repository root
+
+
+# --------------------------------------------------------------------------------------------
+# 11. Hostile --config, --spec of the wrong types, --threshold
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, args, *needles):
+    from hvae_fast.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hvae-fast: error: ") and len(err) < 600, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"train": {"steps": ' + "9" * 5000 + "}}", "4300 digits"),
+    ('{"train": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"train": {"lr": ' + "9" * 4000 + "}}", "lr is an integer of 4000 digits"),
+    ('{"train": {"steps": ' + "9" * 30 + "}}", "--steps is an integer of 30 digits"),
+    ('{"model": {"hidden_sizes": [' + "9" * 25 + "]}}", "an entry of --hidden-sizes"),
+], ids=["5000-digit int", "100k-deep", "float field overflows", "int over 2**63", "list entry over 2**63"])
+def test_hostile_config_is_one_line(tmp_path, capsys, text, needle):
+    cfg = write(tmp_path / "c.json", text.encode())
+    _one_line_error(capsys, ["train", "binarized-mnist", "--config", str(cfg), "--out", str(tmp_path / "r")], needle)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"grid": [1, 2]}, "'grid' must map each flag"),
+    ({"grid": {"seed": 5}}, "'grid' must map each flag"),
+    ({"list": {"seed": [[0], [1]]}}, "'list' must map each flag"),
+    ({"base": 5}, "'base' must be the train command"),
+    ({"eval_iw_samples": "100"}, "'eval_iw_samples' must be an integer"),
+    ({"find_critical_rho": 0.5}, "'find_critical_rho' must be an object"),
+    ({"find_critical_rho": {"threshold": "high"}}, "threshold must be a finite number"),
+    ({"find_critical_rho": {"threshold": 1, "iterations": "4"}}, "iterations must be a finite number"),
+    ([1, 2], "expected an object"),
+])
+def test_spec_fields_of_the_wrong_type_are_one_line(tmp_path, capsys, spec, needle):
+    path = write(tmp_path / "s.json", json.dumps(spec).encode())
+    _one_line_error(capsys, ["sweep", "s", "--root", str(tmp_path / "sw"), "--spec", str(path), "--",
+                             "train", "binarized-mnist", "--steps", "1"], str(path) if "threshold" not in needle
+                    and "iterations" not in needle else "", needle)
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("threshold", ["nan", "inf"])
+def test_find_critical_rho_refuses_a_threshold_that_is_not_finite(tmp_path, capsys, threshold):
+    _one_line_error(capsys, ["sweep", "s", "--root", str(tmp_path / "sw"), "--find-critical-rho", "--threshold",
+                             threshold, "--", "train", "binarized-mnist", "--steps", "1"],
+                    "threshold must be a finite number")
+    assert not (tmp_path / "sw").exists()

@@ -74,11 +74,39 @@ def load_spec_file(path) -> dict:
             d = json.loads(text)
     except (OSError, ValueError) as exc:
         raise HVAEError(f"cannot read the sweep spec {path}: {exc}; pass a JSON or .toml file") from exc
+    except RecursionError:
+        raise HVAEError(f"cannot read the sweep spec {path}: nested too deeply; pass a JSON or .toml file") from None
+    if not isinstance(d, dict):
+        raise HVAEError(f"sweep spec {path}: expected an object of base, grid, list, eval_iw_samples, "
+                        "eval_max_examples, find_critical_rho")
     unknown = set(d) - {"base", "grid", "list", "eval_iw_samples", "eval_max_examples", "find_critical_rho"}
     if unknown:
         raise HVAEError(f"sweep spec {path}: unknown keys {sorted(unknown)}; use base, grid, list, "
                         f"eval_iw_samples, eval_max_examples, find_critical_rho")
+    problem = _spec_file_problem(d)
+    if problem:
+        raise HVAEError(f"sweep spec {path}: {problem}")
     return d
+
+
+def _spec_file_problem(d: dict) -> str | None:
+    """What is wrongly typed in a --spec file's fields, or None."""
+    scalar = lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool)  # noqa: E731
+    base = d.get("base", [])
+    if not (isinstance(base, str) or isinstance(base, list) and all(isinstance(a, str) for a in base)):
+        return "'base' must be the train command, a string or a list of strings"
+    for kind in ("grid", "list"):
+        axes = d.get(kind, {})
+        if not (isinstance(axes, dict) and all(isinstance(v, list) and v and all(map(scalar, v))
+                                               for v in axes.values())):
+            return f"'{kind}' must map each flag to a non-empty list of values, e.g. {{\"seed\": [0, 1]}}"
+    for key in ("eval_iw_samples", "eval_max_examples"):
+        if key in d and not (isinstance(d[key], int) and not isinstance(d[key], bool)):
+            return f"'{key}' must be an integer, got {d[key]!r}"
+    c = d.get("find_critical_rho")
+    if c is not None and not isinstance(c, dict):
+        return "'find_critical_rho' must be an object of threshold, rho_low, rho_high, iterations"
+    return None
 
 
 def make_spec(base, axes, eval_iw_samples: int = 100, eval_max_examples: int = 0, critical: dict | None = None) -> dict:
@@ -109,6 +137,12 @@ def make_spec(base, axes, eval_iw_samples: int = 100, eval_max_examples: int = 0
     if critical is not None:
         if "rho" in keys:
             raise HVAEError("--find-critical-rho chooses rho itself: remove rho from --grid/--list")
+        for k in ("threshold", "rho_low", "rho_high", "iterations"):
+            v = critical.get(k)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise HVAEError(f"--find-critical-rho: {k.replace('_', '-')} must be a finite number, got {v!r}")
+        if not isinstance(critical["iterations"], int) and not float(critical["iterations"]).is_integer():
+            raise HVAEError(f"--find-critical-rho: iterations must be an integer, got {critical['iterations']!r}")
         if not 0 <= critical["rho_low"] < critical["rho_high"] <= 1 or critical["iterations"] < 1:
             raise HVAEError("--find-critical-rho needs 0 <= --rho-low < --rho-high <= 1 and --iterations >= 1")
     if eval_iw_samples < 0 or eval_max_examples < 0:
