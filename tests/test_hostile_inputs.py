@@ -218,9 +218,13 @@ def test_ci_runs_the_readmes_test_command_verbatim():
 def _one_line_error(capsys, args, *needles):
     from hvae_fast.cli import main
 
-    assert main(args) == 2
+    try:
+        code = main(args)
+    except SystemExit as exc:  # a flag's value refused by the parser
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("hvae-fast: error: ") and len(err) < 600, err
+    assert len(err.splitlines()) == 1 and err.startswith("hvae-fast") and "error: " in err and len(err) < 600, err
     for needle in needles:
         assert needle in err, err
     return err
@@ -264,3 +268,97 @@ def test_find_critical_rho_refuses_a_threshold_that_is_not_finite(tmp_path, caps
                              threshold, "--", "train", "binarized-mnist", "--steps", "1"],
                     "threshold must be a finite number")
     assert not (tmp_path / "sw").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Out of memory from the size flags: one line naming the flag, before any allocation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--hidden-sizes", "1000000,1000000,1000000,1000000"),
+                                        ("--latent-sizes", "1000000000000,1000000000000,1000000000000,1000000000000")])
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys, flag, value):
+    _one_line_error(capsys, ["train", "binarized-mnist", flag, value, "--device", "cpu", "--out", str(tmp_path / "r")],
+                    "out of memory", f"{flag} {value}")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import SHARED_DATA
+    from test_trainer_cli import tiny_config
+    from hvae_fast.training.trainer import Trainer
+
+    if not (SHARED_DATA / "binarized_mnist").is_dir():
+        pytest.skip(f"offline datasets not found at {SHARED_DATA}")
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    Trainer(tiny_config(steps=2, log_every=1, eval_every=2, checkpoint_every=2, sample_every=2, eval_examples=8,
+                        batch_size=8), out, data_dir=SHARED_DATA, progress=False).fit()
+    return out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["gradvar", "--K", "100000000", "--rho", "0.5", "--batches", "1", "--draws", "4"], "--K 100000000"),
+    (["spectrum", "--noise", "100000000", "--points", "16"], "--noise 100000000"),
+])
+def test_diagnostics_too_large_for_memory_are_one_line(tiny_run, monkeypatch, capsys, args, needle):
+    from hvae_fast.training import oom
+
+    # A 1 GiB machine, so that the check (not a 12 GB allocation) is what this test meets everywhere.
+    monkeypatch.setattr(oom, "device_memory", lambda device: (2**30, "CPU"))
+    from conftest import SHARED_DATA
+
+    _one_line_error(capsys, [args[0], str(tiny_run), *args[1:], "--no-progress", "--data-dir", str(SHARED_DATA)],
+                    "out of memory", needle)
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Output paths checked before the work
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["gradvar", "spectrum"])
+@pytest.mark.parametrize("flag,name,needle", [
+    ("--json", "missing/out.json", "does not exist"),
+    ("--json", "folder.json", "is a folder"),
+    ("--json", "out.txt", "use one of the extensions .json"),
+    ("--plot", "missing/out.png", "does not exist"),
+    ("--plot", "out.bmp", "use one of the extensions"),
+])
+def test_diagnostics_output_paths_are_checked_before_the_work(tmp_path, monkeypatch, capsys, command, flag, name,
+                                                              needle):
+    from hvae_fast.experiments import diagnostics
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.json").mkdir()
+    monkeypatch.setattr(diagnostics, "_checkpoint_models", lambda args: pytest.fail("did the work first"))
+    _one_line_error(capsys, [command, str(tmp_path / "no-run"), flag, name], needle)
+
+
+def test_report_output_is_checked_and_a_read_only_sweep_is_only_read(tmp_path, capsys):
+    from test_report import phase_sweep
+
+    d = phase_sweep(tmp_path)
+    blocker = write(tmp_path / "a-file", b"")
+    _one_line_error(capsys, ["report", str(d), "--output", str(blocker)], "it is a file")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    from hvae_fast.cli import main
+
+    assert main(["report", str(d), "--output", str(existing), "--threshold", "2"]) == 0
+    assert (existing / "report.md").exists()
+    capsys.readouterr()
+    # A read-only sweep: the report goes to --output and nothing in the sweep changes.
+    before = {p: p.stat().st_mtime_ns for p in d.rglob("*")}
+    modes = {p: p.stat().st_mode for p in [d, *d.rglob("*")] if p.is_dir()}
+    for p in modes:
+        p.chmod(0o555)
+    try:
+        if os.access(d, os.W_OK):
+            pytest.skip("running as a user who can write read-only folders (root)")
+        assert main(["report", str(d), "--output", str(tmp_path / "out2"), "--threshold", "2"]) == 0
+        assert {p: p.stat().st_mtime_ns for p in d.rglob("*")} == before
+        _one_line_error(capsys, ["report", str(d)], "is not a writable folder")
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
