@@ -362,3 +362,37 @@ def test_report_output_is_checked_and_a_read_only_sweep_is_only_read(tmp_path, c
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+
+
+# --------------------------------------------------------------------------------------------
+# 15. The newcomer's first minutes
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_first_cpp_build_says_it_compiles(tmp_path, caplog):
+    import logging
+
+    from hvae_fast.ops import native
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.cpp").write_text("this is not C++ {\n")  # fails fast: the message comes before the compiler
+    ext = native.NativeExtension("hvae_fast_first_build_test", ("broken.cpp",), src_dir=src, build_dir=tmp_path / "b")
+    with caplog.at_level(logging.INFO, logger="hvae_fast.ops.native"):
+        ext.probe()
+    assert any("compiling the C++ kernels, once, about a minute" in r.getMessage() for r in caplog.records)
+
+
+def test_benchmarks_write_no_tracked_file_unless_asked(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("bench_conftest_under_test", repo / "bench" / "conftest.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.delenv("HVAE_BENCH_JSON", raising=False)
+    path = bench._default_json_path()
+    assert path is not None and repo not in path.resolve().parents
+    monkeypatch.setenv("HVAE_BENCH_JSON", "bench/results/cpu-latest.json")
+    assert bench._default_json_path() == Path("bench/results/cpu-latest.json")
