@@ -252,7 +252,7 @@ def test_hostile_config_is_one_line(tmp_path, capsys, text, needle):
     ({"find_critical_rho": 0.5}, "'find_critical_rho' must be an object"),
     ({"find_critical_rho": {"threshold": "high"}}, "threshold must be a finite number"),
     ({"find_critical_rho": {"threshold": 1, "iterations": "4"}}, "iterations must be a finite number"),
-    ([1, 2], "expected an object"),
+    ([1, 2], "expected a table"),
 ])
 def test_spec_fields_of_the_wrong_type_are_one_line(tmp_path, capsys, spec, needle):
     path = write(tmp_path / "s.json", json.dumps(spec).encode())
