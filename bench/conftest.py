@@ -8,9 +8,10 @@
   ``hvae_fast.ops.ou.backend_status`` knows of is listed and the unavailable ones are skipped with the
   probe's reason; torch.compile is tried once on a tiny function and skipped with the error if it
   fails on this machine.
-* Results: unless ``--benchmark-json PATH`` is passed, the JSON report goes to
-  ``bench/results/<device-kind>-latest.json`` (``cpu-latest.json``, ``cuda-H100-latest.json``);
-  ``HVAE_BENCH_JSON=PATH`` redirects it, ``HVAE_BENCH_JSON=none`` turns it off. The JSON is
+* Results: the JSON report goes to ``--benchmark-json PATH`` or ``HVAE_BENCH_JSON=PATH`` (the
+  tracked ones are ``bench/results/<device-kind>-latest.json``: ``cpu-latest.json``,
+  ``cuda-H100-latest.json``), else to a temporary file (``$TMPDIR/hvae-bench-<pid>.json``), so a
+  plain run leaves the tracked files untouched; ``HVAE_BENCH_JSON=none`` turns it off. The JSON is
   pytest-benchmark's, plus a top-level ``"hvae_fast"`` object (device, versions, backend status,
   threads, load average, GPU copy bandwidth). ``python -m hvae_fast.reporting.bench FILE`` summarises it.
 * Rounds: ``HVAE_BENCH_SCALE`` (default 1.0) multiplies every round count / time budget.
@@ -292,9 +293,8 @@ def _default_json_path() -> Path | None:
         return None
     if env:
         return Path(env)
-    if QUICK:
-        return Path(tempfile.gettempdir()) / f"hvae-bench-quick-{os.getpid()}.json"
-    return RESULTS_DIR / f"{device_kind()}-latest.json"
+    # bench/results/ is tracked: it is written only when asked (HVAE_BENCH_JSON or --benchmark-json).
+    return Path(tempfile.gettempdir()) / f"hvae-bench-{'quick-' if QUICK else ''}{os.getpid()}.json"
 
 
 def _json_option_is_path() -> bool:

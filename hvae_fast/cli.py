@@ -10,7 +10,7 @@ the core commands), listed once in ``command_modules()``.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 
 from .errors import HVAEError
+from .reporting.outputs import PLOT_EXTS, check_writable  # noqa: F401 (PLOT_EXTS: part of the CLI's API)
+from .reporting.outputs import output_type as _output
+from .training.oom import check_fits, out_of_memory
 
 log = logging.getLogger("hvae_fast")
 MAX_INT = 2**63 - 1
-PLOT_EXTS = (".png", ".pdf", ".svg")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,46 +96,30 @@ def _counts(lo: int):
     return parse
 
 
-def _output(*exts):
-    """Parser of a file to write: its folder must exist and be writable (checked before any work)."""
-    def parse(s):
-        path = Path(s)
-        if "\0" in s or not s.strip():
-            raise argparse.ArgumentTypeError(f"{s!r} is not a file name")
-        if exts and path.suffix.lower() not in exts:
-            raise argparse.ArgumentTypeError(f"cannot write {s!r}: use one of the extensions {', '.join(exts)}")
-        check_writable(path, parse_error=True)
-        return path
-    return parse
+_SIZE_FIELDS = {"mlp": ("latent_sizes", "hidden_sizes")}  # other archs: _RESNET_SIZE_FIELDS
+_RESNET_SIZE_FIELDS = ("num_layers", "channels", "blocks", "data_blocks", "latent_channels")
 
 
-def check_writable(path: Path, parse_error: bool = False) -> None:
-    """Raise (HVAEError, or ArgumentTypeError for a flag's value) unless ``path`` can be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    why = (f"its folder {folder} does not exist: create it, or write elsewhere" if not os.path.isdir(folder) else
-           f"{path} is a folder: name a file" if os.path.isdir(path) else
-           f"{folder} is not writable: write elsewhere" if not os.access(folder, os.W_OK) else
-           f"{path} is not writable: write elsewhere" if os.path.exists(path) and not os.access(path, os.W_OK) else None)
-    if why:
-        raise (argparse.ArgumentTypeError if parse_error else HVAEError)(f"cannot write {str(path)!r}: {why}")
-
-
-@contextlib.contextmanager
-def out_of_memory(hint: str):
-    """Turn an allocation failure (CUDA, or the CPU allocator's) into an HVAEError naming the flag to lower."""
+def _check_model_fits(cfg) -> str:
+    """Refuse, before anything is allocated, a model whose weights, gradients and two Adam moments
+    (16 bytes a parameter) exceed its device's total memory; returns the size flags as typed."""
     import torch
 
-    from .training.trainer import is_out_of_memory
+    from .config import as_flag_value, flag_of
+    from .data import image_shape
+    from .models.model import build_model
 
+    names = _SIZE_FIELDS.get(cfg.model.arch, _RESNET_SIZE_FIELDS)
+    fields = {f.name: f for f in dataclasses.fields(cfg.model)}
+    sizes = " ".join(f"{flag_of(fields[n])} {as_flag_value(getattr(cfg.model, n))}" for n in names if n in fields)
     try:
-        yield
-    except torch.OutOfMemoryError:
-        raise HVAEError(f"out of GPU memory {hint}") from None
-    except RuntimeError as exc:
-        # The CPU allocator's messages, and torch's for a size past 2**63 bytes.
-        if is_out_of_memory(exc) or "Storage size calculation overflowed" in str(exc):
-            raise HVAEError(f"out of memory {hint}") from None
-        raise
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = build_model(cfg.method, cfg.model, image_shape(cfg.dataset))
+        need = 16 * sum(p.numel() for p in model.parameters())
+    except (RuntimeError, OverflowError, ValueError, MemoryError):  # a size past what a tensor can hold
+        need = None
+    check_fits(need, cfg.device, f"the model of {sizes} (its weights, gradients and optimizer state)", "lower them")
+    return sizes
 
 
 # -- train: flags generated from the config fields --------------------------------------------------
@@ -235,9 +221,11 @@ def cmd_train(args) -> int:
     from .training.trainer import Trainer, TrainingInterrupted
 
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.method}-seed{cfg.train.seed}"
+    sizes = _check_model_fits(cfg)
     trainer = None
     try:
-        trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
+        with out_of_memory(f"building the model ({sizes}): lower them"):
+            trainer = Trainer(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
         rec = trainer.fit()
     except TrainingInterrupted as exc:
         if trainer.world.main:  # under torchrun, rank 0 speaks for the run
@@ -547,6 +535,7 @@ def command_modules() -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hvae-fast", description="Hermite VAEs: train, evaluate, sample, benchmark.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"hvae-fast {__import__('hvae_fast').__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for module in command_modules():
         module.register(sub)

@@ -177,7 +177,18 @@ def _coerce(f: dataclasses.Field, v, where: str):
         want = "a list of integers" if kind == "tuple" else {"bool": "true or false", "int": "an integer",
                                                             "float": "a number", "str": "a string"}[kind]
         raise HVAEError(f"{where}: {f.name} must be {want}, got {v!r}: fix it (or pass {flag_of(f)} on top)")
+    if kind == "float" and isinstance(v, int) and abs(v) >= _INT_LIMIT:  # float() would overflow
+        raise HVAEError(f"{where}: {f.name} is {_short(v)}, not a usable number: fix it (or pass {flag_of(f)} on top)")
     return tuple(v) if kind == "tuple" else float(v) if kind == "float" else v
+
+
+# No count or size of this program reaches 2**63 (torch's index type): a larger integer is a typo.
+_INT_LIMIT = 2**63
+
+
+def _short(v: int) -> str:
+    """A huge integer as a readable phrase (its digits could fill a screen)."""
+    return f"an integer of {len(str(abs(v)))} digits" if abs(v) >= 10**20 else str(v)
 
 
 def _check_bounds(f: dataclasses.Field, v) -> None:
@@ -185,6 +196,10 @@ def _check_bounds(f: dataclasses.Field, v) -> None:
     for e in (v if isinstance(v, tuple) else (v,)):
         if not isinstance(e, (int, float)) or isinstance(e, bool):
             continue
+        if isinstance(e, int) and abs(e) >= _INT_LIMIT:
+            what = f"an entry of {flag_of(f)}" if isinstance(v, tuple) else flag_of(f)
+            raise HVAEError(f"{what} is {_short(e)}, over 2**63: pass a value that fits in 64 bits "
+                            f"(default {as_flag_value(f.default)})")
         bad = (isinstance(e, float) and not math.isfinite(e) or ("lo" in m and e < m["lo"])
                or ("gt" in m and e <= m["gt"]) or ("hi" in m and e > m["hi"]))
         if bad:
@@ -310,6 +325,9 @@ def load_config(path) -> RunConfig:
     except json.JSONDecodeError as exc:
         raise HVAEError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
                         f"restore it, or pass --preset instead") from None
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep to parse
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise HVAEError(f"{path} is not a config ({why}): restore it, or pass --preset instead") from None
     cfg = RunConfig.from_dict(d, where=str(path))
     try:
         return cfg.validate()

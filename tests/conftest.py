@@ -8,7 +8,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # CI and the README point HVAE_DATA_DIR at ../shared/data; fall back to that path beside the repo.
-SHARED_DATA = Path(os.environ.get("HVAE_DATA_DIR") or REPO.parent / "shared" / "data")
+# Made absolute once, here, and put back in the environment: tests that change directory, make
+# symlinks to it or start subprocesses elsewhere must all find the same folder.
+SHARED_DATA = Path(os.environ.get("HVAE_DATA_DIR") or REPO.parent / "shared" / "data").expanduser().absolute()
+if os.environ.get("HVAE_DATA_DIR"):
+    os.environ["HVAE_DATA_DIR"] = str(SHARED_DATA)
 
 
 @pytest.fixture(scope="session", autouse=True)

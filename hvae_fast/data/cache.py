@@ -4,8 +4,10 @@
 file whose content was hashed (and, where a standard digest is known, verified): a file whose size
 and mtime are unchanged is not hashed again. Parsed splits are ``.npy`` files named
 ``<dataset>-<split>-<key>.<images|labels|indices>.npy``, where the key hashes the sources' content
-digests, so a touched but unchanged file still hits and a changed one never does. Arrays are
-memory-mapped copy-on-write on load.
+digests, so a touched but unchanged file still hits and a changed one never does. Next to them,
+``<dataset>-<split>-<key>.json`` (written last) records the sources' digests and each array's
+sha256, dtype and shape; a split is read only when all of them match, else it is re-parsed with a
+warning. Arrays are memory-mapped copy-on-write on load.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-_CACHE_VERSION = 2
+_CACHE_VERSION = 2  # of the digest records
+_SPLIT_VERSION = 3  # of the parsed splits: 3 added the per-split record of digests
 _PARTS = ("images", "labels", "indices")
 Split = tuple  # (images np.ndarray, labels np.ndarray | None, indices np.ndarray | None)
 
@@ -101,48 +104,98 @@ def remember_digest(path: Path, digest: str) -> None:
 
 def split_key(name: str, digests: list[str]) -> str:
     """The parse-cache key of a dataset's splits read from sources with these content digests."""
-    return hashlib.sha256("\0".join([f"v{_CACHE_VERSION}", name, *digests]).encode()).hexdigest()[:20]
+    return hashlib.sha256("\0".join([f"v{_SPLIT_VERSION}", name, *digests]).encode()).hexdigest()[:20]
 
 
 def _split_files(cache_dir: Path, name: str, split: str, key: str) -> dict[str, Path]:
     return {part: cache_dir / f"{name}-{split}-{key}.{part}.npy" for part in _PARTS}
 
 
-def read_split(name: str, split: str, key: str) -> Split | None:
-    """The cached (images, labels, indices) of a split, or None on a miss or a damaged entry."""
-    files = _split_files(resolve_cache_dir(), name, split, key)
-    if not files["images"].is_file():
+def _record_file(cache_dir: Path, name: str, split: str, key: str) -> Path:
+    return cache_dir / f"{name}-{split}-{key}.json"
+
+
+def _array_digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+
+
+def _describe(arr: np.ndarray) -> dict:
+    return {"sha256": _array_digest(arr), "dtype": arr.dtype.str, "shape": list(arr.shape)}
+
+
+def _warn_bad_entry(name: str, split: str, problem: str) -> None:
+    warnings.warn(f"the cached {name} {split} split is not what was parsed ({problem}); parsing the "
+                  "source files again", RuntimeWarning, stacklevel=3)
+
+
+def read_split(name: str, split: str, key: str, source_digests: list[str]) -> Split | None:
+    """The cached (images, labels, indices) of a split parsed from sources with ``source_digests``,
+    or None on a miss. An entry whose record, sources or array digests, dtypes or shapes do not
+    match is a miss too, with a warning (the caller re-parses and rewrites it)."""
+    cache_dir = resolve_cache_dir()
+    files = _split_files(cache_dir, name, split, key)
+    record_file = _record_file(cache_dir, name, split, key)
+    if not record_file.exists() and not any(f.exists() for f in files.values()):
+        return None  # a plain miss
+    try:
+        record = json.loads(record_file.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        parts, sources = record.get("parts"), record.get("sources")
+    except (OSError, ValueError, RecursionError) as exc:
+        _warn_bad_entry(name, split, f"{record_file.name} is unreadable: {' '.join(str(exc).split())}")
+        return None
+    if record.get("v") != _SPLIT_VERSION or sources != list(source_digests):
+        _warn_bad_entry(name, split, f"{record_file.name} is of other source files or another version")
+        return None
+    if not isinstance(parts, dict) or "images" not in parts or not set(parts) <= set(_PARTS):
+        _warn_bad_entry(name, split, f"{record_file.name} does not list the arrays")
         return None
     out = []
-    try:
-        for part in _PARTS:
-            # Copy-on-write memory map: instant, pages are read on first use, arrays are writable.
-            out.append(np.load(files[part], mmap_mode="c", allow_pickle=False)
-                       if files[part].is_file() else None)
-    except (OSError, ValueError, EOFError):
-        return None  # a damaged cache file: re-parse and rewrite it
+    for part in _PARTS:
+        if part not in parts:
+            out.append(None)
+            continue
+        try:
+            # Copy-on-write memory map: pages are read on first use (here, by the digest), and the
+            # arrays are writable.
+            arr = np.load(files[part], mmap_mode="c", allow_pickle=False)
+            found = _describe(arr)
+        except (OSError, ValueError, EOFError) as exc:
+            _warn_bad_entry(name, split, f"{files[part].name} is unreadable: {' '.join(str(exc).split())}")
+            return None
+        if found != parts[part]:
+            _warn_bad_entry(name, split, f"{files[part].name} holds {found['dtype']}{found['shape']} with "
+                            "another sha256 than its record")
+            return None
+        out.append(arr)
     images, labels, indices = out
     n = images.shape[0]
     if any(a is not None and a.shape[:1] != (n,) for a in (labels, indices)):
+        _warn_bad_entry(name, split, "its arrays hold different numbers of rows")
         return None
     return images, labels, indices
 
 
-def write_split(name: str, split: str, key: str, arrays: Split) -> None:
-    """Cache one split, replacing older entries of it; warns (once per call) if it cannot."""
+def write_split(name: str, split: str, key: str, arrays: Split, source_digests: list[str]) -> None:
+    """Cache one split parsed from sources with ``source_digests``, replacing older entries of it;
+    warns (once per call) if it cannot."""
     cache_dir = resolve_cache_dir()
     files = _split_files(cache_dir, name, split, key)
+    record_file = _record_file(cache_dir, name, split, key)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        # Stale entries of this split (an older source file) go first.
-        for old in cache_dir.glob(f"{name}-{split}-*.npy"):
-            if old not in files.values():
-                old.unlink(missing_ok=True)
-        # images last: read_split treats a split whose images file exists as complete.
-        for part, arr in zip(("labels", "indices", "images"), (arrays[1], arrays[2], arrays[0])):
+        # Stale entries of this split (an older source file, or this one's, rewritten) go first.
+        for old in [*cache_dir.glob(f"{name}-{split}-*.npy"), *cache_dir.glob(f"{name}-{split}-*.json")]:
+            old.unlink(missing_ok=True)
+        parts = {}
+        for part, arr in zip(_PARTS, arrays):
             if arr is not None:
-                _atomic_write(files[part], lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
-            else:
-                files[part].unlink(missing_ok=True)
+                arr = np.ascontiguousarray(arr)
+                _atomic_write(files[part], lambda f, a=arr: np.save(f, a, allow_pickle=False))
+                parts[part] = _describe(arr)
+        # The record last: read_split reads only an entry whose record exists.
+        record = {"v": _SPLIT_VERSION, "sources": list(source_digests), "parts": parts}
+        _atomic_write(record_file, lambda f: f.write(json.dumps(record).encode()))
     except OSError as exc:
         _warn_unwritable(f"the parsed {name} {split} split", cache_dir, exc)

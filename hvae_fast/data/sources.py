@@ -19,6 +19,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from hvae_fast.errors import HVAEError
@@ -30,13 +31,23 @@ from .parsers import one_line
 _DOWNLOAD_TIMEOUT_S = 60
 
 
+# The working directory when the package was imported: a relative HVAE_DATA_DIR (the README's
+# ../shared/data) names a folder relative to where the program started, even after a chdir.
+try:
+    _START_DIR = os.getcwd()
+except OSError:  # started in a deleted folder: relative settings are then taken as they come
+    _START_DIR = None
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data dir: ``data_dir``, else env ``HVAE_DATA_DIR``, else ``user_cache_dir/data``."""
+    """The data dir: ``data_dir``, else env ``HVAE_DATA_DIR`` (absolute; a relative one is taken
+    from the directory the program started in), else ``user_cache_dir/data``."""
     if data_dir is not None and str(data_dir) != "":
         return Path(data_dir).expanduser()
     env = os.environ.get("HVAE_DATA_DIR")
     if env:
-        return Path(env).expanduser()
+        path = Path(env).expanduser()
+        return Path(os.path.normpath(os.path.join(_START_DIR, path))) if _START_DIR is not None else path
     return cache.user_cache_root() / "data"
 
 
@@ -67,13 +78,21 @@ def content_digest(src: Source, path: Path) -> str:
         raise parsers.read_error(path, exc) from None
 
 
-def verify(src: Source, path: Path) -> str:
+def verify(src: Source, path: Path, *, trust_record: bool = True) -> str:
     """The content digest of local file ``path``, checked against ``src.sha256``. The digest is
-    computed once per (size, mtime) of the file and remembered in the cache."""
-    digest = cache.known_digest(path)
-    fresh = digest is None
-    if fresh:
+    computed once per (size, mtime) of the file and remembered in the cache; with
+    ``trust_record=False`` the file is hashed even so. A record that disagrees with the content
+    (an edit that kept size and mtime, or a damaged or planted record) is replaced, with a warning."""
+    recorded = cache.known_digest(path)
+    digest = recorded if trust_record else None
+    if digest is not None and src.sha256 is not None and digest != src.sha256:
+        digest = None  # the record, not necessarily the file, may be wrong: hash before refusing
+    if digest is None:
         digest = content_digest(src, path)
+    if recorded is not None and digest != recorded:
+        warnings.warn(f"{path}: the content digest on record for its size and mtime is not its "
+                      "content's (an edit that kept both, or a damaged cache record); using the "
+                      "content's", RuntimeWarning, stacklevel=2)
     if src.sha256 is not None and digest != src.sha256:
         what = "uncompressed content" if _gunzips(src, path) else "content"
         raise HVAEError(
@@ -81,7 +100,7 @@ def verify(src: Source, path: Path) -> str:
             f"{src.sha256}: the file is damaged, truncated or altered. Fix: delete it and re-run "
             f"to download it again ({src.url}), or restore the publisher's file in its place"
         )
-    if fresh:
+    if digest != recorded:
         cache.remember_digest(path, digest)
     return digest
 

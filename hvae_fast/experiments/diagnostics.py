@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import HVAEError
+from ..reporting.outputs import PLOT_EXTS, output_type
 from ..models.objectives import training_loss
+from ..training.oom import check_fits, out_of_memory
 from ..training.rundir import load_checkpoint, load_run
 
 # ----------------------------------------------------------------------------------------------
@@ -293,9 +295,15 @@ def cmd_gradvar(args) -> int:
             bar = tqdm(total=0, disable=args.no_progress, unit="estimator-batch", desc="gradvar")
         bar.total += len(batches) * (1 + len(rhos) * len(Ks))
         bar.refresh()
+        # The K correlated samples of the widest latent layer alone (float32) must fit.
+        widest = max(math.prod(s) for s in model.latent_shapes)
+        check_fits(4.0 * max(Ks) * result["batch_size"] * widest, dev,
+                   f"--K {max(Ks)} OU samples of {result['batch_size']} examples", "lower --K")
         groups = [list(g.parameters()) for g in model.gen]
         loss = model_loss_fn(model, get_backend("torch", dev), cfg.ou.target)
-        res = gradvar(loss, groups, _layer_names(model), batches, rhos, Ks, args.draws, args.seed, bar)
+        with out_of_memory(f"with --K {max(Ks)} OU samples per example at batch size {result['batch_size']}: "
+                           "lower --K (or --batch-size)"):
+            res = gradvar(loss, groups, _layer_names(model), batches, rhos, Ks, args.draws, args.seed, bar)
         result["points"] += [{"step": step, "checkpoint": label, **p} for p in res["points"]]
         result["reference"].append({"step": step, "checkpoint": label, **res["reference"]})
     if bar is not None:
@@ -420,7 +428,13 @@ def cmd_spectrum(args) -> int:
                                              unit="checkpoint"):
         ds = load_dataset(cfg.dataset, args.split, args.data_dir)
         x = torch.cat(list(eval_batches(ds, min(args.points, 500), args.seed, args.points))).to(dev)
-        layers = layer_spectra(model, x, rhos, args.degree, args.noise, args.seed)
+        # Per layer, the noise draws e and w of its input and its two outputs (float32) at once.
+        sizes = [math.prod(s) for s in model.latent_shapes]
+        check_fits(8.0 * args.noise * x.shape[0] * max(a + b for a, b in zip(sizes, sizes[1:] or sizes)), dev,
+                   f"--noise {args.noise} draws for each of {x.shape[0]} points", "lower --noise (or --points)")
+        with out_of_memory(f"with --noise {args.noise} draws for each of --points {args.points}: lower --noise "
+                           "(or --points)"):
+            layers = layer_spectra(model, x, rhos, args.degree, args.noise, args.seed)
         result["checkpoints"].append({"step": step, "checkpoint": label, "layers": layers})
         result["condition_number"] = layers[0]["condition_number"]
         for lay in layers:
@@ -493,8 +507,9 @@ def _common_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir")
-    p.add_argument("--json", type=Path, metavar="FILE")
-    p.add_argument("--plot", type=Path, metavar="FILE.png")
+    # Checked as the flags are read, so a bad path is refused before the work, not after it.
+    p.add_argument("--json", type=output_type(".json"), metavar="FILE.json")
+    p.add_argument("--plot", type=output_type(*PLOT_EXTS), metavar="FILE.png")
     p.add_argument("--no-progress", action="store_true")
 
 

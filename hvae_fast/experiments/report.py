@@ -19,11 +19,13 @@ several, their rows pooled with a ``sweep`` column), as PNGs and a Markdown repo
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from ..errors import HVAEError
 from ..reporting.curves import ema, plot_runs, read_metrics
-from .sweep_results import read_critical, summarize, write_results
+from ..reporting.outputs import check_output_folder
+from .sweep_results import collect_results, read_critical, summarize, write_results
 from .sweep_spec import read_spec
 
 # method.md, "Results to compare against": validation ELBO, top-layer KL (nats), active units
@@ -291,10 +293,13 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     sweep_dirs = [Path(d) for d in ([sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else sweep_dirs)]
     specs = [read_spec(d) for d in sweep_dirs]  # every folder checked before anything is written
     out = Path(output) if output else sweep_dirs[0] / "report"
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, axes, run_dir = [], [], {}
     for d, spec in zip(sweep_dirs, specs):
-        for r in write_results(d):
+        # The sweep's results tables are rebuilt where the sweep is writable; a read-only sweep is
+        # only read (the report goes to --output, checked above).
+        for r in (write_results(d) if os.access(d, os.W_OK) else collect_results(d)):
             if len(sweep_dirs) > 1:
                 r["sweep"] = d.name
             run_dir[id(r)] = d / r["name"]

@@ -69,7 +69,30 @@ def load_spec_file(path) -> dict:
     if unknown:
         raise HVAEError(f"sweep spec {path}: unknown keys {sorted(unknown)}; use base, grid, list, "
                         f"eval_iw_samples, eval_max_examples, find_critical_rho")
+    problem = _spec_file_problem(d)
+    if problem:
+        raise HVAEError(f"sweep spec {path}: {problem}")
     return d
+
+
+def _spec_file_problem(d: dict) -> str | None:
+    """What is wrongly typed in a --spec file's fields, or None."""
+    scalar = lambda v: isinstance(v, str) or _is_num(v)  # noqa: E731
+    base = d.get("base", [])
+    if not (isinstance(base, str) or isinstance(base, list) and all(isinstance(a, str) for a in base)):
+        return "'base' must be the train command, a string or a list of strings"
+    for kind in ("grid", "list"):
+        axes = d.get(kind, {})
+        if not (isinstance(axes, dict) and all(isinstance(v, list) and v and all(map(scalar, v))
+                                               for v in axes.values())):
+            return f"'{kind}' must map each flag to a non-empty list of values, e.g. {{\"seed\": [0, 1]}}"
+    for key in ("eval_iw_samples", "eval_max_examples"):
+        if key in d and not (isinstance(d[key], int) and not isinstance(d[key], bool)):
+            return f"'{key}' must be an integer, got {d[key]!r}"
+    c = d.get("find_critical_rho")
+    if c is not None and not isinstance(c, dict):
+        return "'find_critical_rho' must be an object of threshold, rho_low, rho_high, iterations"
+    return None
 
 
 def make_spec(base, axes, eval_iw_samples: int = 100, eval_max_examples: int = 0, critical: dict | None = None) -> dict:
@@ -105,6 +128,12 @@ def make_spec(base, axes, eval_iw_samples: int = 100, eval_max_examples: int = 0
     if critical is not None:
         if "rho" in keys:
             raise HVAEError("--find-critical-rho chooses rho itself: remove rho from --grid/--list")
+        for k in ("threshold", "rho_low", "rho_high", "iterations"):
+            if not _is_num(critical.get(k)):
+                raise HVAEError(f"--find-critical-rho: {k.replace('_', '-')} must be a finite number, "
+                                f"got {critical.get(k)!r}")
+        if not float(critical["iterations"]).is_integer():
+            raise HVAEError(f"--find-critical-rho: iterations must be an integer, got {critical['iterations']!r}")
         if not 0 <= critical["rho_low"] < critical["rho_high"] <= 1 or critical["iterations"] < 1:
             raise HVAEError("--find-critical-rho needs 0 <= --rho-low < --rho-high <= 1 and --iterations >= 1")
     if eval_iw_samples < 0 or eval_max_examples < 0:

@@ -95,6 +95,13 @@ def shape_class(op: str, device, dtype, numel: int, K: int, mode: str | None = N
     return f"{name} {torch.device(device).type} {str(dtype).removeprefix('torch.')} n=4^{bucket} K={K}"
 
 
+def _valid_decision(rec) -> bool:
+    """Whether ``rec`` is a decision as ``AutoBackend.choose`` writes it."""
+    return (isinstance(rec, dict) and isinstance(rec.get("choice"), str) and isinstance(rec.get("ms"), dict)
+            and all(isinstance(n, str) and isinstance(t, (int, float)) and not isinstance(t, bool)
+                    and math.isfinite(t) for n, t in rec["ms"].items()))
+
+
 class DecisionCache:
     """The JSON file of decisions, one section per environment; ``{key: record}`` for ``env``."""
 
@@ -104,26 +111,36 @@ class DecisionCache:
         self.decisions = self._read().get(env, {})
 
     def _read(self) -> dict:
-        """All sections; a missing file is empty, a corrupt one is reported and replaced on the next write."""
+        """All sections; a missing file is empty. A file that is not a format-1 cache is reported
+        and replaced on the next write; a decision that is not {"choice": str, "ms": {str: number}}
+        is reported and dropped (the others are kept), so it is measured again."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
             return {}
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             log.warning("cannot read the auto-backend cache %s (%s): measuring again", self.path, exc)
             return {}
         try:
             data = json.loads(text)
-            if data.get("format") != FORMAT or not isinstance(data.get("environments"), dict):
+            if not isinstance(data, dict) or data.get("format") != FORMAT \
+                    or not isinstance(data.get("environments"), dict):
                 raise ValueError(f"not a format-{FORMAT} auto-backend cache")
-            envs = data["environments"]
-            for sec in envs.values():
-                if not all(isinstance(r, dict) and isinstance(r.get("choice"), str) for r in sec.values()):
-                    raise ValueError("a decision without a 'choice'")
-            return envs
-        except (ValueError, AttributeError, TypeError) as exc:
-            log.warning("the auto-backend cache %s is corrupt (%s): rebuilding it", self.path, exc)
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep to parse
+            log.warning("the auto-backend cache %s is corrupt (%s): rebuilding it", self.path,
+                        " ".join(str(exc).split())[:200])
             return {}
+        envs, dropped = {}, []
+        for env, section in data["environments"].items():
+            if not isinstance(section, dict):
+                dropped.append(f"section {env!r}")
+                continue
+            envs[env] = {key: rec for key, rec in section.items() if _valid_decision(rec)}
+            dropped += [f"{key!r}" for key in section if key not in envs[env]]
+        if dropped:
+            log.warning('the auto-backend cache %s is corrupt: %s not {"choice": name, "ms": {name: '
+                        'number}}; rebuilding those (the other decisions are kept)', self.path, ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""))
+        return envs
 
     def put(self, key: str, record: dict) -> None:
         with self._lock:

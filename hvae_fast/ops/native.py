@@ -199,6 +199,9 @@ class NativeExtension:
             )
             if self.cuda:
                 kwargs["extra_cuda_cflags"] = ["-O3"]
+            if not any(build_dir.glob(f"{self.name}*.so")):  # nothing built yet: say why the start stalls
+                log.info("compiling the %s kernels, once, %s (into %s)", "CUDA" if self.cuda else "C++",
+                            "a few minutes" if self.cuda else "about a minute", build_dir)
             self.module = cpp_extension.load(**kwargs)
             if self.defines_ops:
                 _register_ops()
