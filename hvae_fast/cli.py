@@ -429,7 +429,7 @@ def cmd_memory(args) -> int:
 def cmd_plot(args) -> int:
     from .reporting.curves import plot_runs
 
-    print(f"wrote {plot_runs(args.run_dirs, args.output)}")
+    print(f"wrote {plot_runs(args.run_dirs, args.output, args.labels)}")
     return 0
 
 
@@ -520,6 +520,8 @@ def register(sub) -> None:
     pl.add_argument("run_dirs", nargs="+", type=Path)
     pl.add_argument("--output", type=_output(*PLOT_EXTS), default="curves.png",
                     help=f"image file, {' / '.join(PLOT_EXTS)} (default curves.png)")
+    pl.add_argument("--labels", nargs="+", metavar="LABEL",
+                    help="one name per run, in order (default: method, rho and K, plus the folder where two runs share them)")
     pl.set_defaults(func=cmd_plot)
 
 

@@ -1,17 +1,32 @@
 """`hvae-fast report`: figures and Markdown from synthetic sweep folders the tests write."""
 
+import csv
 import json
 import re
 
 import pytest
 
 from hvae_fast.experiments import report, sweep
+from hvae_fast.reporting import paper_tables
 from hvae_fast.cli import main
 from hvae_fast.errors import HVAEError
 
 from test_sweep import fake_point, make_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+MODEL_40X4 = {"latent_sizes": [40] * 4, "hidden_sizes": [200] * 4}
+MODEL_64 = {"latent_sizes": [64, 32, 16, 8], "hidden_sizes": [512, 256, 128, 64]}
+
+
+def set_config(run, model=MODEL_40X4, dataset="binarized-mnist", **train):
+    """Give a fake_point's config.json a model (and dataset, train fields), as a real run's has."""
+    cfg = json.loads((run / "config.json").read_text())
+    cfg.update(model=model, dataset=dataset)
+    cfg["train"].update(train)
+    (run / "config.json").write_text(json.dumps(cfg))
+    return run
 
 
 def phase_sweep(tmp_path, critical=None):
@@ -21,8 +36,8 @@ def phase_sweep(tmp_path, critical=None):
     kl = {0.5: 10.0, 0.9: 5.0, 1.0: 0.05}
     for rho in kl:
         for seed in (0, 1):
-            run = fake_point(d, f"rho={rho},seed={seed}", rho=rho, elbo=-86.0 - seed, top_kl=kl[rho] + (seed - 0.5) * 2,
-                             active_units=[40, 40, 30 + seed, 20 if rho < 1 else 0])
+            run = set_config(fake_point(d, f"rho={rho},seed={seed}", rho=rho, elbo=-86.0 - seed,
+                                        top_kl=kl[rho] + (seed - 0.5) * 2, active_units=[40, 40, 30 + seed, 20 if rho < 1 else 0]))
             (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
                 {"split": "train", "step": 1, "elbo": -200.0, "top_kl": 1.0},
                 {"split": "train", "step": 2, "elbo": -150.0, "top_kl": 2.0},
@@ -38,14 +53,81 @@ def test_report_renders_the_phase_transition_tables_and_curves(tmp_path, capsys)
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):  # every embedded figure exists and is a PNG
         assert (tmp_path / "out" / png).read_bytes()[:8] == PNG
     assert "(phase_transition.png)" in md and "(curves.png)" in md and "active_units_grid" not in md
-    assert "largest rho with mean top-layer KL above 2 nats: **0.9**" in md
+    # the line over rho is named by what the sweep holds fixed, not by its first point's rho (0.5)
+    assert "- preset=mnist-mlp-40x4, method=hvae: largest rho with mean top-layer KL above 2 nats: **0.9**" in md
     assert "Training budget: 5,000 steps" in md
-    # Table 4's HVAE rho=0.9 row beside the sweep's rho=0.9 points: mean +- std over the two seeds.
-    i = md.index("| 4 | paper: static MNIST 40x4, HVAE rho=0.9 | 1,000,000 | - | -85.5 | 19.5 | 40, 40, 40, 40 |")
-    mine = md[i:].splitlines()[1]
-    assert mine.startswith("| 4 | this sweep: rho=0.9 | 5,000 | 2 | -86.50 ± 0.71 | 5.00 ± 1.41 | 40.0, 40.0, 30.5, 20.0 |")
-    assert "no point with preset mnist-mlp-64-32-16-8" in md  # Table 3 is not in this sweep
     assert (d / "results.csv").exists() and (d / "summary.csv").exists()  # rebuilt from the run directories
+
+
+def test_tables_3_and_4_carry_every_paper_row_aligned(tmp_path):
+    md = report.make_report(phase_sweep(tmp_path)).read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| 3 |", "| 4 |"))]
+    assert sum("| paper | 1,000,000 |" in line for line in rows) == 16
+    assert "| 3 | HVAE (rho = 0.95) (64-32-16-8) | paper | 1,000,000 | - | -81.6 | - | -59.78 | 26.1 | 8.99 | 8, 16, 32, 54 |" in rows
+    # Table 4's HVAE rho=0.9 row, then the sweep's rho=0.9 points (mean ± std over two seeds): the
+    # IW bound (L = 100) under the paper's V. ELBO, active units turned top to bottom as the paper's
+    i = rows.index("| 4 | HVAE (rho = 0.9) | paper | 1,000,000 | - | -85.5 | - | - | - | 19.5 | 40, 40, 40, 40 |")
+    assert rows[i + 1] == ("| 4 | HVAE (rho = 0.9) | this project: rho=0.9 | 5,000 | 2 | -89.00 ± 0.00 | -86.50 ± 0.71 | - "
+                           "| 5.00 ± 0.00 | 5.00 ± 1.41 | 20, 30.5, 40, 40 |")
+    # rows without a run say so: here all but that one (rho 0.5 and 1.0 are no row of the paper's)
+    assert sum(line.endswith("| this project: not run | | | | | | | | |") for line in rows) == 15
+    data = json.loads((tmp_path / "phase" / "report" / "paper_tables.json").read_text())
+    assert [r["source"] for r in data].count("paper") == 16
+    mine = next(r for r in data if r["source"] == "rho=0.9")
+    assert mine["iw_bound_mean"] == -89.0 and mine["iw_samples"] == 100
+    assert [mine[f"active_units_layer_{i}_mean"] for i in (1, 2, 3, 4)] == [40, 40, 30.5, 20]
+    paper = next(r for r in data if r["model"] == "HVAE (rho = 0.95) (64-32-16-8)" and r["source"] == "paper")
+    assert [paper[f"active_units_layer_{i}"] for i in (1, 2, 3, 4)] == [54, 32, 16, 8]  # the top layer has 8 units
+
+
+def test_an_iw_bound_with_another_L_is_not_put_under_the_papers_column(tmp_path):
+    d = phase_sweep(tmp_path)
+    spec = json.loads((d / "sweep.json").read_text())
+    (d / "sweep.json").write_text(json.dumps({**spec, "eval_iw_samples": 0}))
+    md = report.make_report(d).read_text()
+    assert "| 4 | HVAE (rho = 0.9) | this project: rho=0.9 | 5,000 | 2 | not measured (eval L=0) | -86.50 ± 0.71 |" in md
+
+
+@pytest.mark.parametrize("cfg, rows", [
+    ({"method": "vae", "dataset": "binarized-mnist", "model": MODEL_40X4, "train": {}}, ["VAE"]),
+    ({"method": "vae", "dataset": "binarized-mnist", "model": MODEL_40X4, "train": {"kl_anneal": [10, 500]}}, ["VAE+KL"]),
+    ({"method": "vae", "dataset": "mnist", "model": MODEL_64, "train": {"free_bits": 2.0}}, ["VAE+Freebits (64-32-16-8)"]),
+    ({"method": "iwae", "dataset": "binarized-mnist", "model": MODEL_40X4, "train": {"iw_samples_train": 5}},
+     ["IWAE (5 samples)"]),
+    ({"method": "iwae", "dataset": "binarized-mnist", "model": MODEL_40X4, "train": {"iw_samples_train": 10}}, []),
+    ({"method": "iwae", "dataset": "mnist", "model": MODEL_40X4, "train": {"iw_samples_train": 10}}, ["IWAE (40-40-40-40)"]),
+    ({"method": "hvae", "dataset": "mnist", "model": MODEL_64, "ou": {"rho": 0.9}, "train": {}},
+     ["HVAE (rho = 0.9) (64-32-16-8)"]),
+    ({"method": "hvae", "dataset": "binarized-mnist", "model": MODEL_40X4, "ou": {"rho": 0.95}, "train": {"kl_anneal": [1, 2]}},
+     ["HVAE+KL (rho = 0.95)"]),
+    ({"method": "hvae", "dataset": "binarized-mnist", "model": MODEL_40X4, "ou": {"rho": 0.9, "rho_control": 25.0},
+      "train": {}}, []),  # a steered run is no fixed-rho row
+])
+def test_which_paper_rows_a_run_matches(cfg, rows):
+    run = paper_tables.run_variant(cfg)
+    assert [p["model"] for p in paper_tables.PAPER_ROWS if paper_tables.matches(p, run)] == rows
+
+
+def test_report_writes_the_numbers_behind_its_tables_and_figures(tmp_path):
+    d = phase_sweep(tmp_path)
+    md = report.make_report(d).read_text()
+    out = d / "report"
+    for name in ("runs", "groups", "paired", "paired_summary", "paper_tables", "curves"):
+        assert (out / f"{name}.csv").exists() and (out / f"{name}.json").exists(), name
+        assert f"- `{name}.csv`/`.json`: " in md
+    assert not (out / "steering_curves.csv").exists()  # no steered group: no such figure, no such file
+    groups = json.loads((out / "groups.json").read_text())
+    assert groups == json.loads((d / "summary.json").read_text())  # the figures' means and stds
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert len(runs) == 6 and {r["active_units_layer_4"] for r in runs} == {"20", "0"}
+    # paired by seed: rho 0.5 minus rho 0.9 keeps 5 nats more top-layer KL on both seeds
+    paired = [r for r in json.loads((out / "paired.json").read_text()) if (r["a"], r["b"]) == ("rho=0.5", "rho=0.9")]
+    assert [(r["seed"], r["top_kl_diff"], r["elbo_diff"]) for r in paired] == [(0, 5.0, 0.0), (1, 5.0, 0.0)]
+    pairs = json.loads((out / "paired_summary.json").read_text())
+    assert [(p["a"], p["b"], p["n"]) for p in pairs] == [("rho=0.5", "rho=0.9", 2), ("rho=0.5", "rho=1.0", 2),
+                                                          ("rho=0.9", "rho=1.0", 2)]
+    curves = list(csv.DictReader(open(out / "curves.csv")))
+    assert len(curves) == 6 * 3 and curves[0]["run"] == "rho=0.5,seed=0" and curves[2]["split"] == "valid"
 
 
 def test_report_marks_the_interval_of_a_critical_search(tmp_path):
@@ -127,6 +209,15 @@ def test_steering_report_pools_sweeps_and_judges_the_goal(tmp_path, capsys):
     ctl = next(l for l in rows if "rho_control=5" in l)
     assert sched.endswith("| yes | 2.50 ± 0.71 | 60.0 ± 0.0 | no | not met |"), sched
     assert ctl.endswith("| yes | 12.50 ± 0.71 | 90.0 ± 0.0 | yes | met |"), ctl
+    # paired by seed, steered minus fixed: the controller beats the best fixed rho (0.9) by 0.5 nats on each seed
+    paired = [r for r in json.loads((out / "paired.json").read_text())
+              if "rho_control=5" in r["a"] and "rho=0.9" in r["b"]]
+    assert [(r["seed"], r["elbo_diff"], r["top_kl_diff"]) for r in paired] == [(0, 0.5, 4.0), (1, 0.5, 4.0)], paired
+    # the figure's curves: rho over training, mean over seeds, per group (5 groups, 3 logged steps each)
+    curves = json.loads((out / "steering_curves.json").read_text())
+    sched = [c for c in curves if "linear" in c["group"]]
+    assert len(curves) == 5 * 3 and [(c["step"], c["rho"], c["top_kl"]) for c in sched] == [(10, 0.5, 2.0), (20, 0.75, 2.0),
+                                                                                          (30, 1.0, 2.0)]
     # A VAE's config carries an unused rho: unless rho is swept, its row has none.
     v = make_sweep(tmp_path, "v", [("grid", "seed=0")])
     fake_point(v, "seed=0", rho=0.9, method="vae")

@@ -45,12 +45,24 @@ def test_memory_table_json_and_csv_round_trip(tmp_path):
         got = list(csv.DictReader(f))
     assert [r["model"] for r in got] == ["vae", "iwae"] and got[1]["memory_bytes"] == str(4 * GIB)
     assert got[0]["cpu_peak_bytes"] == ""  # None is an empty cell
-    assert list(got[0]) == memory_table.COLUMNS
+    assert list(got[0]) == memory_table.COLUMNS + ["paper_ratio_to_vae"]
+    assert got[1]["paper_ratio_to_vae"] == str(10.5 / 2.45)  # Table 6: IWAE-6 over VAE-6
+
+
+def test_bench_csv_holds_the_numbers_behind_the_tables(tmp_path):
+    _bench_json(tmp_path / "r.json")
+    assert bench.main([str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]) == 0
+    with open(tmp_path / "r.csv", newline="") as f:
+        got = {r["name"]: r for r in csv.DictReader(f)}
+    assert float(got["hvae-cpp"]["median_s"]) == 0.015 and float(got["hvae-cpp"]["ratio_to_baseline"]) == 1.5
+    assert float(got["hvae-cpp"]["mem_ratio_to_vae"]) == 1.5 and got["hvae-cpp"]["ratio_to_hvae_torch"] == ""
+    assert bench.main([str(tmp_path / "r.json"), str(tmp_path / "r.json"), "--csv", str(tmp_path / "x.csv")]) == 2
 
 
 def _bench_json(path):
     def b(group, name, median, **extra):
-        return {"group": group, "name": name, "stats": {"median": median}, "extra_info": extra}
+        return {"group": group, "name": name, "extra_info": extra,
+                "stats": {"median": median, "min": median * 0.9, "max": median * 1.2, "rounds": 5}}
 
     data = {"benchmarks": [b("step-mnist-mlp-40x4", "vae", 0.010, peak_mem_bytes=2**20, batch=100),
                            b("step-mnist-mlp-40x4", "hvae-cpp", 0.015, peak_mem_bytes=3 * 2**19, batch=100)]}

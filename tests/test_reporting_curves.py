@@ -9,6 +9,7 @@ import pytest
 from hvae_fast.cli import main
 from hvae_fast.config import RunConfig
 from hvae_fast.errors import HVAEError
+from hvae_fast.reporting import curves
 from hvae_fast.reporting.curves import EMA_WEIGHT, ema, read_metrics
 
 
@@ -72,3 +73,27 @@ def test_ema_is_the_normalised_geometric_average():
         w = [EMA_WEIGHT ** (n - 1 - i) for i in range(n)]
         assert ema(xs)[n - 1] == pytest.approx(sum(wi * x for wi, x in zip(w, xs)) / sum(w))
     assert ema([7.0] * 4) == pytest.approx([7.0] * 4)
+
+
+def test_two_runs_with_the_same_settings_get_different_labels(tmp_path):
+    same = ["hvae, rho=0.9, K=5"] * 2
+    assert curves.line_labels([tmp_path / "seed0", tmp_path / "seed1"], None, same) == [
+        "hvae, rho=0.9, K=5 (seed0)", "hvae, rho=0.9, K=5 (seed1)"]
+    # same folder name too: the path tells them apart
+    assert curves.line_labels(["a/run", "b/run"], None, same) == ["hvae, rho=0.9, K=5 (run) (a/run)",
+                                                                 "hvae, rho=0.9, K=5 (run) (b/run)"]
+    assert curves.line_labels(["a", "b"], None, ["vae", "hvae"]) == ["vae", "hvae"]
+
+
+def test_plot_labels_name_the_lines(tmp_path, capsys):
+    a, b = write_run(tmp_path / "seed0", False), write_run(tmp_path / "seed1", False)
+    out = tmp_path / "c.svg"
+    assert main(["plot", str(a), str(b), "--labels", "first run", "second run", "--output", str(out)]) == 0
+    svg = out.read_text()  # matplotlib writes each text's string as a comment
+    assert "<!-- first run -->" in svg and "<!-- second run -->" in svg and "hvae, rho" not in svg
+    assert main(["plot", str(a), str(b), "--output", str(out)]) == 0
+    assert "<!-- hvae, rho=0.9, K=5 (seed0) -->" in out.read_text()
+    capsys.readouterr()
+    assert main(["plot", str(a), str(b), "--labels", "only one", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--labels names 1 lines for 2 runs" in err and len(err.splitlines()) == 1

@@ -7,8 +7,9 @@ noise), and its bias, the distance of its mean from the plain VAE gradient's mea
 spectrum: the Hermite spectrum of each generator layer's mean by noise stability. With
 f(e) = mu_i(m + s e), (m, s) the posterior of q(z_{i+1} | z_i), e ~ N(0, I):
     S(rho) = E[f(e) . f(rho e + sqrt(1 - rho^2) w)] = sum_d rho^d W_d,
-W_d the energy of f at Hermite degree d. S is estimated on a grid of rho, W_0..W_D recovered
-by non-negative least squares.
+W_d the energy of f at Hermite degree d. S is estimated on a grid of rho in [-1, 1] from draws
+on circles (noise_stability), W_1..W_D recovered by non-negative least squares with standard
+errors, W_0 estimated beside them.
 
 Both read a run directory (config + checkpoint-best/-latest); ``--checkpoints`` names other
 checkpoint files or folders of them, and ``--every N`` keeps those whose step is a multiple of N,
@@ -346,41 +347,72 @@ def plot_gradvar(result: dict, output: Path) -> Path:
 # spectrum
 # ----------------------------------------------------------------------------------------------
 
+# Defaults sized by tests/test_spectrum.py: with these, unit-energy h_1..h_5 and their mixtures are
+# recovered within 0.05 of their energy (h_5, the heaviest-tailed, sets the size).
+SPECTRUM_POINTS, SPECTRUM_NOISE, SPECTRUM_ANGLES = 2000, 1000, 12
+_CHUNK_EVALS = 1 << 18  # evaluations of f per chunk of points (bounds memory)
 
-def noise_stability(f, mu, sigma, rhos, noise: int, generator=None):
-    """S(rho) = E[f(e) . f(rho e + sqrt(1 - rho^2) w)] / units for each rho, and its standard error.
 
-    f maps z [N', *S] to [N', *T]; it is evaluated at z = mu + sigma e (mu, sigma [N, *S]).
-    Expectation over the N points and ``noise`` draws of (e, w) per point; the same draws serve
-    every rho (common random numbers), which keeps the differences between rhos precise.
-    Divided by the number of units of f's output, so layers of different widths compare.
-    Returns two float64 arrays [len(rhos)].
+def circle_rhos(angles: int) -> np.ndarray:
+    """The rho grid of ``angles`` points on a circle: cos(2 pi k / angles), k = 0..angles // 2."""
+    return np.cos(2 * np.pi * np.arange(angles // 2 + 1) / angles)
+
+
+def noise_stability(f, mu, sigma, noise: int, angles: int = SPECTRUM_ANGLES, generator=None) -> dict:
+    """The noise stability of f around each point, per output unit, with its covariance.
+
+    f maps z [N', *S] to [N', *T]; it is evaluated at z = mu + sigma x (mu, sigma [N, *S]). Each
+    of the ``noise`` draws per point is a circle x_j = e cos(t_j) + w sin(t_j), t_j = 2 pi j /
+    angles, e, w ~ N(0, I): every x_j is N(0, I) and x_j, x_{j+k} are rho_k = cos(2 pi k / angles)
+    correlated, so one draw of ``angles`` evaluations yields ``angles`` products at every rho of
+    circle_rhos (far less variance than one product per rho; the grid on [-1, 1] keeps the fit
+    well conditioned). Returns float64 arrays: ``rhos`` [R]; ``S`` [R], the estimate of
+    S(rho) - W_0 = E[(f(x) - E f) . (f(x') - E f)] / units, unbiased (a U-statistic over the draws);
+    ``cov`` [R, R], its covariance; ``W0`` = mean over points of |E f|^2 / units (unbiased) and
+    ``W0_stderr``. Standard errors treat the points' draws as independent samples, so they include
+    the spread over the points.
     """
-    N = mu.shape[0]
-    shape = (noise, *mu.shape)
-    e = torch.randn(shape, generator=generator, dtype=mu.dtype, device=mu.device)
-    w = torch.randn(shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    if noise < 2:
+        raise HVAEError(f"--noise must be >= 2, got {noise}")
+    N, R = mu.shape[0], angles // 2 + 1
+    t = torch.arange(angles, dtype=torch.float64) * (2 * math.pi / angles)
+    cos, sin = (v.to(mu.dtype).to(mu.device).view(-1, 1, 1, *[1] * (mu.dim() - 1)) for v in (t.cos(), t.sin()))
+    step = max(1, _CHUNK_EVALS // (noise * angles))
+    s1, s2, w0 = torch.zeros(R, dtype=torch.float64), torch.zeros(R, R, dtype=torch.float64), []
+    for a in range(0, N, step):
+        m, s = mu[a:a + step], sigma[a:a + step]
+        e = torch.randn((noise, *m.shape), generator=generator, dtype=mu.dtype, device=mu.device)
+        w = torch.randn((noise, *m.shape), generator=generator, dtype=mu.dtype, device=mu.device)
+        x = e[None] * cos + w[None] * sin  # [angles, noise, n, *S]
+        F = f((m + s * x).flatten(0, 2)).reshape(angles, noise, m.shape[0], -1).double()
+        units = F.shape[-1]
+        circle = F.mean(0)  # [noise, n, units]: each draw's mean over its circle
+        total = circle.sum(0)
+        # W_0 per point: sum over pairs of different draws of circle_k . circle_l (unbiased for |E f|^2)
+        w0.append(((total * total).sum(-1) - (circle * circle).sum((0, -1))) / (noise * (noise - 1) * units))
+        G = F - total / noise  # centred on the point's mean over all its evaluations
+        gbar = circle - total / noise
+        # per draw k: mean_j G_j . G_{j+lag} + |gbar_k|^2 / (noise - 1): the second term undoes the
+        # centring's bias, so the mean over draws is unbiased for S(rho) - W_0
+        P = torch.stack([(G * G.roll(-k, 0)).sum(-1).mean(0) for k in range(R)], -1)
+        P = (P + (gbar * gbar).sum(-1)[..., None] / (noise - 1)).reshape(-1, R) / units
+        s1 += P.sum(0).cpu()
+        s2 += (P.T @ P).cpu()
+    n = N * noise
+    S = s1 / n
+    cov = (s2 / n - torch.outer(S, S)) * (n / (n - 1)) / n
+    w0 = torch.cat(w0).cpu()
+    return {"rhos": circle_rhos(angles), "S": S.numpy(), "cov": cov.numpy(), "W0": w0.mean().item(),
+            "W0_stderr": (w0.std() / math.sqrt(N)).item() if N > 1 else math.nan}
 
-    def at(eps):
-        out = f((mu + sigma * eps).flatten(0, 1))
-        return out.reshape(noise * N, -1)
 
-    fe = at(e)
-    units = fe.shape[1]
-    S, se = [], []
-    for rho in rhos:
-        prod = (fe * at(rho * e + math.sqrt(max(0.0, 1 - rho * rho)) * w)).sum(1).double() / units
-        # Draws are iid over the noise axis; the points are shared, so the spread is over noise * N values.
-        S.append(prod.mean().item())
-        se.append((prod.std() / math.sqrt(prod.numel())).item())
-    return np.array(S), np.array(se)
+def fit_spectrum(rhos, S, degree: int, cov=None, W0: float = 0.0, W0_stderr: float = 0.0) -> dict:
+    """W_1..W_degree >= 0 minimising ||A W - S||, A[j, d] = rhos[j]^d (scipy's NNLS); S is the
+    stability without W_0 (noise_stability's), W0 the constant term estimated beside it.
 
-
-def fit_spectrum(rhos, S, degree: int) -> dict:
-    """W_0..W_degree >= 0 minimising ||A W - S||, A[j, d] = rhos[j]^d (scipy's NNLS).
-
-    Returns W, the variance sum_{d>=1} W_d, the fraction of it above degree 1, the fit's residual
-    norm and the condition number of A (how much the fit can amplify noise in S).
+    Returns W (W_0 first), W_stderr (from ``cov`` through the unconstrained least-squares fit, which
+    the NNLS estimate equals where no energy is clamped at 0; None without ``cov``), the variance
+    sum_{d>=1} W_d, the fraction of it above degree 1, the residual norm and the condition number of A.
     """
     from scipy.optimize import nnls
 
@@ -388,16 +420,21 @@ def fit_spectrum(rhos, S, degree: int) -> dict:
         raise HVAEError(f"--degree must be >= 1, got {degree}")
     if len(rhos) < degree + 1:
         raise HVAEError(f"{len(rhos)} rho values cannot determine {degree + 1} Hermite energies: "
-                        f"pass at least {degree + 1} values to --rhos or lower --degree")
-    A = np.power.outer(np.asarray(rhos, float), np.arange(degree + 1))
+                        f"pass --angles >= {2 * degree} or lower --degree")
+    A = np.power.outer(np.asarray(rhos, float), np.arange(1, degree + 1))
     W, resid = nnls(A, np.asarray(S, float))
-    var = float(W[1:].sum())
-    return {"W": W.tolist(), "variance": var, "frac_above_degree_1": float(W[2:].sum() / var) if var > 0 else 0.0,
+    se = None
+    if cov is not None:
+        P = np.linalg.pinv(A)
+        se = [float(W0_stderr)] + np.sqrt(np.clip(np.diag(P @ np.asarray(cov) @ P.T), 0, None)).tolist()
+    var = float(W.sum())
+    return {"W": [float(W0)] + W.tolist(), "W_stderr": se, "variance": var,
+            "frac_above_degree_1": float(W[1:].sum() / var) if var > 0 else 0.0,
             "residual": float(resid), "condition_number": float(np.linalg.cond(A))}
 
 
 @torch.no_grad()
-def layer_spectra(model, x, rhos, degree: int, noise: int, seed: int = 0) -> list:
+def layer_spectra(model, x, degree: int, noise: int, angles: int = SPECTRUM_ANGLES, seed: int = 0) -> list:
     """The spectrum of every generator layer's mean mu_i, in the coordinates of the posterior
     q(z_{i+1} | z_i) of one posterior sample of each example of ``x``."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -406,9 +443,11 @@ def layer_spectra(model, x, rhos, degree: int, noise: int, seed: int = 0) -> lis
     out = []
     for i, name in enumerate(_layer_names(model)):
         f = lambda z, i=i: model.prior(i, z, None)[0][0]  # noqa: E731
-        S, se = noise_stability(f, mus[i + 1], sigmas[i + 1], rhos, noise, gen)
-        out.append({"layer": name, "units": int(np.prod(model.latent_shapes[i])), **fit_spectrum(rhos, S, degree),
-                    "stability": S.tolist(), "stability_stderr": se.tolist()})
+        st = noise_stability(f, mus[i + 1], sigmas[i + 1], noise, angles, gen)
+        fit = fit_spectrum(st["rhos"], st["S"], degree, st["cov"], st["W0"], st["W0_stderr"])
+        out.append({"layer": name, "units": int(np.prod(model.latent_shapes[i])), **fit, "rhos": st["rhos"].tolist(),
+                    "stability": (st["S"] + st["W0"]).tolist(),
+                    "stability_stderr": np.sqrt(np.diag(st["cov"]) + st["W0_stderr"] ** 2).tolist()})
     return out
 
 
@@ -417,12 +456,13 @@ def cmd_spectrum(args) -> int:
 
     from ..data import eval_batches, load_dataset
 
-    rhos = check_rhos(parse_list(args.rhos, float, "--rhos"), "--rhos")
-    if args.points < 1 or args.noise < 2:
-        raise HVAEError(f"--points must be >= 1 and --noise >= 2, got {args.points} and {args.noise}")
+    if args.points < 1 or args.noise < 2 or args.angles < 2:
+        raise HVAEError(f"--points must be >= 1, --noise >= 2 and --angles >= 2, got {args.points}, {args.noise} "
+                        f"and {args.angles}")
+    rhos = circle_rhos(args.angles)
     fit_spectrum(rhos, np.zeros(len(rhos)), args.degree)  # checks degree against the grid before any work
-    result = {"run_dir": str(args.run_dir), "rhos": rhos, "degree": args.degree, "points": args.points,
-              "noise": args.noise, "seed": args.seed, "split": args.split, "checkpoints": []}
+    result = {"run_dir": str(args.run_dir), "rhos": rhos.tolist(), "degree": args.degree, "points": args.points,
+              "noise": args.noise, "angles": args.angles, "seed": args.seed, "split": args.split, "checkpoints": []}
     # The generator reloads one model in place: consume it lazily.
     for cfg, model, dev, step, label in tqdm(_checkpoint_models(args), disable=args.no_progress, desc="spectrum",
                                              unit="checkpoint"):
@@ -434,11 +474,11 @@ def cmd_spectrum(args) -> int:
                    f"--noise {args.noise} draws for each of {x.shape[0]} points", "lower --noise (or --points)")
         with out_of_memory(f"with --noise {args.noise} draws for each of --points {args.points}: lower --noise "
                            "(or --points)"):
-            layers = layer_spectra(model, x, rhos, args.degree, args.noise, args.seed)
+            layers = layer_spectra(model, x, args.degree, args.noise, args.angles, args.seed)
         result["checkpoints"].append({"step": step, "checkpoint": label, "layers": layers})
         result["condition_number"] = layers[0]["condition_number"]
         for lay in layers:
-            W = " ".join(f"{w:.3g}" for w in lay["W"])
+            W = " ".join(f"{w:.3g}±{s:.1g}" for w, s in zip(lay["W"], lay["W_stderr"]))
             print(f"step {step:>7}  {lay['layer']:<12} W_0..{args.degree}: {W}  above degree 1: "
                   f"{100 * lay['frac_above_degree_1']:.1f}% of the variance")
     print(f"fit: degree {args.degree}, {len(rhos)} rho values, condition number {result['condition_number']:.3g}")
@@ -447,7 +487,8 @@ def cmd_spectrum(args) -> int:
 
 
 def plot_spectrum(result: dict, output: Path) -> Path:
-    """One panel per layer: the share of the variance at each degree 1..D, a bar group per checkpoint."""
+    """One panel per layer: the share of the variance at each degree 1..D (error bars: one standard
+    error), a bar group per checkpoint."""
     plt = _pyplot()
     cks = result["checkpoints"]
     names = [lay["layer"] for lay in cks[0]["layers"]]
@@ -458,8 +499,10 @@ def plot_spectrum(result: dict, output: Path) -> Path:
         ax = axes[0, j]
         for c, ck in enumerate(cks):
             lay = ck["layers"][j]
-            share = np.array(lay["W"][1:]) / lay["variance"] if lay["variance"] > 0 else np.zeros(D)
-            ax.bar(np.arange(1, D + 1) + (c - (len(cks) - 1) / 2) * width, share, width,
+            scale = 1 / lay["variance"] if lay["variance"] > 0 else 0.0
+            share = np.array(lay["W"][1:]) * scale
+            err = np.array(lay["W_stderr"][1:]) * scale if lay.get("W_stderr") else None  # older JSON: none
+            ax.bar(np.arange(1, D + 1) + (c - (len(cks) - 1) / 2) * width, share, width, yerr=err, capsize=2,
                    label=f"step {ck['step']}: {100 * lay['frac_above_degree_1']:.0f}% above 1")
         ax.set(title=name, xlabel="Hermite degree d", ylabel="W_d / variance", ylim=(0, 1.05), xticks=range(1, D + 1))
         ax.grid(alpha=0.3, axis="y")
@@ -526,9 +569,10 @@ def register(sub) -> None:
 
     s = sub.add_parser("spectrum", help="Hermite spectrum of each generator layer by noise stability")
     _common_args(s)
-    s.add_argument("--rhos", default=",".join(f"{r / 10:g}" for r in range(11)), help="the rho grid of the fit")
     s.add_argument("--degree", type=int, default=5, help="highest Hermite degree D fitted")
-    s.add_argument("--points", type=int, default=256, help="data points (first N of the split)")
-    s.add_argument("--noise", type=int, default=64, help="noise draws (e, w) per data point")
+    s.add_argument("--points", type=int, default=SPECTRUM_POINTS, help="data points (first N of the split)")
+    s.add_argument("--noise", type=int, default=SPECTRUM_NOISE, help="noise draws (e, w) per data point")
+    s.add_argument("--angles", type=int, default=SPECTRUM_ANGLES, metavar="M",
+                   help="evaluations per draw, on a circle: the fit's rho grid is cos(2 pi k / M), k = 0..M/2")
     s.add_argument("--split", choices=("train", "valid", "test"), default="valid")
     s.set_defaults(func=cmd_spectrum)

@@ -13,7 +13,9 @@ several, their rows pooled with a ``sweep`` column), as PNGs and a Markdown repo
   and the top-layer KL over training per group, and validation ELBO against top-layer KL for every
   group, with a table judging each steered group against the best fixed rho and fixed rho = 0.7.
 - ``curves.png``: the training curves of every point (``hvae-fast plot``).
-- ``report.md``: the figures, the sweep's rows beside the paper's Tables 3 and 4, and the summary.
+- ``report.md``: the figures, every row of the paper's Tables 3 and 4 beside this project's
+  matching groups (reporting/paper_tables.py), and the summary.
+- The numbers behind each table and figure, as ``NAME.csv`` and ``NAME.json`` (DATA_FILES).
 """
 
 from __future__ import annotations
@@ -23,22 +25,23 @@ import os
 from pathlib import Path
 
 from ..errors import HVAEError
-from ..reporting.curves import ema, plot_runs, read_metrics
+from ..reporting.curves import EMA_WEIGHT, ema, plot_runs, read_metrics
 from ..reporting.outputs import check_output_folder
-from .sweep_results import collect_results, read_critical, summarize, write_results
+from ..reporting.paper_tables import PAPER_ROWS, TABLE_STEPS, matches, render, run_variant
+from .sweep_results import collect_results, read_critical, summarize, write_results, write_table
 from .sweep_spec import read_spec
 
-# method.md, "Results to compare against": validation ELBO, top-layer KL (nats), active units
-# per layer (bottom to top), after the paper's 1M training steps.
-PAPER_STEPS = 1_000_000
-PAPER_ROWS = [
-    {"table": 3, "setting": "dynamic MNIST 64-32-16-8, HVAE rho=0.95", "preset": "mnist-mlp-64-32-16-8",
-     "method": "hvae", "rho": 0.95, "elbo": -81.6, "top_kl": 8.99, "active_units": [8, 16, 32, 54]},
-    {"table": 4, "setting": "static MNIST 40x4, VAE", "preset": "mnist-mlp-40x4",
-     "method": "vae", "rho": None, "elbo": -86.4, "top_kl": 0.82, "active_units": [1, 3, 9, 17]},
-    {"table": 4, "setting": "static MNIST 40x4, HVAE rho=0.9", "preset": "mnist-mlp-40x4",
-     "method": "hvae", "rho": 0.9, "elbo": -85.5, "top_kl": 19.5, "active_units": [40, 40, 40, 40]},
-]
+DATA_FILES = {  # what report writes beside report.md, as NAME.csv and NAME.json
+    "runs": "one row per point (pooled sweeps: a sweep column): its settings and validation figures",
+    "groups": "mean, std and n over seeds of each combination of the other axes (the phase, grid and steering figures, "
+              "the summary table)",
+    "paired": "per seed, group A minus group B of ELBO, IW bound, top-layer KL and active units, for each pair of "
+              "groups on the same data and budget (A: a steered group, else the smaller rho; B: fixed rho or another method)",
+    "paired_summary": "per pair of paired: mean, std and n of those differences",
+    "paper_tables": "the paper's Tables 3 and 4, every row, with this project's matching groups or 'not run'",
+    "steering_curves": "per group and logged step: rho and the top-layer KL (train, mean over seeds, and its EMA)",
+    "curves": "per point and logged step: the training and validation records plotted in curves.png",
+}
 METRICS = ("elbo", "iw_bound", "top_kl", "active_units_total", "bpd")
 
 
@@ -50,11 +53,12 @@ def _pm(row, m, fmt=".2f") -> str:
     return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
 
 
-def _label(row, keys) -> str:
+def _label(row, keys, exclude=()) -> str:
     """``k=v, ...`` of ``keys``; for a row that holds none of them (a pooled sweep without those
-    axes) or when no key tells rows apart, its sweep, preset, method and rho."""
+    axes) or when no key tells rows apart, its sweep, preset, method and rho (less ``exclude``)."""
     own = [f"{k}={row[k]}" for k in keys if k in row]
-    return ", ".join(own or [f"{k}={row[k]}" for k in ("sweep", "preset", "method", "rho") if k in row]) or "all points"
+    return ", ".join(own or [f"{k}={row[k]}" for k in ("sweep", "preset", "method", "rho")
+                             if k in row and k not in exclude]) or "all points"
 
 
 def _varying(rows, exclude) -> list[str]:
@@ -88,7 +92,8 @@ def plot_phase(summary, critical, threshold: float, output: Path) -> tuple[Path,
     notes = []
     for i, rs in enumerate(groups.values()):
         rs = sorted(rs, key=lambda r: r["rho"])
-        color, label = f"C{i % 10}", _label(rs[0], keys)
+        # a line runs over rho: its name must not be its first point's rho
+        color, label = f"C{i % 10}", _label(rs[0], keys, exclude=("rho",))
         rho = [r["rho"] for r in rs]
         for ax, m in zip(axes, ("top_kl", "active_units_total")):
             ax.errorbar(rho, [r.get(f"{m}_mean", math.nan) for r in rs], yerr=[r.get(f"{m}_std") or 0 for r in rs],
@@ -172,25 +177,16 @@ def plot_grid(summary, output: Path) -> Path | None:
     return output
 
 
-def paper_tables(summary) -> list[str]:
-    """Markdown: each Table 3/4 row of the paper beside the sweep's matching rows (same preset,
-    method, and rho for HVAE), with each one's training budget."""
-    out = ["| table | setting | steps | seeds | V. ELBO | top KL | active units |", "| --- | --- | --- | --- | --- | --- | --- |"]
+def paper_tables(rows, variants, axes, label) -> tuple[list, list]:
+    """(Markdown lines, data rows) of Tables 3 and 4: each of the paper's rows, then the groups
+    (mean ± std over seeds) of the finished runs that match it (paper_tables.matches), or "not run".
+    ``variants``: id(row) -> run_variant of its config plus ``iw_L``, the L of its IW bound."""
+    per_row = []
     for p in PAPER_ROWS:
-        out.append(f"| {p['table']} | paper: {p['setting']} | {PAPER_STEPS:,} | - | {p['elbo']} | {p['top_kl']} | "
-                   f"{', '.join(map(str, p['active_units']))} |")
-        match = [r for r in summary if r.get("preset") == p["preset"] and r.get("method") == p["method"]
-                 and (p["rho"] is None or (isinstance(r.get("rho"), (int, float)) and abs(r["rho"] - p["rho"]) < 1e-9))]
-        for r in match:
-            layers = sorted(k for k in r if k.startswith("active_units_layer_") and k.endswith("_mean"))
-            layers.sort(key=lambda k: int(k.split("_")[3]))
-            au = ", ".join(f"{r[k]:.1f}" for k in layers)
-            out.append(f"| {p['table']} | this sweep: {_label(r, _varying(summary, ()) or ['preset', 'method'])} | "
-                       f"{r.get('steps', '-'):,} | {r['n']} | {_pm(r, 'elbo')} | {_pm(r, 'top_kl')} | {au} |")
-        if not match:
-            out.append(f"| {p['table']} | this sweep: no point with preset {p['preset']}, method {p['method']}"
-                       + (f", rho {p['rho']}" if p["rho"] is not None else "") + " | | | | | |")
-    return out
+        match = [dict(r, iw_L=variants[id(r)]["iw_L"]) for r in rows
+                 if r.get("status") == "finished" and id(r) in variants and matches(p, variants[id(r)])]
+        per_row.append(summarize(match, [*axes, "iw_L"]) if match else [])
+    return render(per_row, label)
 
 
 def summary_table(summary) -> list[str]:
@@ -201,6 +197,9 @@ def summary_table(summary) -> list[str]:
         out.append("| " + " | ".join([str(r.get(k, "-")) for k in keys] + [str(r.get("steps", "-")), str(r["n"])]
                                      + [_pm(r, m) for m in cols]) + " |")
     return out
+
+
+STEERING_EMA = 0.95  # weight of the running average of the steering figure's top-layer KL
 
 
 def steered(row) -> bool:
@@ -216,10 +215,11 @@ def _mean_curve(trains, key):
     return steps, [sum(p[s] for p in per) / len(per) for s in steps]
 
 
-def plot_steering(summary, rows, run_dir_of, output: Path) -> Path | None:
+def plot_steering(summary, rows, run_dir_of, output: Path) -> tuple[Path, list] | None:
     """Issue 12's figure, when some group steered rho: rho and the top-layer KL (train minibatches,
     EMA) over training, mean over seeds per group, and each group's validation ELBO against its
-    validation top-layer KL (mean ± std over seeds): fixed rho, the VAE and the steered runs on one plane."""
+    validation top-layer KL (mean ± std over seeds): fixed rho, the VAE and the steered runs on one
+    plane. Returns (png, the curves' data rows: group, step, rho, top_kl, top_kl_ema)."""
     if not any(steered(r) for r in summary):
         return None
     import matplotlib
@@ -229,21 +229,28 @@ def plot_steering(summary, rows, run_dir_of, output: Path) -> Path | None:
 
     keys = _varying(summary, exclude=("sweep",)) or ["method"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    curves = []
     for i, g in enumerate(summary):
         color, label = f"C{i % 10}", _label(g, keys)
         members = [r for r in rows if r.get("status") == "finished" and all(str(r.get(k)) == str(g.get(k)) for k in keys)]
         trains = [read_metrics(run_dir_of(r))[1] for r in members]  # each metrics.jsonl read once
+        at = {}  # step -> this group's data row
         steps, rho = _mean_curve(trains, "rho")
         if steps:
             axes[0].plot(steps, rho, color=color, label=label)
+        for st, v in zip(steps, rho):
+            at.setdefault(st, {"group": label, "step": st})["rho"] = v
         steps, kl = _mean_curve(trains, "top_kl")
         if steps:
-            axes[1].plot(steps, ema(kl, 0.95), color=color, label=label)
+            axes[1].plot(steps, ema(kl, STEERING_EMA), color=color, label=label)
+        for st, v, sm in zip(steps, kl, ema(kl, STEERING_EMA)):
+            at.setdefault(st, {"group": label, "step": st}).update(top_kl=v, top_kl_ema=sm)
+        curves += [at[st] for st in sorted(at)]
         if "elbo_mean" in g and "top_kl_mean" in g:
             axes[2].errorbar(g["top_kl_mean"], g["elbo_mean"], xerr=g.get("top_kl_std") or 0, yerr=g.get("elbo_std") or 0,
                              marker="s" if steered(g) else "o", capsize=3, color=color, label=label)
     axes[0].set(title="rho used in training (mean over seeds)", xlabel="step", ylabel="rho")
-    axes[1].set(title="top-layer KL, training minibatches (EMA 0.95)", xlabel="step", ylabel="nats")
+    axes[1].set(title=f"top-layer KL, training minibatches (EMA {STEERING_EMA})", xlabel="step", ylabel="nats")
     axes[2].set(title="validation: ELBO against top-layer KL", xlabel="top-layer KL (nats)", ylabel="ELBO (nats)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -252,7 +259,7 @@ def plot_steering(summary, rows, run_dir_of, output: Path) -> Path | None:
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, ncol=2)
     fig.savefig(output, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return output
+    return output, curves
 
 
 def steering_verdict(summary, reference_rho: float = 0.7) -> list[str]:
@@ -287,6 +294,78 @@ def steering_verdict(summary, reference_rho: float = 0.7) -> list[str]:
     return out
 
 
+PAIRED_METRICS = ("elbo", "iw_bound", "top_kl", "active_units_total")
+
+
+def _pair_order(g) -> tuple:
+    """Steered groups first, then fixed-rho HVAE groups by rho, then the other methods: a pair's
+    difference is the earlier group minus the later."""
+    return (0 if steered(g) else 1 if g.get("method") == "hvae" else 2, g.get("rho") or 0.0)
+
+
+def paired_differences(summary, rows, keys, label) -> tuple[list, list]:
+    """(per-seed rows, per-pair rows): for each pair of groups of ``summary`` trained on the same
+    data, preset and budget, and each seed both ran, A - B of PAIRED_METRICS (A before B in
+    _pair_order); and per pair the mean, std and n of each difference. ``keys`` tell the groups
+    apart (a run belongs to the group whose ``keys`` it shares); ``label(group)`` names one."""
+    finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
+    members = [{r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)} for g in summary]
+    order = sorted(range(len(summary)), key=lambda i: _pair_order(summary[i]))
+    per_seed, per_pair = [], []
+    for ia, a in enumerate(order):
+        for b in order[ia + 1:]:
+            ga, gb = summary[a], summary[b]
+            seeds = sorted(set(members[a]) & set(members[b]))
+            if not seeds or any(ga.get(k) != gb.get(k) for k in ("dataset", "preset", "steps")):
+                continue
+            pair = {"a": label(ga), "b": label(gb)}
+            diffs = {m: [] for m in PAIRED_METRICS}
+            for seed in seeds:
+                ra, rb = members[a][seed], members[b][seed]
+                row = {**pair, "seed": seed}
+                for m in PAIRED_METRICS:
+                    if isinstance(ra.get(m), (int, float)) and isinstance(rb.get(m), (int, float)):
+                        row.update({f"{m}_a": ra[m], f"{m}_b": rb[m], f"{m}_diff": ra[m] - rb[m]})
+                        diffs[m].append(ra[m] - rb[m])
+                per_seed.append(row)
+            summ = {**pair, "n": len(seeds)}
+            for m, xs in diffs.items():
+                if xs:
+                    mean = sum(xs) / len(xs)
+                    summ[f"{m}_diff_mean"] = mean
+                    summ[f"{m}_diff_std"] = (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+                                             if len(xs) > 1 else None)
+            per_pair.append(summ)
+    return per_seed, per_pair
+
+
+def curve_rows(run_dirs, labels) -> list:
+    """What curves.png plots, per point and logged record: split, step, ELBO, top-layer KL (train)
+    and total active units (validation)."""
+    out = []
+    for run, label in zip(run_dirs, labels):
+        _, train, valid = read_metrics(run)
+        for split, recs in (("train", train), ("valid", valid)):
+            for r in recs:
+                row = {"run": label, "split": split, "step": r["step"], "elbo": r.get("elbo"), "top_kl": r.get("top_kl")}
+                if isinstance(r.get("active_units"), list):
+                    row["active_units_total"] = sum(r["active_units"])
+                out.append(row)
+    return out
+
+
+def write_data(out: Path, tables: dict) -> list[Path]:
+    """Each non-empty table of ``tables`` (name -> rows, names from DATA_FILES) as out/NAME.csv and
+    out/NAME.json; returns the CSV paths."""
+    written = []
+    for name, table in tables.items():
+        assert name in DATA_FILES, name  # every file the report writes is described there
+        if table:
+            write_table(table, out / name)
+            written.append(out / f"{name}.csv")
+    return written
+
+
 def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     """Write the figures and ``report.md`` of one sweep folder, or of several side by side (their
     rows pooled, with a ``sweep`` column), into ``output`` (default FIRST_SWEEP_DIR/report)."""
@@ -295,7 +374,7 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     out = Path(output) if output else sweep_dirs[0] / "report"
     check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, axes, run_dir = [], [], {}
+    rows, axes, run_dir, variants = [], [], {}, {}
     for d, spec in zip(sweep_dirs, specs):
         # The sweep's results tables are rebuilt where the sweep is writable; a read-only sweep is
         # only read (the report goes to --output, checked above).
@@ -303,11 +382,15 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
             if len(sweep_dirs) > 1:
                 r["sweep"] = d.name
             run_dir[id(r)] = d / r["name"]
+            if (d / r["name"] / "config.json").exists():  # what Tables 3/4 match on; the sweep's IW bound's L
+                cfg = json.loads((d / r["name"] / "config.json").read_text())
+                variants[id(r)] = {**run_variant(cfg), "iw_L": spec["eval_iw_samples"]}
             rows.append(r)
         for k in (["rho"] if spec.get("critical") else []) + [a["key"] for a in spec["axes"]]:
             if k not in axes:
                 axes.append(k)
-    summary = summarize(rows, (["sweep"] if len(sweep_dirs) > 1 else []) + axes)
+    group_axes = (["sweep"] if len(sweep_dirs) > 1 else []) + axes
+    summary = summarize(rows, group_axes)
     if not summary:
         raise HVAEError(f"no point of {', '.join(map(str, sweep_dirs))} has finished (no eval-valid.json): run the "
                         f"sweep first, or re-run its command to finish it")
@@ -325,7 +408,7 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
                   + (f"; IW bound with L={spec['eval_iw_samples']}." if spec["eval_iw_samples"] else "; no IW bound."))
     md += ["", f"{len(done)}/{len(rows)} points finished; each evaluated on the validation split at its best "
            f"validation checkpoint (checkpoint-best.pt, periodic validation on a subset). "
-           f"Training budget: {budget} steps (the paper: {PAPER_STEPS:,} for Tables 3-4, 100,000 for Figs. 1 and 3).", ""]
+           f"Training budget: {budget} steps (the paper: {TABLE_STEPS:,} for Tables 3-4, 100,000 for Figs. 1 and 3).", ""]
     phase = plot_phase(summary, critical, threshold, out / "phase_transition.png")
     if phase:
         md += ["## Phase transition (Fig. 1)", "", f"![phase transition]({phase[0].name})", "", *phase[1], ""]
@@ -334,15 +417,33 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
         md += ["## Active units over depth x width (Fig. 3)", "", f"![active units grid]({grid.name})", ""]
     steer = plot_steering(summary, done, lambda r: run_dir[id(r)], out / "rho_steering.png")
     if steer:
-        md += ["## A rho that steers itself, against fixed rho", "", f"![rho steering]({steer.name})", "",
+        md += ["## A rho that steers itself, against fixed rho", "", f"![rho steering]({steer[0].name})", "",
                *steering_verdict(summary), ""]
-    md += ["## Tables 3 and 4: the paper beside this sweep", "", *paper_tables(summary), "",
-           "## Summary (mean ± std over seeds)", "", *summary_table(summary), ""]
+    keys = _varying(summary, ()) or ["preset", "method"]
+    label = lambda g: _label(g, keys)  # noqa: E731
+    tables_md, tables_data = paper_tables(rows, variants, group_axes, label)
+    md += ["## Tables 3 and 4: the paper beside this project", "",
+           "Every row of the paper's Tables 3 and 4 (1M steps), each followed by this project's groups that train the "
+           "same data, architecture, method and variant (mean ± std over seeds), or \"not run\". V. ELBO (L=100) is "
+           "the IW bound with L = 100 on the validation set, the paper's column; ELBO (L=1) the single-sample ELBO. "
+           "Active units are listed top to bottom (the top stochastic layer first), the order of the paper's captions.",
+           "", *tables_md, "", "## Summary (mean ± std over seeds)", "", *summary_table(summary), ""]
     plotted = [r for r in done if (run_dir[id(r)] / "metrics.jsonl").exists()]
+    names = [(f"{r['sweep']}/" if "sweep" in r else "") + r["name"] for r in plotted]
     if plotted:  # one line per point, named as its folder (the swept values)
-        plot_runs([run_dir[id(r)] for r in plotted], out / "curves.png",
-                  labels=[(f"{r['sweep']}/" if "sweep" in r else "") + r["name"] for r in plotted])
+        plot_runs([run_dir[id(r)] for r in plotted], out / "curves.png", labels=names)
         md += ["## Training curves", "", "![training curves](curves.png)", ""]
+    per_seed, per_pair = paired_differences(summary, rows, keys, label)
+    data = write_data(out, {
+        "runs": rows,
+        "groups": summary, "paired": per_seed, "paired_summary": per_pair, "paper_tables": tables_data,
+        "steering_curves": steer[1] if steer else [],
+        "curves": curve_rows([run_dir[id(r)] for r in plotted], names)})
+    if critical:
+        (out / "critical.json").write_text(json.dumps(critical, indent=1) + "\n")
+    md += ["## Data", "", "The numbers behind the tables and figures above, as CSV and JSON in this folder:", "",
+           *[f"- `{p.stem}.csv`/`.json`: {DATA_FILES[p.stem]}" for p in data],
+           *(["- `critical.json`: the critical search's interval and history"] if critical else []), ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path

@@ -1,4 +1,5 @@
-"""Markdown summary of a bench/ results JSON: ``python -m hvae_fast.reporting.bench bench/results/cpu-latest.json``.
+"""Markdown summary of a bench/ results JSON: ``python -m hvae_fast.reporting.bench bench/results/cpu-latest.json``
+(``--csv FILE``: also the numbers behind it, one row per benchmark).
 
 One table per benchmark group (``step-<preset>``: baseline ``vae``; ``op-<op>-<mode>-<size>``:
 baseline ``torch``, eager PyTorch) with the median time, the ratio to the baseline measured in the
@@ -148,6 +149,41 @@ def table(group: str, benches: dict, gpu: bool) -> list:
     return lines + [""]
 
 
+def records(data: dict) -> list[dict]:
+    """One flat row per benchmark, the numbers behind the tables (times in seconds, memory in
+    bytes): median, min, max, rounds, the ratio to its group's baseline and, in a step group, to
+    the torch-backend HVAE step and the peak memory's ratio to the VAE's."""
+    out = []
+    for grp, benches in sorted(groups(data).items(), key=lambda kv: _group_sort_key(kv[0])):
+        base, torch_step = benches.get(_baseline_name(grp)), benches.get("hvae-torch")
+        for name in sorted(benches, key=_order):
+            b, ei = benches[name], benches[name].get("extra_info", {})
+            st = b["stats"]
+            row = {"group": grp, "name": name, "median_s": _median(b), "min_s": st["min"], "max_s": st["max"],
+                   "rounds": st["rounds"], "baseline": _baseline_name(grp),
+                   "ratio_to_baseline": _median(b) / _median(base) if base else None}
+            if grp.startswith("step-"):
+                bmem = (base or {}).get("extra_info", {}).get("peak_mem_bytes")
+                row.update(ratio_to_hvae_torch=_median(b) / _median(torch_step) if torch_step else None,
+                           peak_mem_bytes=ei.get("peak_mem_bytes"), peak_rss_bytes=ei.get("peak_rss_bytes"),
+                           mem_ratio_to_vae=ei["peak_mem_bytes"] / bmem if ei.get("peak_mem_bytes") and bmem else None,
+                           batch=ei.get("batch"))
+            out.append(row)
+    return out
+
+
+def write_csv(data: dict, path) -> None:
+    """records(data) as a CSV file."""
+    import csv
+
+    rows = records(data)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows({k: "" if r.get(k) is None else r[k] for k in cols} for r in rows)
+
+
 def _status(ok) -> str:
     return "**MET**" if ok else "**NOT MET**"
 
@@ -291,7 +327,13 @@ def report(path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hvae_fast.reporting.bench", description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="pytest-benchmark JSON written by `pytest bench/ --benchmark-only`")
+    ap.add_argument("--csv", metavar="FILE", help="also write the numbers behind the tables (one row per benchmark) "
+                    "as CSV; one results file only")
     args = ap.parse_args(argv)
+    if args.csv and len(args.results) > 1:
+        print(f"error: --csv writes one file, but {len(args.results)} results files were given: pass one",
+              file=sys.stderr)
+        return 2
     rc = 0
     for p in args.results:
         if not Path(p).is_file():
@@ -300,6 +342,8 @@ def main(argv=None) -> int:
             continue
         try:
             print(report(p))
+            if args.csv:
+                write_csv(load(p), args.csv)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             print(f"error: {p} is not a bench/ results file: {type(exc).__name__}: {exc}", file=sys.stderr)
             rc = 2

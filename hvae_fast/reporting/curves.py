@@ -88,17 +88,30 @@ def ema(values: list, weight: float = EMA_WEIGHT) -> list:
     return out
 
 
+def line_labels(run_dirs, labels, defaults) -> list[str]:
+    """The name of each run's lines: ``labels`` if given (one per run), else ``defaults`` (method,
+    rho, K), where two runs share a default the run folder's name is added, then its path."""
+    if labels is not None:
+        if len(labels) != len(run_dirs):
+            raise HVAEError(f"--labels names {len(labels)} lines for {len(run_dirs)} runs: pass one label per run")
+        return list(labels)
+    out = list(defaults)
+    for part in (lambda r: Path(r).name, str):
+        dup = {lab for lab in out if out.count(lab) > 1}
+        out = [f"{lab} ({part(r)})" if lab in dup else lab for r, lab in zip(run_dirs, out)]
+    return out
+
+
 def plot_runs(run_dirs, output: Path, labels=None) -> Path:
-    """ELBO, top-layer KL and active units of each run; ``labels`` (default: method, rho, K from the
-    run's config) name the lines."""
+    """ELBO, top-layer KL and active units of each run; ``labels`` name the lines (line_labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [(run, *read_metrics(run)) for run in run_dirs]  # read all before drawing: errors come first
-    if labels is not None:
-        runs = [(run, lab, train, valid) for (run, _, train, valid), lab in zip(runs, labels)]
+    names = line_labels(run_dirs, labels, [lab for _, lab, _, _ in runs])
+    runs = [(run, lab, train, valid) for (run, _, train, valid), lab in zip(runs, names)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, (run, label, train, valid) in enumerate(runs):
         c = f"C{i % 10}"

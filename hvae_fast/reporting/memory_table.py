@@ -20,6 +20,12 @@ CPU_PEAK = ("CPU peak: the true peak of the step, torch's CPU allocator (torch.p
             "step plus what is live at its start (parameters, buffers, optimizer state, the batch)")
 
 
+def paper_ratio(row: dict) -> float | None:
+    """The paper's memory for this row's model over its VAE of the same depth (Table 6), if both exist."""
+    pm, vae = row.get("paper_memory_gb"), PAPER.get(("vae", row["layers"]))
+    return pm / vae[0] if pm is not None and vae else None
+
+
 def _gib(b):
     return "-" if b is None else f"{b / 2**30:.3f}G"
 
@@ -28,11 +34,10 @@ def format_table(rows: list) -> str:
     """The table as aligned text: one line per row, sizes in GiB, ratios to the VAE of the same depth."""
     head = ["model", "layers", "params", "memory", "x VAE", "saved", "CPU peak", "peak x VAE", "peak RSS", "paper mem",
             "paper x VAE", "paper params"]
-    paper_vae = {d: v[0] for (m, d), v in PAPER.items() if m == "vae"}
     out = []
     for r in rows:
-        pm = r["paper_memory_gb"]
-        pr = f"{pm / paper_vae[r['layers']]:.2f}" if pm is not None and r["layers"] in paper_vae else "-"
+        pm, pr = r["paper_memory_gb"], paper_ratio(r)
+        pr = "-" if pr is None else f"{pr:.2f}"
         out.append([r["model"].upper(), str(r["layers"]), f"{r['parameters'] / 1e6:.2f}M", _gib(r["memory_bytes"]),
                     "-" if r["ratio_to_vae"] is None else f"{r['ratio_to_vae']:.2f}", _gib(r["saved_bytes"]),
                     _gib(r["cpu_peak_bytes"]),
@@ -53,12 +58,13 @@ def write_json(rows: list, meta: dict, path: Path) -> None:
 
 
 def write_csv(rows: list, path: Path) -> None:
-    """One line per row, the columns COLUMNS (None as an empty cell)."""
+    """One line per row, the columns COLUMNS and the paper's ratio to the VAE (None as an empty cell)."""
     with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS)
+        wr = csv.DictWriter(f, fieldnames=COLUMNS + ["paper_ratio_to_vae"])
         wr.writeheader()
         for r in rows:
-            wr.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+            wr.writerow({**{k: ("" if r[k] is None else r[k]) for k in COLUMNS},
+                         "paper_ratio_to_vae": "" if paper_ratio(r) is None else paper_ratio(r)})
 
 
 def write_plot(rows: list, path: Path) -> None:
@@ -73,12 +79,9 @@ def write_plot(rows: list, path: Path) -> None:
     a1.bar(labels, [r["memory_bytes"] / 2**30 for r in rows], color="tab:blue")
     a1.set_ylabel(f"GiB ({rows[0]['memory_kind']})" if rows else "GiB")
     a1.set_title("memory of one training step")
-    paper_vae = {d: v[0] for (m, d), v in PAPER.items() if m == "vae"}
     xs = range(len(rows))
     a2.bar([i - 0.2 for i in xs], [r["ratio_to_vae"] or 0 for r in rows], 0.4, label="measured")
-    a2.bar([i + 0.2 for i in xs], [(r["paper_memory_gb"] / paper_vae[r["layers"]])
-                                   if r["paper_memory_gb"] is not None and r["layers"] in paper_vae else 0
-                                   for r in rows], 0.4, label="paper (Table 6)")
+    a2.bar([i + 0.2 for i in xs], [paper_ratio(r) or 0 for r in rows], 0.4, label="paper (Table 6)")
     a2.set_xticks(list(xs), labels)
     a2.set_title("ratio to the VAE of the same depth")
     a2.legend()
