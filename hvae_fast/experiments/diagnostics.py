@@ -5,7 +5,8 @@ noise), and its bias, the distance of its mean from the plain VAE gradient's mea
 (rho, K). Both per generator layer p(z_i | z_{i+1}) (its parameters) and summed over them.
 
 spectrum: the Hermite spectrum of each generator layer's mean by noise stability. With
-f(e) = mu_i(m + s e), (m, s) the posterior of q(z_{i+1} | z_i), e ~ N(0, I):
+f(e) = mu_i(m + s e), (m, s) the posterior that drew z_{i+1} (the stacked VAE's q(z_{i+1} | z_i), a
+ladder's top-down posterior, whose other inputs stay at the sample's), e ~ N(0, I):
     S(rho) = E[f(e) . f(rho e + sqrt(1 - rho^2) w)] = sum_d rho^d W_d,
 W_d the energy of f at Hermite degree d. S is estimated on a grid of rho, W_0..W_D recovered
 by non-negative least squares.
@@ -88,13 +89,10 @@ def _load_into(model, path: Path) -> None:
 
 
 def _checkpoint_models(args):
-    """Yield (cfg, model, device, step, label) for every checkpoint the command names."""
-    from ..models.model import HierarchicalVAE
-
+    """Yield (cfg, model, device, step, label) for every checkpoint the command names. Every model
+    (the stacked VAE, LVAE, BIVA) exposes its generator layers the same way (``StackedVAE``'s
+    generator_head, generator_inputs, generator_parameters), so the diagnostics read them all."""
     cfg, model, dev, step = load_run(args.run_dir, args.device, args.which)
-    if not isinstance(model, HierarchicalVAE):
-        raise HVAEError(f"{args.run_dir} holds a {cfg.method} model; the diagnostics need the stacked VAE "
-                        f"(methods vae, hvae, iwae)")
     if model.depth < 2:
         raise HVAEError("the model has one stochastic layer, so no generator layer is smoothed: pass a deeper run")
     if model.cfg.skip:
@@ -258,15 +256,15 @@ def gradvar(loss_fn, groups, names, batches, rhos, Ks, draws: int, seed: int = 0
     return {"points": points, "reference": ref}
 
 
-def model_loss_fn(model, backend, target: str = "mean-std"):
-    """loss_fn(x, rho, K) of `gradvar` for a stacked VAE: the negative OU-smoothed ELBO (batch mean),
-    or with rho None the negative ELBO (the plain VAE estimator)."""
+def model_loss_fn(model, backend, target: str = "mean-std", method: str = "hvae"):
+    """loss_fn(x, rho, K) of `gradvar`: the negative OU-smoothed ELBO (batch mean) of a model of
+    ``method`` (hvae for the stacked VAE, whatever its run's method; lvae; biva), or with rho None the
+    negative ELBO (the plain VAE estimator)."""
     from ..models.model import OUSmoothing
 
     def loss(x, rho, K):
-        if rho is None:
-            return training_loss(model, x, "vae", None, 1.0, 0.0, 1)[0]
-        return training_loss(model, x, "hvae", OUSmoothing(rho, K, backend, target), 1.0, 0.0, 1)[0]
+        ou = None if rho is None else OUSmoothing(rho, K, backend, target)
+        return training_loss(model, x, method, ou, 1.0, 0.0, 1)[0]
 
     return loss
 
@@ -293,8 +291,9 @@ def cmd_gradvar(args) -> int:
             bar = tqdm(total=0, disable=args.no_progress, unit="estimator-batch", desc="gradvar")
         bar.total += len(batches) * (1 + len(rhos) * len(Ks))
         bar.refresh()
-        groups = [list(g.parameters()) for g in model.gen]
-        loss = model_loss_fn(model, get_backend("torch", dev), cfg.ou.target)
+        groups = [model.generator_parameters(i) for i in range(model.depth - 1)]
+        method = cfg.method if cfg.method in ("lvae", "biva") else "hvae"  # vae/iwae runs are stacked VAEs too
+        loss = model_loss_fn(model, get_backend("torch", dev), cfg.ou.target, method)
         res = gradvar(loss, groups, _layer_names(model), batches, rhos, Ks, args.draws, args.seed, bar)
         result["points"] += [{"step": step, "checkpoint": label, **p} for p in res["points"]]
         result["reference"].append({"step": step, "checkpoint": label, **res["reference"]})
@@ -390,15 +389,23 @@ def fit_spectrum(rhos, S, degree: int) -> dict:
 
 @torch.no_grad()
 def layer_spectra(model, x, rhos, degree: int, noise: int, seed: int = 0) -> list:
-    """The spectrum of every generator layer's mean mu_i, in the coordinates of the posterior
-    q(z_{i+1} | z_i) of one posterior sample of each example of ``x``."""
+    """The spectrum of every generator layer's mean mu_i, in the coordinates of the posterior that
+    drew z_{i+1} (the stacked VAE: q(z_{i+1} | z_i); a ladder: its top-down posterior) in one
+    posterior sample of each example of ``x``. A ladder's top-down state (h_{i+1}, block outputs)
+    stays at its value for that sample: only z_{i+1} moves, as in the OU smoothing."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     torch.manual_seed(seed)
-    _, mus, sigmas, _ = model.encode(x)
+    inputs = {i: (q, state) for i, _, q, _, state in model.generator_inputs(x)}
     out = []
     for i, name in enumerate(_layer_names(model)):
-        f = lambda z, i=i: model.prior(i, z, None)[0][0]  # noqa: E731
-        S, se = noise_stability(f, mus[i + 1], sigmas[i + 1], rhos, noise, gen)
+        (mu, sigma), state = inputs[i]
+
+        def f(z, i=i, state=state, n=mu.shape[0]):
+            # z holds draws x n points, draw-major: the state repeats once per draw.
+            r = z.shape[0] // n
+            return model.generator_head(i, z, *(s.repeat(r, *[1] * (s.dim() - 1)) for s in state))[0]
+
+        S, se = noise_stability(f, mu, sigma, rhos, noise, gen)
         out.append({"layer": name, "units": int(np.prod(model.latent_shapes[i])), **fit_spectrum(rhos, S, degree),
                     "stability": S.tolist(), "stability_stderr": se.tolist()})
     return out
