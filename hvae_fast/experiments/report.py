@@ -18,13 +18,13 @@ several, their rows pooled with a ``sweep`` column), as PNGs and a Markdown repo
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ..errors import HVAEError
 from ..reporting.curves import ema, plot_runs, read_metrics
-from .sweep import read_spec, summarize, write_results
+from .sweep_results import read_critical, summarize, write_results
+from .sweep_spec import read_spec
 
 # method.md, "Results to compare against": validation ELBO, top-layer KL (nats), active units
 # per layer (bottom to top), after the paper's 1M training steps.
@@ -306,10 +306,7 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     if not summary:
         raise HVAEError(f"no point of {', '.join(map(str, sweep_dirs))} has finished (no eval-valid.json): run the "
                         f"sweep first, or re-run its command to finish it")
-    critical = None
-    for d in sweep_dirs:
-        if (d / "critical.json").exists() and critical is None:
-            critical = json.loads((d / "critical.json").read_text())
+    critical = next((c for c in map(read_critical, sweep_dirs) if c), None)
     if critical:
         threshold = critical[0]["threshold"]
     done = [r for r in rows if r["status"] == "finished"]
