@@ -278,6 +278,18 @@ class RunConfig:
                             "with as many entries each")
         return self
 
+    def smooths(self) -> bool:
+        """Whether training OU-smooths the generator layers: always for hvae (at rho = 1 too); for the
+        ladders (lvae, biva) when rho < 1 or a schedule or controller steers it, so that at a constant
+        rho = 1 (their presets' setting) they train as the plain baselines, without the K-sample pass."""
+        from .training.rho_control import parse_schedule
+
+        o = self.ou
+        if self.method not in OU_METHODS:
+            return False
+        steered = parse_schedule(o.rho_schedule, o.rho).kind != "constant" or o.rho_control > 0
+        return self.method == "hvae" or o.rho < 1 or steered
+
     def _validate_rho_steering(self) -> None:
         from .training.rho_control import parse_schedule
 
@@ -369,6 +381,10 @@ _CIFAR_TRAIN = TrainConfig(steps=300_000, batch_size=64, lr=2e-3, optimizer="ada
                            eval_examples=1000, grad_clip=200.0)
 
 
+# The ladder presets train the paper's unsmoothed baselines; --rho below 1 smooths them (RunConfig.smooths).
+_PLAIN = OUConfig(rho=1.0)
+
+
 def _cifar(layers, skip=False, params=None, desc=""):
     return Preset(
         name=f"cifar10-resnet-{layers}" + ("-skip" if skip else ""),
@@ -415,14 +431,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     # 59,576,896 and 102,948,560 parameters, as the authors' code counts them (paper: 59.5M, 103M).
     Preset("cifar10-lvae-15", "cifar10", "CIFAR-10 Ladder VAE (BIVA authors' architecture): 15 stochastic layers, "
            "3 gated blocks of 96 maps each, latents 38..20x16x16, 18..12x8x8, 10x4x4 (Table 6)",
-           _resnet(15, 96, 3, 3, 10, 1, "logistic"), OUConfig(), _CIFAR_TRAIN, paper_params=59.5e6, method="lvae"),
+           _resnet(15, 96, 3, 3, 10, 1, "logistic"), _PLAIN, _CIFAR_TRAIN, paper_params=59.5e6, method="lvae"),
     Preset("cifar10-biva-15", "cifar10", "CIFAR-10 BIVA (authors' architecture): 15 stochastic layers (BU+TD below "
            "the top), 3 gated blocks of 96 maps per path, latents as cifar10-lvae-15 (Table 6)",
-           _resnet(15, 96, 3, 3, 10, 1, "logistic"), OUConfig(), _CIFAR_TRAIN, paper_params=103e6, method="biva"),
+           _resnet(15, 96, 3, 3, 10, 1, "logistic"), _PLAIN, _CIFAR_TRAIN, paper_params=103e6, method="biva"),
     Preset("mnist-mlp-lvae-5", "mnist", "dynamic MNIST Ladder VAE, latents 64-32-16-8-4, 2 layers of 512..32 units (Table 2)",
-           _mlp([64, 32, 16, 8, 4], [512, 256, 128, 64, 32]), OUConfig(), _MNIST_TRAIN, method="lvae"),
+           _mlp([64, 32, 16, 8, 4], [512, 256, 128, 64, 32]), _PLAIN, _MNIST_TRAIN, method="lvae"),
     Preset("mnist-mlp-biva-5", "mnist", "dynamic MNIST BIVA, latents 64-32-16-8-4 (BU+TD below the top), 2 layers of 512..32 units",
-           _mlp([64, 32, 16, 8, 4], [512, 256, 128, 64, 32]), OUConfig(), _MNIST_TRAIN, method="biva"),
+           _mlp([64, 32, 16, 8, 4], [512, 256, 128, 64, 32]), _PLAIN, _MNIST_TRAIN, method="biva"),
 
 ]}
 

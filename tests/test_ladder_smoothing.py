@@ -8,6 +8,7 @@ backend's noise for that seed. It calls the model's nets as functions but none o
 ``_head_raw`` or the smoothing helper.
 """
 
+import dataclasses
 import json
 import math
 
@@ -210,17 +211,88 @@ def test_a_ladder_config_refuses_inference_smoothing():
     RunConfig(method="biva", ou=OUConfig(rho=0.7, rho_control=3.0)).validate()
 
 
-@pytest.mark.parametrize("method, arch", [("lvae", "mlp"), ("biva", "resnet"), pytest.param("biva", "mlp", marks=pytest.mark.slow),
-                                          pytest.param("lvae", "resnet", marks=pytest.mark.slow)])
-def test_ladders_train_smoothed_from_the_cli(method, arch, shared_data, tmp_path):
-    model = (["--latent-sizes", "4,2", "--hidden-sizes", "16,8"] if arch == "mlp" else
-             ["--arch", "resnet", "--num-layers", "2", "--channels", "4", "--blocks", "1", "--data-blocks", "1",
-              "--latent-channels", "2"])
-    out = tmp_path / "run"
-    code = main(["train", "binarized-mnist", "--method", method, "--rho", "0.8", "--ou-samples", "2", "--steps", "3",
-                 "--batch-size", "8", "--eval-every", "3", "--eval-examples", "16", "--log-every", "1",
-                 "--backend", "torch", "--device", "cpu", "--data-dir", str(shared_data), "--out", str(out),
-                 "--no-progress", *model])
-    assert code == 0
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["rho"] for r in recs if r["split"] == "train"] == [0.8] * 3
+def test_ladders_smooth_below_rho_one_and_their_presets_train_the_plain_baselines():
+    from hvae_fast.config import preset_config
+    from hvae_fast.training.trainer import build_training
+
+    def smooths(method, **ou):
+        return RunConfig(method=method, ou=OUConfig(**ou)).smooths()
+
+    assert smooths("lvae", rho=0.9) and smooths("biva", rho=0.5) and smooths("hvae", rho=1.0)
+    assert smooths("lvae", rho=1.0, rho_schedule="linear:0.5:1:100") and smooths("biva", rho=1.0, rho_control=2.0)
+    assert not smooths("lvae", rho=1.0) and not smooths("biva", rho=1.0) and not smooths("vae", rho=0.5)
+    for name in ("mnist-mlp-lvae-5", "mnist-mlp-biva-5", "cifar10-lvae-15", "cifar10-biva-15"):
+        assert not preset_config(name).smooths(), name
+    cfg = preset_config("mnist-mlp-lvae-5")
+    cfg.model = MLP
+    assert build_training(cfg, "cpu", IMG).ou is None
+    cfg.ou.rho, cfg.ou.backend = 0.8, "torch"
+    ou = build_training(cfg, "cpu", IMG).ou
+    assert (ou.rho, ou.samples, ou.backend.name) == (0.8, 5, "torch")
+
+
+@pytest.mark.parametrize("method, arch", [("hvae", "resnet-skip"), ("lvae", "mlp"), ("lvae", "resnet"), ("biva", "mlp"),
+                                          ("biva", "resnet")])
+def test_generator_inputs_head_and_parameters_describe_each_generator_layer(method, arch):
+    # What the smoothing and the diagnostics read: generator_head on generator_inputs gives the plain
+    # forward's log p(z_i | .) (same seed, same samples), and generator_parameters(i) are exactly
+    # the parameters generator_head(i, ...) depends on.
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(RESNET, num_layers=3, skip=True) if arch == "resnet-skip" else ARCHS[arch]
+    m, x = build_model(method, cfg, (1, 8, 8)), binary(3, (1, 8, 8))
+    torch.manual_seed(4)
+    terms = m(x)
+    torch.manual_seed(4)
+    layers = m.generator_inputs(x)
+    assert [lay[0] for lay in layers] == list(reversed(range(m.depth - 1)))
+    names = {p: n for n, p in m.named_parameters()}
+    for i, z_above, _, z, state in layers:
+        # Detached inputs: the parameters the head itself uses, not those that drew its inputs.
+        mean_raw, scale_raw = m.generator_head(i, z_above.detach(), *(s.detach() for s in state))
+        sigma = F.softplus(scale_raw) + m.cfg.min_scale
+        torch.testing.assert_close(log_normal(z, mean_raw, sigma), terms.log_p[i], rtol=1e-5, atol=1e-4)
+        grads = torch.autograd.grad(mean_raw.sum() + sigma.sum(), list(m.parameters()), allow_unused=True,
+                                    retain_graph=True)
+        used = {names[p] for p, g in zip(m.parameters(), grads) if g is not None and g.abs().sum() > 0}
+        assert used == {names[p] for p in m.generator_parameters(i)}, i
+
+
+@pytest.fixture(scope="module")
+def ladder_runs(tmp_path_factory):
+    """Two 3-step smoothed runs from the CLI: the MLP LVAE and the ResNet BIVA."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "binarized_mnist").is_dir():
+        pytest.skip(f"offline datasets not found at {SHARED_DATA}: set HVAE_DATA_DIR")
+    runs = {}
+    for method, model in [("lvae", ["--latent-sizes", "4,3,2", "--hidden-sizes", "16,8,8"]),
+                          ("biva", ["--arch", "resnet", "--num-layers", "2", "--channels", "4", "--blocks", "1",
+                                    "--data-blocks", "1", "--latent-channels", "2"])]:
+        out = tmp_path_factory.mktemp("ladder") / method
+        code = main(["train", "binarized-mnist", "--method", method, "--rho", "0.8", "--ou-samples", "2", "--steps", "3",
+                     "--batch-size", "8", "--eval-every", "3", "--eval-examples", "16", "--log-every", "1",
+                     "--checkpoint-every", "3", "--backend", "torch", "--device", "cpu", "--data-dir", str(SHARED_DATA),
+                     "--out", str(out), "--no-progress", *model])
+        assert code == 0, method
+        runs[method] = out
+    return runs
+
+
+def test_ladders_train_smoothed_from_the_cli(ladder_runs):
+    for run in ladder_runs.values():
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["rho"] for r in recs if r["split"] == "train"] == [0.8] * 3
+        assert json.loads((run / "config.json").read_text())["ou"]["rho"] == 0.8
+
+
+def test_gradvar_and_spectrum_read_ladder_checkpoints(ladder_runs, tmp_path):
+    for method, run in ladder_runs.items():
+        gv, sp = tmp_path / f"{method}-gv.json", tmp_path / f"{method}-sp.json"
+        assert main(["gradvar", str(run), "--rho", "0.5", "--K", "2", "--batches", "1", "--batch-size", "4",
+                     "--draws", "4", "--json", str(gv), "--no-progress"]) == 0
+        (point,) = json.loads(gv.read_text())["points"]
+        assert len(point["per_layer"]) == (2 if method == "lvae" else 1) and point["variance_total"] > 0
+        assert main(["spectrum", str(run), "--points", "4", "--noise", "4", "--degree", "2", "--json", str(sp),
+                     "--no-progress"]) == 0
+        for lay in json.loads(sp.read_text())["checkpoints"][0]["layers"]:
+            assert min(lay["W"]) >= 0 and all(math.isfinite(v) for v in lay["stability"])

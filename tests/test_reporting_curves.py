@@ -40,6 +40,9 @@ def test_plot_writes_a_png_and_skips_a_partial_last_line(tmp_path, capsys, caplo
     assert any("partial last line 25" in r.getMessage() for r in caplog.records)
     label, train, valid = read_metrics(run)
     assert label == "hvae, rho=0.9, K=5"
+    # A ladder is labelled with its rho when it was smoothed (rho < 1), as a plain baseline otherwise.
+    assert read_metrics(write_run(tmp_path / "lvae", False, "lvae"))[0] == "lvae, rho=0.9, K=5"
+    assert read_metrics(write_run(tmp_path / "vae2", False, "vae"))[0] == "vae"
     assert [r["step"] for r in train] == list(range(5, 105, 5)) and [r["step"] for r in valid] == [25, 50, 75, 100]
 
 

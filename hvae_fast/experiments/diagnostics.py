@@ -5,7 +5,8 @@ noise), and its bias, the distance of its mean from the plain VAE gradient's mea
 (rho, K). Both per generator layer p(z_i | z_{i+1}) (its parameters) and summed over them.
 
 spectrum: the Hermite spectrum of each generator layer's mean by noise stability. With
-f(e) = mu_i(m + s e), (m, s) the posterior of q(z_{i+1} | z_i), e ~ N(0, I):
+f(e) = mu_i(m + s e), (m, s) the posterior that drew z_{i+1} (the stacked VAE's q(z_{i+1} | z_i), a
+ladder's top-down posterior, whose other inputs stay at the sample's), e ~ N(0, I):
     S(rho) = E[f(e) . f(rho e + sqrt(1 - rho^2) w)] = sum_d rho^d W_d,
 W_d the energy of f at Hermite degree d. S is estimated on a grid of rho in [-1, 1] from draws
 on circles (noise_stability), W_1..W_D recovered by non-negative least squares with standard
@@ -91,13 +92,10 @@ def _load_into(model, path: Path) -> None:
 
 
 def _checkpoint_models(args):
-    """Yield (cfg, model, device, step, label) for every checkpoint the command names."""
-    from ..models.model import HierarchicalVAE
-
+    """Yield (cfg, model, device, step, label) for every checkpoint the command names. Every model
+    (the stacked VAE, LVAE, BIVA) exposes its generator layers the same way (``StackedVAE``'s
+    generator_head, generator_inputs, generator_parameters), so the diagnostics read them all."""
     cfg, model, dev, step = load_run(args.run_dir, args.device, args.which)
-    if not isinstance(model, HierarchicalVAE):
-        raise HVAEError(f"{args.run_dir} holds a {cfg.method} model; the diagnostics need the stacked VAE "
-                        f"(methods vae, hvae, iwae)")
     if model.depth < 2:
         raise HVAEError("the model has one stochastic layer, so no generator layer is smoothed: pass a deeper run")
     if model.cfg.skip:
@@ -261,15 +259,15 @@ def gradvar(loss_fn, groups, names, batches, rhos, Ks, draws: int, seed: int = 0
     return {"points": points, "reference": ref}
 
 
-def model_loss_fn(model, backend, target: str = "mean-std"):
-    """loss_fn(x, rho, K) of `gradvar` for a stacked VAE: the negative OU-smoothed ELBO (batch mean),
-    or with rho None the negative ELBO (the plain VAE estimator)."""
+def model_loss_fn(model, backend, target: str = "mean-std", method: str = "hvae"):
+    """loss_fn(x, rho, K) of `gradvar`: the negative OU-smoothed ELBO (batch mean) of a model of
+    ``method`` (hvae for the stacked VAE, whatever its run's method; lvae; biva), or with rho None the
+    negative ELBO (the plain VAE estimator)."""
     from ..models.model import OUSmoothing
 
     def loss(x, rho, K):
-        if rho is None:
-            return training_loss(model, x, "vae", None, 1.0, 0.0, 1)[0]
-        return training_loss(model, x, "hvae", OUSmoothing(rho, K, backend, target), 1.0, 0.0, 1)[0]
+        ou = None if rho is None else OUSmoothing(rho, K, backend, target)
+        return training_loss(model, x, method, ou, 1.0, 0.0, 1)[0]
 
     return loss
 
@@ -300,8 +298,9 @@ def cmd_gradvar(args) -> int:
         widest = max(math.prod(s) for s in model.latent_shapes)
         check_fits(4.0 * max(Ks) * result["batch_size"] * widest, dev,
                    f"--K {max(Ks)} OU samples of {result['batch_size']} examples", "lower --K")
-        groups = [list(g.parameters()) for g in model.gen]
-        loss = model_loss_fn(model, get_backend("torch", dev), cfg.ou.target)
+        groups = [model.generator_parameters(i) for i in range(model.depth - 1)]
+        method = cfg.method if cfg.method in ("lvae", "biva") else "hvae"  # vae/iwae runs are stacked VAEs too
+        loss = model_loss_fn(model, get_backend("torch", dev), cfg.ou.target, method)
         with out_of_memory(f"with --K {max(Ks)} OU samples per example at batch size {result['batch_size']}: "
                            "lower --K (or --batch-size)"):
             res = gradvar(loss, groups, _layer_names(model), batches, rhos, Ks, args.draws, args.seed, bar)
@@ -358,10 +357,12 @@ def circle_rhos(angles: int) -> np.ndarray:
     return np.cos(2 * np.pi * np.arange(angles // 2 + 1) / angles)
 
 
-def noise_stability(f, mu, sigma, noise: int, angles: int = SPECTRUM_ANGLES, generator=None) -> dict:
+def noise_stability(f, mu, sigma, noise: int, angles: int = SPECTRUM_ANGLES, generator=None, state=()) -> dict:
     """The noise stability of f around each point, per output unit, with its covariance.
 
-    f maps z [N', *S] to [N', *T]; it is evaluated at z = mu + sigma x (mu, sigma [N, *S]). Each
+    f maps z [N', *S] (and the rows of ``state`` that go with them: each tensor of ``state`` is
+    [N, ...], per point, repeated for every evaluation) to [N', *T]; it is evaluated at
+    z = mu + sigma x (mu, sigma [N, *S]). Each
     of the ``noise`` draws per point is a circle x_j = e cos(t_j) + w sin(t_j), t_j = 2 pi j /
     angles, e, w ~ N(0, I): every x_j is N(0, I) and x_j, x_{j+k} are rho_k = cos(2 pi k / angles)
     correlated, so one draw of ``angles`` evaluations yields ``angles`` products at every rho of
@@ -384,7 +385,8 @@ def noise_stability(f, mu, sigma, noise: int, angles: int = SPECTRUM_ANGLES, gen
         e = torch.randn((noise, *m.shape), generator=generator, dtype=mu.dtype, device=mu.device)
         w = torch.randn((noise, *m.shape), generator=generator, dtype=mu.dtype, device=mu.device)
         x = e[None] * cos + w[None] * sin  # [angles, noise, n, *S]
-        F = f((m + s * x).flatten(0, 2)).reshape(angles, noise, m.shape[0], -1).double()
+        rows = [t[a:a + step].repeat(angles * noise, *[1] * (t.dim() - 1)) for t in state]  # point-minor, as z
+        F = f((m + s * x).flatten(0, 2), *rows).reshape(angles, noise, m.shape[0], -1).double()
         units = F.shape[-1]
         circle = F.mean(0)  # [noise, n, units]: each draw's mean over its circle
         total = circle.sum(0)
@@ -435,15 +437,18 @@ def fit_spectrum(rhos, S, degree: int, cov=None, W0: float = 0.0, W0_stderr: flo
 
 @torch.no_grad()
 def layer_spectra(model, x, degree: int, noise: int, angles: int = SPECTRUM_ANGLES, seed: int = 0) -> list:
-    """The spectrum of every generator layer's mean mu_i, in the coordinates of the posterior
-    q(z_{i+1} | z_i) of one posterior sample of each example of ``x``."""
+    """The spectrum of every generator layer's mean mu_i, in the coordinates of the posterior that
+    drew z_{i+1} (the stacked VAE: q(z_{i+1} | z_i); a ladder: its top-down posterior) in one
+    posterior sample of each example of ``x``. A ladder's top-down state (h_{i+1}, block outputs)
+    stays at its value for that sample: only z_{i+1} moves, as in the OU smoothing."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     torch.manual_seed(seed)
-    _, mus, sigmas, _ = model.encode(x)
+    inputs = {i: (q, state) for i, _, q, _, state in model.generator_inputs(x)}
     out = []
     for i, name in enumerate(_layer_names(model)):
-        f = lambda z, i=i: model.prior(i, z, None)[0][0]  # noqa: E731
-        st = noise_stability(f, mus[i + 1], sigmas[i + 1], noise, angles, gen)
+        (mu, sigma), state = inputs[i]
+        f = lambda z, *st, i=i: model.generator_head(i, z, *st)[0]  # noqa: E731
+        st = noise_stability(f, mu, sigma, noise, angles, gen, state=tuple(state))
         fit = fit_spectrum(st["rhos"], st["S"], degree, st["cov"], st["W0"], st["W0_stderr"])
         out.append({"layer": name, "units": int(np.prod(model.latent_shapes[i])), **fit, "rhos": st["rhos"].tolist(),
                     "stability": (st["S"] + st["W0"]).tolist(),

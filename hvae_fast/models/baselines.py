@@ -154,9 +154,10 @@ class _Baseline(StackedVAE):
 
     OU smoothing (``forward(x, ou)``, training only) replaces each log p(z_i | z_{i+1}, state) by
     ``smoothed_logprob`` around the posterior sample z_{i+1}: the K correlated samples run through
-    ``_head_raw(i, ., *state)``, the block that maps z_{i+1} and the top-down state it reads (from
+    ``generator_head(i, ., *state)``, the block that maps z_{i+1} and the top-down state it reads (from
     the real samples above, unsmoothed) to p(z_i)'s head; the top-down pass goes on with the real
-    sample. A subclass defines ``_head_raw``."""
+    sample. A subclass defines ``generator_head`` and ``_top_down(x)``: the plain forward's Terms
+    and, per generator layer, the inputs it read (``generator_inputs``)."""
 
     def __init__(self, cfg: ModelConfig, image_shape):
         if cfg.skip:
@@ -180,19 +181,25 @@ class _Baseline(StackedVAE):
         """Generative stage i on its latent z and the block outputs of stage i+1: (features d, block outputs)."""
         return _chain(self.p[i], z, state or ())
 
-    def _head_raw(self, i: int, z_above, *state):
-        """Generator layer i on z_{i+1} [N, ...] and its state [N, ...]: p(z_i | .)'s (mean_raw, scale_raw),
-        each [N, *latent_shapes[i]] (sigma = softplus(scale_raw) + min_scale)."""
+    def _top_down(self, x) -> tuple:
         raise NotImplementedError
 
-    def _smooth_layers(self, ou: OUSmoothing, log_p: list, layers: list) -> None:
-        """Fill log_p[i] with log p(z_i | z_{i+1}, state) OU-smoothed around z_{i+1} [B, ...], drawn from
-        q = (mu, sigma), for each (i, z_{i+1}, q, z_i, state) of ``layers``. Called after the top-down
-        pass, so that the OU seeds come after every posterior draw from torch's RNG: with one seed, the
-        smoothed and the plain forward share their posterior samples (as the stacked VAE's do)."""
-        for i, z_above, q_above, z, state in layers:
-            log_p[i] = smoothed_logprob(ou, partial(self._head_raw, i), z_above, q_above, z, self.cfg.min_scale,
-                                        tuple(state))
+    def generator_inputs(self, x) -> list:
+        return self._top_down(x)[1]
+
+    def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
+        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major. With ``ou``
+        (training), each log p(z_i | z_{i+1}, state) is OU-smoothed around z_{i+1} with the posterior
+        that drew it (``generator_inputs``); the posteriors use the real sample's prior. The smoothing
+        runs after the top-down pass, so the OU seeds come after every posterior draw from torch's
+        RNG: with one seed, the smoothed and the plain forward share their posterior samples."""
+        check_ladder_ou(ou, type(self).__name__)
+        terms, layers = self._top_down(repeat_batch(x, k))
+        if ou is not None:
+            for i, z_above, q_above, z, state in layers:
+                terms.log_p[i] = smoothed_logprob(ou, partial(self.generator_head, i), z_above, q_above, z,
+                                                  self.cfg.min_scale, state)
+        return terms
 
 
 class LadderVAE(_Baseline):
@@ -220,29 +227,30 @@ class LadderVAE(_Baseline):
             return split_gaussian(self.p_head[i](d), self.cfg.min_scale), state
         return split_gaussian(self.gen[i](z_above)[0], self.cfg.min_scale), None
 
-    def _head_raw(self, i: int, z_above, *state):
+    def generator_head(self, i: int, z_above, *state):
         # ResNet: generative stage i+1 (reading the block outputs of stage i+2) and p(z_i)'s head; MLP: gen[i].
         out = self.p_head[i](self._down(i + 1, z_above, list(state))[0]) if self.conv else self.gen[i](z_above)[0]
         return out.chunk(2, dim=1)
 
+    def generator_parameters(self, i: int) -> list:
+        mods = [self.p[i + 1], self.p_head[i]] if self.conv else [self.gen[i]]
+        return [p for m in mods for p in m.parameters()]
+
     def decode(self, z, state=None):
         return self.out(self._down(0, z, state)[0]) if self.conv else self.px(z)[0]
 
-    def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
-        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major. With ``ou``
-        (training), each p(z_i | z_{i+1}) is OU-smoothed around z_{i+1} with the posterior that drew
-        it (MLP: the precision-weighted one); the posteriors use the real sample's prior."""
-        check_ladder_ou(ou, "the Ladder VAE")
-        x = repeat_batch(x, k)
+    def _top_down(self, x) -> tuple:
+        """The plain forward of x [N, ...]: Terms, and per generator layer (top first) the inputs
+        (i, z_{i+1}, (mu, sigma) of its posterior (MLP: the precision-weighted one), z_i, state)."""
         if self.conv:
-            return self._forward_conv(x, ou)
+            return self._top_down_conv(x)
         ms, h = self.cfg.min_scale, x
         bu = []
         for enc in self.enc:  # deterministic bottom-up pass
             out, h = enc(h)
             bu.append(split_gaussian(out, ms))
         L = self.depth
-        log_q, log_p, q_mean, smooth = [None] * L, [None] * L, [None] * L, []
+        log_q, log_p, q_mean, layers = [None] * L, [None] * L, [None] * L, []
         mu, sigma = bu[-1]
         z = _sample(mu, sigma)
         log_q[-1], log_p[-1], q_mean[-1] = gaussian_logprob(z, mu, sigma), std_normal_logprob(z), mu
@@ -251,21 +259,17 @@ class LadderVAE(_Baseline):
             mu_q, sigma_q = precision_weighted(*bu[i], mu_p, sigma_p)
             z_i = _sample(mu_q, sigma_q)
             log_q[i], q_mean[i] = gaussian_logprob(z_i, mu_q, sigma_q), mu_q
-            if ou is None:
-                log_p[i] = gaussian_logprob(z_i, mu_p, sigma_p)
-            else:
-                smooth.append((i, z, (mu, sigma), z_i, ()))
+            log_p[i] = gaussian_logprob(z_i, mu_p, sigma_p)
+            layers.append((i, z, (mu, sigma), z_i, ()))
             z, mu, sigma = z_i, mu_q, sigma_q
-        if ou is not None:
-            self._smooth_layers(ou, log_p, smooth)
-        return Terms(self.likelihood.logprob(self.decode(z), x), log_q, log_p, q_mean)
+        return Terms(self.likelihood.logprob(self.decode(z), x), log_q, log_p, q_mean), layers
 
-    def _forward_conv(self, x, ou: OUSmoothing | None) -> Terms:
+    def _top_down_conv(self, x) -> tuple:
         ms, L, h, hs = self.cfg.min_scale, self.depth, x, []
         for i, q in enumerate(self.q):  # deterministic bottom-up pass; each block also reads the stage's input
             h = _chain(q, h, [h] * len(q) if i else ())[0]
             hs.append(h)
-        log_q, log_p, q_mean, smooth = [None] * L, [None] * L, [None] * L, []
+        log_q, log_p, q_mean, layers = [None] * L, [None] * L, [None] * L, []
         z = state = mu = sigma = None
         for i in reversed(range(L)):
             state_above = state  # the block outputs of stage i+2 that generative stage i+1 reads
@@ -280,14 +284,11 @@ class LadderVAE(_Baseline):
             log_q[i], q_mean[i] = gaussian_logprob(z_i, mu_q, sigma_q), mu_q
             if i == L - 1:
                 log_p[i] = std_normal_logprob(z_i)
-            elif ou is None:
-                log_p[i] = gaussian_logprob(z_i, mu_p, sigma_p)
             else:
-                smooth.append((i, z, (mu, sigma), z_i, state_above or ()))
+                log_p[i] = gaussian_logprob(z_i, mu_p, sigma_p)
+                layers.append((i, z, (mu, sigma), z_i, tuple(state_above or ())))
             z, mu, sigma = z_i, mu_q, sigma_q
-        if ou is not None:
-            self._smooth_layers(ou, log_p, smooth)
-        return Terms(self.likelihood.logprob(self.decode(z, state), x), log_q, log_p, q_mean)
+        return Terms(self.likelihood.logprob(self.decode(z, state), x), log_q, log_p, q_mean), layers
 
 
 class BIVA(_Baseline):
@@ -341,7 +342,11 @@ class BIVA(_Baseline):
         bu, td, state, d = self._gen_raw(i, z_above, *self._state(h_above))
         return split_gaussian(bu, ms), split_gaussian(td, ms), state, d
 
-    def _head_raw(self, i: int, z_above, *state):
+    def generator_parameters(self, i: int) -> list:
+        mods = [self.p[i + 1], self.p_head_bu[i], self.p_head_td[i]] if self.conv else [self.gen[i]]
+        return [p for m in mods for p in m.parameters()]
+
+    def generator_head(self, i: int, z_above, *state):
         # Layer i's whole latent [z_i^BU, z_i^TD]: the two heads' raw means, then their raw scales, BU first.
         (mb, sb), (mt, st) = (raw.chunk(2, dim=1) for raw in self._gen_raw(i, z_above, *state)[:2])
         return torch.cat([mb, mt], 1), torch.cat([sb, st], 1)
@@ -378,16 +383,13 @@ class BIVA(_Baseline):
             feats.append(h)
         return q_bu[:-1], feats, q_bu[-1]
 
-    def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
-        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major. With ``ou``
-        (training), each p(z_i^BU, z_i^TD | z_{i+1}, h_{i+1}) is OU-smoothed around z_{i+1} = [BU, TD]
-        (the top: z_L) with the posteriors that drew it; h_{i+1}, computed from the real samples above,
-        is read unsmoothed."""
-        check_ladder_ou(ou, "BIVA")
-        x = repeat_batch(x, k)
+    def _top_down(self, x) -> tuple:
+        """The plain forward of x [N, ...]: Terms, and per generator layer (top first) the inputs
+        (i, z_{i+1} = [BU, TD] (the top: z_L), the (mu, sigma) of the posteriors that drew it, z_i,
+        the state of layer i+1: h_{i+1} or the block outputs, computed from the real samples above)."""
         ms, L = self.cfg.min_scale, self.depth
         q_bu, d, (z, mu, sigma) = self._bottom_up(x)
-        log_q, log_p, q_mean, smooth = [None] * L, [None] * L, [None] * L, []
+        log_q, log_p, q_mean, layers = [None] * L, [None] * L, [None] * L, []
         log_q[-1], log_p[-1], q_mean[-1] = gaussian_logprob(z, mu, sigma), std_normal_logprob(z), mu
         h = None
         for i in reversed(range(L - 1)):  # top-down
@@ -404,12 +406,8 @@ class BIVA(_Baseline):
             z_bu, mu_bu, sig_bu = q_bu[i]
             log_q[i] = gaussian_logprob(z_bu, mu_bu, sig_bu) + gaussian_logprob(z_td, mu_td, sig_td)
             z_i = torch.cat([z_bu, z_td], 1)
-            if ou is None:
-                log_p[i] = gaussian_logprob(z_bu, mu_b, sig_b) + gaussian_logprob(z_td, mu_t, sig_t)
-            else:
-                smooth.append((i, z, (mu, sigma), z_i, state_above))
+            log_p[i] = gaussian_logprob(z_bu, mu_b, sig_b) + gaussian_logprob(z_td, mu_t, sig_t)
+            layers.append((i, z, (mu, sigma), z_i, state_above))
             q_mean[i] = torch.cat([mu_bu, mu_td], 1)
             z, mu, sigma = z_i, q_mean[i], torch.cat([sig_bu, sig_td], 1)
-        if ou is not None:
-            self._smooth_layers(ou, log_p, smooth)
-        return Terms(self.likelihood.logprob(self.decode(z, h), x), log_q, log_p, q_mean)
+        return Terms(self.likelihood.logprob(self.decode(z, h), x), log_q, log_p, q_mean), layers

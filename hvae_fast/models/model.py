@@ -22,6 +22,8 @@ Gaussians).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,13 +105,20 @@ class HierarchicalVAE(StackedVAE):
         if ou is None:
             (mu, sigma), _ = self.prior(i, z_above, above)
             return gaussian_logprob(z, mu, sigma)
-
-        def block(zp, *skips):
-            # Only the layer's own input is smoothed; the skips carry the posterior samples as they are.
-            return self.gen[i](torch.cat([zp, *skips], 1))[0].chunk(2, dim=1)
-
+        # Only the layer's own input is smoothed; the skips carry the posterior samples as they are.
         skips = (torch.cat(above, 1),) if above else ()
-        return smoothed_logprob(ou, block, z_above, q_above, z, self.cfg.min_scale, skips)
+        return smoothed_logprob(ou, partial(self.generator_head, i), z_above, q_above, z, self.cfg.min_scale, skips)
+
+    def generator_head(self, i: int, z_above, *skips):
+        return self.gen[i](torch.cat([z_above, *skips], 1))[0].chunk(2, dim=1)
+
+    def generator_inputs(self, x) -> list:
+        zs, mus, sigmas, _ = self.encode(x)
+        return [(i, zs[i + 1], (mus[i + 1], sigmas[i + 1]), zs[i], (torch.cat(zs[i + 2:], 1),) if self.cfg.skip
+                 and i + 2 < self.depth else ()) for i in reversed(range(self.depth - 1))]
+
+    def generator_parameters(self, i: int) -> list:
+        return list(self.gen[i].parameters())
 
     def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
         """x: [B, C, H, W] model input (binary, or in [-1, 1]); ou: smoothing, training only; k:

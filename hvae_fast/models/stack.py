@@ -3,7 +3,10 @@
 It holds what they share: the image shape, the likelihood p(x|z_1), the per-layer latent and
 feature shapes, the net factory for MLP / ResNet configs, and ``sample()``. A subclass builds its
 nets in ``__init__`` and defines ``forward(x, ou) -> Terms``, ``prior`` (one generator layer) and
-``decode`` (p(x|z_1)'s parameters); ``sample`` runs those top-down.
+``decode`` (p(x|z_1)'s parameters); ``sample`` runs those top-down. The block OU smoothing re-runs
+(``generator_head``), the inputs each generator layer reads in one posterior pass
+(``generator_inputs``) and its parameters (``generator_parameters``) serve the smoothing and the
+diagnostics (`gradvar`, `spectrum`) alike.
 """
 
 from __future__ import annotations
@@ -79,6 +82,22 @@ class StackedVAE(nn.Module):
         """Generator layer i < L-1: ((mu, sigma) of p(z_i | above), each [N, *latent_shapes[i]]), and
         the ``state`` (HVAE+: the latents above; BIVA: features; or None) it passes down to layer i-1
         and to ``decode``."""
+        raise NotImplementedError
+
+    def generator_head(self, i: int, z_above, *state):
+        """Generator layer i on z_{i+1} [N, ...] and the state it reads [N, ...] (HVAE+: the latents
+        above; ladders: the top-down state of the layer above): p(z_i | .)'s raw head (mean_raw,
+        scale_raw), each [N, *latent_shapes[i]]; mu = mean_raw, sigma = softplus(scale_raw) + min_scale.
+        This is the block OU smoothing re-runs on the K correlated samples of z_{i+1}."""
+        raise NotImplementedError
+
+    def generator_inputs(self, x) -> list:
+        """One posterior pass over x [N, ...]: per generator layer, top first, (i, z_{i+1}, (mu, sigma)
+        of the posterior that drew z_{i+1}, z_i, the state tuple ``generator_head`` reads)."""
+        raise NotImplementedError
+
+    def generator_parameters(self, i: int) -> list:
+        """The parameters of generator layer i < L-1: those of the modules ``generator_head(i, ...)`` runs."""
         raise NotImplementedError
 
     def decode(self, z, state):

@@ -73,7 +73,7 @@ def read_metrics(run_dir) -> tuple[str, list, list]:
     label = run_dir.name
     if (run_dir / "config.json").exists():
         cfg = load_config(run_dir / "config.json")
-        label = cfg.method + (f", rho={cfg.ou.rho}, K={cfg.ou.samples}" if cfg.method == "hvae" else "")
+        label = cfg.method + (f", rho={cfg.ou.rho}, K={cfg.ou.samples}" if cfg.smooths() else "")
     # A resumed run may log a step twice; the later record wins.
     dedup = lambda rs: sorted({r["step"]: r for r in rs}.values(), key=lambda r: r["step"])  # noqa: E731
     return label, dedup([r for r in recs if r["split"] == "train"]), dedup([r for r in recs if r["split"] == "valid"])

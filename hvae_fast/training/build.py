@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import data as data_mod
-from ..config import OU_METHODS, RunConfig
+from ..config import RunConfig
 from ..models.model import OUSmoothing, build_model
 from ..ops.ou import get_backend
 from .rho_control import RhoController, RhoSchedule, parse_schedule
@@ -35,7 +35,7 @@ def lr_lambda(cfg):
 @dataclass
 class Training:
     """What one training step needs: the model, its optimizer and LR schedule, and the OU smoothing
-    (None unless the method is one of OU_METHODS; ``backend`` names its OU backend, ``rho`` maps the
+    (None unless ``cfg.smooths()``; ``backend`` names its OU backend, ``rho`` maps the
     step index to the step's rho: a RhoSchedule, or the RhoController of --rho-control)."""
 
     model: torch.nn.Module
@@ -54,7 +54,7 @@ def build_training(cfg: RunConfig, device, image_shape=None) -> Training:
     device = torch.device(device)
     model = build_model(cfg.method, cfg.model, image_shape or data_mod.image_shape(cfg.dataset)).to(device)
     ou = backend = rho = None
-    if cfg.method in OU_METHODS:
+    if cfg.smooths():
         o = cfg.ou
         b = get_backend(o.backend, device)
         ou = OUSmoothing(o.rho, o.samples, b, o.target, o.smooth_inference, o.recompute)

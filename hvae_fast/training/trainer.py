@@ -33,7 +33,7 @@ import torch
 from ..ops import autotune
 from .. import data as data_mod
 from . import distributed
-from ..config import OU_METHODS, RunConfig
+from ..config import RunConfig
 from ..errors import HVAEError
 from .evaluate import evaluate
 from ..models.likelihoods import bits_per_dim
@@ -446,7 +446,7 @@ class Trainer:
                 "grad_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None}
 
     def _oom(self, exc) -> HVAEError:
-        t, k = self.cfg.train, self.cfg.ou.samples if self.cfg.method in OU_METHODS else 1
+        t, k = self.cfg.train, self.cfg.ou.samples if self.cfg.smooths() else 1
         return HVAEError(f"out of memory in training step {self.step + 1} on {self.device} (batch {t.batch_size}, "
                          f"{k} OU samples, {t.iw_samples_train} IW samples): lower --batch-size, --ou-samples or "
                          f"--iw-samples-train (`hvae-fast memory` estimates what fits)")
