@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import HVAEError
 from ..training.rundir import atomic_write_text
-# the names below are this module's public face (tests, report.py, the docs' Python API)
+# the sweep API stays importable from here (tests and scripts use sweep.Point, sweep.expand, ...)
 from .sweep_points import (EVAL_FILE, SWEEP_LOCK, Point, PointBusy, claim_run_dir, lock_sweep_dir,  # noqa: F401
                            run_points)
 from .sweep_results import (SCALARS, collect_results, metric_columns, read_eval, summarize,  # noqa: F401
