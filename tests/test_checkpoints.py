@@ -57,7 +57,7 @@ def copy_run(src, dst):
 
 
 def test_every_torch_load_in_the_package_is_weights_only():
-    calls = [(f.name, m.group(0)) for f in PACKAGE.glob("*.py")
+    calls = [(f.name, m.group(0)) for f in PACKAGE.rglob("*.py")
              for m in re.finditer(r"torch\.load\([^)]*\)", f.read_text())]
     assert calls, "the package loads checkpoints somewhere"
     assert all("weights_only=True" in c for _, c in calls), calls

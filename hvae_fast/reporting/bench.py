@@ -10,6 +10,9 @@ project's performance targets, each printed as met / not met / not measured (nev
 * Each fused op, forward + backward, <= 1.0x eager PyTorch at every benchmark size.
 * GPU: the fused ops reach >= 70% of the GPU's memory bandwidth at the large sizes.
 * GPU: the CIFAR-10 4-layer HVAE step <= 1.3x the VAE step in time and <= 1.25x in peak memory.
+* CPU (``floor-<preset>`` groups, bench/bench_floor.py): the project's VAE and HVAE steps <= 1.5x
+  their GEMM floor (the step's matrix multiplies alone) and faster than the hand-written eager peer
+  and that peer under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ OP_TARGET = 1.0  # each fused op (forward + backward) vs eager PyTorch
 GPU_BW_TARGET = 0.70
 GPU_STEP_TIME_TARGET = 1.3
 GPU_STEP_MEM_TARGET = 1.25
+FLOOR_TARGET = 1.5  # the project's step vs the time of its matrix multiplies alone
 CIFAR_GROUP = "step-cifar10-resnet-4"
 MNIST_GROUP = "step-mnist-mlp-40x4"
 
@@ -72,7 +76,44 @@ def _is_gpu(data: dict) -> bool:
 
 
 def _group_sort_key(g: str) -> tuple:
-    return (0 if g.startswith("step-") else 1, g)
+    return (0 if g.startswith("step-") else 1 if g.startswith("floor-") else 2, g)
+
+
+def _floor_refs(name: str, benches: dict) -> tuple:
+    """(floor, eager peer, compiled peer) results of the same method as ``name`` in a floor group."""
+    method = "hvae" if name.endswith("hvae") or "-hvae-" in name else "vae"
+    return tuple(benches.get(f"{kind}-{method}") for kind in ("floor", "peer", "peer-compiled"))
+
+
+def floor_table(group: str, benches: dict) -> list:
+    """A ``floor-<preset>`` group: each step's median over its GEMM floor and over both peers."""
+    head = ["name", "median ms", "x GEMM floor", "x eager peer", "x compiled peer"]
+    lines = [f"#### {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = ["floor", "peer-compiled", "peer", "hvae-fast"]
+    for name in sorted(benches, key=lambda n: ([i for i, o in enumerate(order) if n.startswith(o)] + [9])[0:1] + [n]):
+        t = _median(benches[name])
+        refs = [_median(r) if r else None for r in _floor_refs(name, benches)]
+        lines.append("| " + " | ".join([f"`{name}`", _fmt_ms(t)] + [_fmt_ratio(t / r if r else None) for r in refs]) + " |")
+    return lines + [""]
+
+
+def floor_targets(g: dict, gpu: bool) -> list:
+    """The issue-20 goal per floor group: the project's steps <= FLOOR_TARGET x floor and ahead of both peers."""
+    out = []
+    for grp in sorted(x for x in g if x.startswith("floor-")):
+        benches = g[grp]
+        for name in sorted(n for n in benches if n.startswith("hvae-fast-")):
+            t = _median(benches[name])
+            floor, peer, comp = (_median(r) if r else None for r in _floor_refs(name, benches))
+            label = (f"{'GPU' if gpu else 'CPU'}: `{name}` ({grp.removeprefix('floor-')}) <= {FLOOR_TARGET}x its GEMM "
+                     f"floor, ahead of the eager and compiled peers")
+            if None in (floor, peer, comp):
+                out.append(f"- {label}: not measured (a floor or peer result is missing)")
+                continue
+            ok = t <= FLOOR_TARGET * floor and t < peer and t < comp
+            out.append(f"- {label}: {_status(ok)} ({t / floor:.2f}x floor, {t / peer:.2f}x eager peer, "
+                       f"{t / comp:.2f}x compiled peer)")
+    return out
 
 
 def table(group: str, benches: dict, gpu: bool) -> list:
@@ -239,8 +280,11 @@ def report(path) -> str:
     if not g:
         lines.append("_no benchmark results in this file_")
     for grp in sorted(g, key=_group_sort_key):
-        lines += table(grp, g[grp], gpu)
+        lines += floor_table(grp, g[grp]) if grp.startswith("floor-") else table(grp, g[grp], gpu)
     lines += targets(data)
+    floor = floor_targets(g, gpu)
+    if floor:
+        lines += floor + [""]
     return "\n".join(lines)
 
 
