@@ -76,7 +76,7 @@ def test_doc_commands_parse_and_their_train_configs_validate(tmp_path, monkeypat
 
     cmds = _doc_commands()
     # the main job, the quick start's three commands, and the reproduce block's sweeps
-    for expected in (["train", "cifar10"], ["train", "binarized-mnist", "--steps", "2000", "--out", "runs/quick"]):
+    for expected in (["train", "cifar10"], ["train", "binarized-mnist", "--steps", "1000", "--out", "runs/quick"]):
         assert expected in cmds, expected
     assert {"eval", "sample", "sweep", "report", "memory"} <= {c[0] for c in cmds}
     monkeypatch.chdir(tmp_path)  # output paths (--json memory.json, ...) are checked in a scratch folder
