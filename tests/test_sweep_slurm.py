@@ -28,7 +28,7 @@ def parse_args(argv):
     import argparse
 
     sub = argparse.ArgumentParser().add_subparsers()
-    sweep.add_parser(sub)
+    sweep.register(sub)
     return sub.choices["sweep"].parse_args(argv)
 
 
