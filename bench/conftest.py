@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hvae_fast.ops.backends import required
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 
@@ -123,6 +125,8 @@ def fused_skip_reason(name: str) -> str | None:
     if name == "triton" and DEVICE.type == "cpu":
         return "triton runs on CPU only under TRITON_INTERPRET=1, far too slow to benchmark"
     ok, why = backend_status().get(name, (False, "unknown backend"))
+    if not ok and name in ("cpp", "cuda") and required(name):  # gpucheck on a GPU: no silent skip
+        raise pytest.UsageError(f"the {name} backend is unavailable with HVAE_REQUIRE_{name.upper()}=1: {why}")
     return None if ok else f"{name} backend unavailable on {DEVICE.type}: {why}"
 
 

@@ -21,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -130,7 +131,8 @@ Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw, const at::Tensor& scale_ra
                                                  lp.data_ptr<scalar_t>(), N, N / B, K, ratio, min_scale);
         });
     }
-    auto out = lp.reshape({B, -1}).sum(1);
+    // An empty batch (or empty rows): a [B] of zeros; reshape({0, -1}) would throw.
+    auto out = N > 0 ? lp.reshape({B, -1}).sum(1) : at::zeros({B}, lp.options());
     return {out, mbar, sbar};
 }
 

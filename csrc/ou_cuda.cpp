@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -28,10 +29,12 @@ int hvae_cuda_corr_bwd(int dtype, const void* g, void* dz, void* dmu, void* dsig
                        uint64_t seed, uint64_t offset_base, int need_sigma, void* stream);
 int hvae_cuda_noise(float* out, int64_t total, uint64_t seed, uint64_t offset_base, void* stream);
 int hvae_cuda_head_fwd(int dtype, const void* mr, const void* sr, const void* t, float* mbar, float* sbar, float* lp,
-                       int64_t N, int64_t K, int ratio, double min_scale, void* stream);
+                       int64_t N, int64_t S, int64_t K, int64_t m_sK, int64_t m_sB, int64_t s_sK, int64_t s_sB,
+                       int ratio, double min_scale, void* stream);
 int hvae_cuda_head_bwd(int dtype, const float* g, const void* mr, const void* sr, const void* t, const float* mbar,
-                       const float* sbar, void* dmr, void* dsr, void* dt, int64_t N, int64_t S, int64_t K, int ratio,
-                       double min_scale, void* stream);
+                       const float* sbar, void* dmr, void* dsr, void* dt, int64_t N, int64_t S, int64_t K,
+                       int64_t m_sK, int64_t m_sB, int64_t s_sK, int64_t s_sB, int ratio, double min_scale,
+                       void* stream);
 }
 
 namespace {
@@ -93,14 +96,31 @@ Tensor3 correlated_samples_bwd(const at::Tensor& g, double rho, int64_t K, int64
     return {dz, dmu, dsigma};
 }
 
-// The CUDA head kernels index packed [K, N] buffers: a strided mean_raw / scale_raw (the CPU and
-// Triton kernels read it in place) is copied here, transiently (autograd saves the caller's view).
+// A [K, B, *S] head input is read in place when its *S dims are packed row-major (any strides on K
+// and B: a channel half of the model's [K, B, 2C, ...] output, as ou_cpu.cpp's rows_of and
+// hvae_fast.backends.packed_rows); anything else is copied first. Not yet run on a GPU.
+at::Tensor rows_packed(const at::Tensor& x) {
+    int64_t expected = 1;
+    for (int64_t d = x.dim() - 1; d >= 2; --d) {
+        if (x.size(d) != 1 && x.stride(d) != expected) return x.contiguous();
+        expected *= x.size(d);
+    }
+    return x;
+}
+
+void check_head_input(const at::Tensor& x, const at::Tensor& ref, const char* name) {
+    TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK(x.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type());
+    TORCH_CHECK(x.device() == ref.device(), name, " must be on ", ref.device());
+    TORCH_CHECK(x.dim() >= 2, name, " must have shape [K, B, ...]");
+}
+
 Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw_in, const at::Tensor& scale_raw_in,
                                           const at::Tensor& target, bool ratio, double min_scale) {
-    const auto mean_raw = mean_raw_in.contiguous(), scale_raw = scale_raw_in.contiguous();
+    const auto mean_raw = rows_packed(mean_raw_in), scale_raw = rows_packed(scale_raw_in);
     check_input(target, target, "target");
-    check_input(mean_raw, target, "mean_raw");
-    check_input(scale_raw, target, "scale_raw");
+    check_head_input(mean_raw, target, "mean_raw");
+    check_head_input(scale_raw, target, "scale_raw");
     TORCH_CHECK(target.dim() >= 1, "target must have a batch dimension");
     TORCH_CHECK(mean_raw.sizes() == scale_raw.sizes(), "mean_raw and scale_raw must have one shape");
     TORCH_CHECK(mean_raw.dim() == target.dim() + 1 && mean_raw.sizes().slice(1) == target.sizes(),
@@ -112,9 +132,13 @@ Tensor3 gaussian_head_fwd(const at::Tensor& mean_raw_in, const at::Tensor& scale
     auto mbar = at::empty(target.sizes(), f32);
     auto sbar = at::empty(target.sizes(), f32);
     auto lp = at::empty(target.sizes(), f32);
+    // An empty batch (or empty rows): a [B] of zeros; reshape({0, -1}) below would throw.
+    if (target.numel() == 0) return {at::zeros({target.size(0)}, f32), mbar, sbar};
+    const int64_t N = target.numel(), S = N / target.size(0);
     check_launch(hvae_cuda_head_fwd(dtype_code(target), mean_raw.data_ptr(), scale_raw.data_ptr(), target.data_ptr(),
-                                    mbar.data_ptr<float>(), sbar.data_ptr<float>(), lp.data_ptr<float>(),
-                                    target.numel(), K, ratio ? 1 : 0, min_scale, stream_of(target)));
+                                    mbar.data_ptr<float>(), sbar.data_ptr<float>(), lp.data_ptr<float>(), N, S, K,
+                                    mean_raw.stride(0), mean_raw.stride(1), scale_raw.stride(0), scale_raw.stride(1),
+                                    ratio ? 1 : 0, min_scale, stream_of(target)));
     auto out = lp.reshape({target.size(0), -1}).sum(1);
     return {out, mbar, sbar};
 }
@@ -123,10 +147,10 @@ Tensor3 gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw_in,
                                           const at::Tensor& scale_raw_in, const at::Tensor& target,
                                           const at::Tensor& mbar, const at::Tensor& sbar, bool ratio,
                                           double min_scale) {
-    const auto mean_raw = mean_raw_in.contiguous(), scale_raw = scale_raw_in.contiguous();
+    const auto mean_raw = rows_packed(mean_raw_in), scale_raw = rows_packed(scale_raw_in);
     check_input(target, target, "target");
-    check_input(mean_raw, target, "mean_raw");
-    check_input(scale_raw, target, "scale_raw");
+    check_head_input(mean_raw, target, "mean_raw");
+    check_head_input(scale_raw, target, "scale_raw");
     TORCH_CHECK(mbar.scalar_type() == at::kFloat && sbar.scalar_type() == at::kFloat, "saved averages must be float32");
     TORCH_CHECK(mbar.is_contiguous() && sbar.is_contiguous(), "saved averages must be contiguous");
     const c10::cuda::CUDAGuard guard(target.device());
@@ -135,13 +159,14 @@ Tensor3 gaussian_head_bwd(const at::Tensor& g, const at::Tensor& mean_raw_in,
     const int64_t B = target.size(0);
     auto g32 = g.to(at::kFloat).contiguous();
     TORCH_CHECK(g32.numel() == B, "grad must have one entry per batch row");
-    auto dmr = at::empty_like(mean_raw);
-    auto dsr = at::empty_like(scale_raw);
+    auto dmr = at::empty(mean_raw.sizes(), mean_raw.options());  // packed [K, N], whatever the inputs' strides
+    auto dsr = at::empty(scale_raw.sizes(), scale_raw.options());
     auto dt = at::empty_like(target);
     if (N == 0) return {dmr, dsr, dt};
     check_launch(hvae_cuda_head_bwd(dtype_code(target), g32.data_ptr<float>(), mean_raw.data_ptr(),
                                     scale_raw.data_ptr(), target.data_ptr(), mbar.data_ptr<float>(),
                                     sbar.data_ptr<float>(), dmr.data_ptr(), dsr.data_ptr(), dt.data_ptr(), N, N / B, K,
+                                    mean_raw.stride(0), mean_raw.stride(1), scale_raw.stride(0), scale_raw.stride(1),
                                     ratio ? 1 : 0, min_scale, stream_of(target)));
     return {dmr, dsr, dt};
 }

@@ -6,7 +6,10 @@
 // and call the `extern "C"` launchers below through raw pointers. Keep the launcher prototypes in
 // ou_cuda.cpp in sync with this file.
 //
-// Layout as in ou_cpu.cpp: [K, B, *S] tensors are contiguous [K, N], [B, *S] ones [N]; the noise of
+// Layout as in ou_cpu.cpp: [K, B, *S] tensors are contiguous [K, N], [B, *S] ones [N], except the
+// head's inputs mean_raw / scale_raw, read in place with any strides on K and B and packed *S
+// (element (k, j = b S + s) at k sK + b sB + s: a channel half of the model's [K, B, 2C, ...]
+// output); the gradients the head writes are contiguous [K, N]. The noise of
 // element (k, j) is hvae::philox_randn(seed, offset_base + k * N + j) == Triton's
 // tl.randn(seed, offset_base + k * N + j).
 // One thread per element j (grid-stride), looping over k: every access is coalesced in j.
@@ -92,18 +95,26 @@ __global__ void noise_kernel(float* __restrict__ out, int64_t total, uint64_t se
 // Op 2: averaged Gaussian head. mu_bar, sigma_bar and the element-wise log-density are float32.
 // ---------------------------------------------------------------------------------------------
 
+// The strides of a [K, B, *S] head input with packed *S (see the layout note above).
+struct RowStrides {
+    int64_t sK, sB;
+};
+
 template <typename T>
 __global__ void head_fwd_kernel(const T* __restrict__ mr, const T* __restrict__ sr, const T* __restrict__ t,
                                 float* __restrict__ mbar, float* __restrict__ sbar, float* __restrict__ lp,
-                                int64_t N, int64_t K, int ratio, float min_scale) {
+                                int64_t N, int64_t S, int64_t K, RowStrides ms, RowStrides ss, int ratio,
+                                float min_scale) {
     const float invK = 1.0f / (float)K;
     for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < N; j += (int64_t)gridDim.x * blockDim.x) {
         float acc_s = 0.0f, acc_m = 0.0f;
+        const int64_t b = j / S, e = j - b * S;
+        const T* mrow = mr + b * ms.sB + e;  // element j of sample k: mrow[k * ms.sK]
+        const T* srow = sr + b * ss.sB + e;
         for (int64_t k = 0; k < K; ++k) {
-            const int64_t i = k * N + j;
-            const float sk = softplus(ld(sr, i)) + min_scale;
+            const float sk = softplus(ld(srow, k * ss.sK)) + min_scale;
             acc_s += sk;
-            acc_m += ratio ? ld(mr, i) / sk : ld(mr, i);
+            acc_m += ratio ? ld(mrow, k * ms.sK) / sk : ld(mrow, k * ms.sK);
         }
         const float s = acc_s * invK;
         const float m = ratio ? s * (acc_m * invK) : acc_m * invK;
@@ -118,10 +129,14 @@ template <typename T>
 __global__ void head_bwd_kernel(const float* __restrict__ g, const T* __restrict__ mr, const T* __restrict__ sr,
                                 const T* __restrict__ t, const float* __restrict__ mbar,
                                 const float* __restrict__ sbar, T* __restrict__ dmr, T* __restrict__ dsr,
-                                T* __restrict__ dt, int64_t N, int64_t S, int64_t K, int ratio, float min_scale) {
+                                T* __restrict__ dt, int64_t N, int64_t S, int64_t K, RowStrides ms, RowStrides ss,
+                                int ratio, float min_scale) {
     const float invK = 1.0f / (float)K;
     for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < N; j += (int64_t)gridDim.x * blockDim.x) {
-        const float gb = g[j / S];
+        const int64_t b = j / S, e = j - b * S;
+        const T* mrow = mr + b * ms.sB + e;  // the inputs read in place; the gradients are packed [K, N]
+        const T* srow = sr + b * ss.sB + e;
+        const float gb = g[b];
         const float s = sbar[j], m = mbar[j];
         const float tj = ld(t, j);
         const float diff = tj - m;
@@ -140,12 +155,12 @@ __global__ void head_bwd_kernel(const float* __restrict__ g, const T* __restrict
         }
         for (int64_t k = 0; k < K; ++k) {
             const int64_t i = k * N + j;
-            const float x = ld(sr, i);
+            const float x = ld(srow, k * ss.sK);
             if (ratio) {
                 const float inv = 1.0f / (softplus(x) + min_scale);
                 const float a = A * inv;
                 st(dmr, i, a);
-                st(dsr, i, (Bc - a * ld(mr, i) * inv) * softplus_grad(x));
+                st(dsr, i, (Bc - a * ld(mrow, k * ms.sK) * inv) * softplus_grad(x));
             } else {
                 st(dmr, i, A);
                 st(dsr, i, Bc * softplus_grad(x));
@@ -179,18 +194,18 @@ int corr_bwd_t(const void* g, void* dz, void* dmu, void* dsigma, int64_t N, int6
 
 template <typename T>
 int head_fwd_t(const void* mr, const void* sr, const void* t, float* mbar, float* sbar, float* lp, int64_t N,
-               int64_t K, int ratio, double min_scale, cudaStream_t stream) {
+               int64_t S, int64_t K, RowStrides ms, RowStrides ss, int ratio, double min_scale, cudaStream_t stream) {
     head_fwd_kernel<T><<<n_blocks(N), THREADS, 0, stream>>>((const T*)mr, (const T*)sr, (const T*)t, mbar, sbar, lp,
-                                                            N, K, ratio, (float)min_scale);
+                                                            N, S, K, ms, ss, ratio, (float)min_scale);
     return (int)cudaGetLastError();
 }
 
 template <typename T>
 int head_bwd_t(const float* g, const void* mr, const void* sr, const void* t, const float* mbar, const float* sbar,
-               void* dmr, void* dsr, void* dt, int64_t N, int64_t S, int64_t K, int ratio, double min_scale,
-               cudaStream_t stream) {
+               void* dmr, void* dsr, void* dt, int64_t N, int64_t S, int64_t K, RowStrides ms, RowStrides ss,
+               int ratio, double min_scale, cudaStream_t stream) {
     head_bwd_kernel<T><<<n_blocks(N), THREADS, 0, stream>>>(g, (const T*)mr, (const T*)sr, (const T*)t, mbar, sbar,
-                                                            (T*)dmr, (T*)dsr, (T*)dt, N, S, K, ratio,
+                                                            (T*)dmr, (T*)dsr, (T*)dt, N, S, K, ms, ss, ratio,
                                                             (float)min_scale);
     return (int)cudaGetLastError();
 }
@@ -240,28 +255,34 @@ int hvae_cuda_noise(float* out, int64_t total, uint64_t seed, uint64_t offset_ba
     return (int)cudaGetLastError();
 }
 
+// mr / sr: [K, B, *S] with strides (m_sK, m_sB) / (s_sK, s_sB) on K and B and packed *S; S = N / B.
 int hvae_cuda_head_fwd(int dtype, const void* mr, const void* sr, const void* t, float* mbar, float* sbar, float* lp,
-                       int64_t N, int64_t K, int ratio, double min_scale, void* stream) {
-    if (N <= 0 || K <= 0) return 0;
+                       int64_t N, int64_t S, int64_t K, int64_t m_sK, int64_t m_sB, int64_t s_sK, int64_t s_sB,
+                       int ratio, double min_scale, void* stream) {
+    if (N <= 0 || K <= 0 || S <= 0) return 0;
     cudaStream_t s = (cudaStream_t)stream;
+    const RowStrides ms{m_sK, m_sB}, ss{s_sK, s_sB};
     switch (dtype) {
-        case 0: return head_fwd_t<float>(mr, sr, t, mbar, sbar, lp, N, K, ratio, min_scale, s);
-        case 1: return head_fwd_t<__half>(mr, sr, t, mbar, sbar, lp, N, K, ratio, min_scale, s);
-        case 2: return head_fwd_t<__nv_bfloat16>(mr, sr, t, mbar, sbar, lp, N, K, ratio, min_scale, s);
+        case 0: return head_fwd_t<float>(mr, sr, t, mbar, sbar, lp, N, S, K, ms, ss, ratio, min_scale, s);
+        case 1: return head_fwd_t<__half>(mr, sr, t, mbar, sbar, lp, N, S, K, ms, ss, ratio, min_scale, s);
+        case 2: return head_fwd_t<__nv_bfloat16>(mr, sr, t, mbar, sbar, lp, N, S, K, ms, ss, ratio, min_scale, s);
         default: return BAD_DTYPE;
     }
 }
 
 int hvae_cuda_head_bwd(int dtype, const float* g, const void* mr, const void* sr, const void* t, const float* mbar,
-                       const float* sbar, void* dmr, void* dsr, void* dt, int64_t N, int64_t S, int64_t K, int ratio,
-                       double min_scale, void* stream) {
-    if (N <= 0 || K <= 0) return 0;
+                       const float* sbar, void* dmr, void* dsr, void* dt, int64_t N, int64_t S, int64_t K,
+                       int64_t m_sK, int64_t m_sB, int64_t s_sK, int64_t s_sB, int ratio, double min_scale,
+                       void* stream) {
+    if (N <= 0 || K <= 0 || S <= 0) return 0;
     cudaStream_t s = (cudaStream_t)stream;
+    const RowStrides ms{m_sK, m_sB}, ss{s_sK, s_sB};
     switch (dtype) {
-        case 0: return head_bwd_t<float>(g, mr, sr, t, mbar, sbar, dmr, dsr, dt, N, S, K, ratio, min_scale, s);
-        case 1: return head_bwd_t<__half>(g, mr, sr, t, mbar, sbar, dmr, dsr, dt, N, S, K, ratio, min_scale, s);
+        case 0: return head_bwd_t<float>(g, mr, sr, t, mbar, sbar, dmr, dsr, dt, N, S, K, ms, ss, ratio, min_scale, s);
+        case 1: return head_bwd_t<__half>(g, mr, sr, t, mbar, sbar, dmr, dsr, dt, N, S, K, ms, ss, ratio, min_scale, s);
         case 2:
-            return head_bwd_t<__nv_bfloat16>(g, mr, sr, t, mbar, sbar, dmr, dsr, dt, N, S, K, ratio, min_scale, s);
+            return head_bwd_t<__nv_bfloat16>(g, mr, sr, t, mbar, sbar, dmr, dsr, dt, N, S, K, ms, ss, ratio, min_scale,
+                                             s);
         default: return BAD_DTYPE;
     }
 }

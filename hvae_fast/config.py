@@ -24,7 +24,8 @@ METHODS = ("vae", "hvae", "iwae", "lvae", "biva")
 # MLP activations by name; nets.py maps each to its module (tests/test_model.py checks the two agree).
 ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "softplus")
 PRECISIONS = ("fp32", "bf16", "fp16")
-OU_METHODS = ("hvae",)  # methods whose training smooths generator layers with the OU semigroup
+# Methods whose training smooths generator layers with the OU semigroup (lvae, biva: models/baselines.py).
+OU_METHODS = ("hvae", "lvae", "biva")
 ELBO_METHODS = ("vae", "hvae", "lvae", "biva")  # methods trained on the ELBO's per-layer KL terms
 
 
@@ -71,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class OUConfig:
-    """OU smoothing of the intermediate generator layers p(z_i | z_{i+1}), training only (method hvae)."""
+    """OU smoothing of the intermediate generator layers p(z_i | z_{i+1}), training only (OU_METHODS)."""
 
     rho: float = _f(0.9, "OU correlation in [0, 1]; 1 = no smoothing (plain VAE gradients)", flag="--rho",
                     lo=0, hi=1, methods=OU_METHODS)
@@ -81,8 +82,9 @@ class OUConfig:
                      methods=OU_METHODS)
     backend: str = _f("auto", "OU kernels; auto picks the fastest available and logs it", flag="--backend",
                       methods=OU_METHODS)
+    # The ladders' posteriors share their top-down pass, so only the stacked VAE has an inference network to smooth.
     smooth_inference: bool = _f(False, "also smooth the inference network (the paper: little benefit)",
-                                flag="--ou-inference", methods=OU_METHODS)
+                                flag="--ou-inference", methods=("hvae",))
     # HVAE memory close to the VAE's, for one extra forward of the smoothed layers.
     recompute: bool = _f(False, "recompute the K-sample generator activations in backward (less memory, more time)",
                          flag="--ou-recompute", methods=OU_METHODS)
@@ -267,8 +269,11 @@ class RunConfig:
         o = self.ou
         scheduled, controlled = parse_schedule(o.rho_schedule, o.rho).kind != "constant", o.rho_control > 0
         if self.method not in OU_METHODS and (scheduled or controlled):
-            raise HVAEError(f"--rho-schedule and --rho-control steer the OU smoothing of --method hvae; --method "
-                            f"{self.method} has none: drop them, or pass --method hvae")
+            raise HVAEError(f"--rho-schedule and --rho-control steer the OU smoothing of --method "
+                            f"{'/'.join(OU_METHODS)}; --method {self.method} has none: drop them, or pass --method hvae")
+        if self.method != "hvae" and o.smooth_inference:
+            raise HVAEError(f"--ou-inference smooths the stacked VAE's inference network (--method hvae); --method "
+                            f"{self.method} has none to smooth: drop --ou-inference")
         if scheduled and controlled:
             raise HVAEError("--rho-schedule and --rho-control both set rho during training: pass only one of them")
         if (scheduled or controlled) and self.train.compile:

@@ -1,8 +1,13 @@
 """`python -m hvae_fast.gpucheck --out DIR` (also `hvae-fast gpucheck`): every GPU check in one command.
 
-Stages, in this order, each a subprocess in the source checkout with its own time limit; the whole
-stays within ``--budget`` seconds (default 450, under 8 minutes on one H100), a stage left with
-less than 10 s is skipped:
+Stages, in this order, each a subprocess in the source checkout. Each stage has a weight (its
+seconds at the default budget; the weights sum to it): the plan gives stage i ``budget * w_i / sum
+w``, and a stage starts with ``left * w_i / (sum of the weights still to run)``, so time an early
+stage leaves goes to the later ones and the whole stays within ``--budget`` seconds (default 450,
+under 8 minutes on one H100). A budget whose plan gives a stage under 10 s is refused; a stage that
+starts with under 10 s of the budget left is skipped. On a GPU every stage runs with HVAE_REQUIRE_CPP=1 and
+HVAE_REQUIRE_CUDA=1: a CUDA extension that did not build fails the build stage, the kernel tests and
+the op benchmarks instead of skipping.
 
   build            ``hvae-fast build``: the C++ and CUDA extensions (hvae_fast.ops.native.build_all)
   info             ``hvae-fast info --json``: versions, the GPU, every OU backend's availability
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import signal
 import subprocess
@@ -57,7 +63,7 @@ class Stage:
 
     name: str
     argv: list
-    budget_s: float
+    budget_s: float  # the stage's weight: its seconds at the default --budget (plan() scales it)
     outputs: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
     stdout_to: str | None = None  # a file name: stdout goes there, stderr to the log
@@ -74,6 +80,8 @@ def stages(out: Path, cpu: bool) -> list:
     """The check's stages; ``cpu``: the quick CPU rehearsal (tiny sizes, subset of the tests)."""
     py = sys.executable
     quick = {"HVAE_BENCH_QUICK": "1"} if cpu else {}
+    # On a GPU a missing C++ or CUDA extension is an error in every stage, never a skip.
+    require = {} if cpu else {"HVAE_REQUIRE_CPP": "1", "HVAE_REQUIRE_CUDA": "1"}
     # Small nets for the CPU memory tables: the preset's 100 maps x 6 blocks take minutes on a CPU.
     small = ["--device", "cpu", "--batch-size", "2", "--channels", "8", "--blocks", "1", "--samples", "2"] if cpu \
         else ["--device", "cuda"]
@@ -83,25 +91,41 @@ def stages(out: Path, cpu: bool) -> list:
     if cpu:  # the probes, and the CUDA cases, which skip here: shows the stage runs, in seconds
         tests += ["-k", "probe or cuda"]
 
-    def bench(file, json_name, *extra):
+    def bench(file, json_name, weight, *extra):
         return Stage(f"bench-{json_name}", [py, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
                                             file, "--benchmark-only", f"--benchmark-json={out / (json_name + '.json')}",
-                                            *extra], 150, [json_name + ".json"], dict(quick))
+                                            *extra], weight, [json_name + ".json"], dict(quick, **require))
 
-    def memory(name, *flags):
+    def memory(name, weight, *flags):
         return Stage(name, [py, "-m", "hvae_fast", "memory", *small, *flags, "--json", str(out / f"{name}.json"),
-                            "--csv", str(out / f"{name}.csv")], 90, [f"{name}.json", f"{name}.csv"])
+                            "--csv", str(out / f"{name}.csv")], weight, [f"{name}.json", f"{name}.csv"], dict(require))
 
+    # Weights: seconds at the default budget, summing to BUDGET_S (test_gpucheck checks the sum).
     return [
-        Stage("build", [py, "-m", "hvae_fast", "build"], 200),
-        Stage("info", [py, "-m", "hvae_fast", "info", "--json"], 60, ["info.json"], stdout_to="info.json"),
-        Stage("tests", tests, 150, ["tests.xml"]),
-        bench("bench/bench_train_step.py", "steps"),
-        memory("memory-recompute", "--models", "vae,hvae", "--depths", depth, "--recompute"),
-        bench("bench/bench_ou_ops.py", "ops", "-k", "not torch-compile"),
-        memory("memory", *(["--depths", depth, "--baseline-depths", depth] if cpu else [])),
-        bench("bench/bench_ou_ops.py", "ops-compiled", "-k", "torch-compile"),
+        Stage("build", [py, "-m", "hvae_fast", "build"], 80, env=dict(require)),
+        Stage("info", [py, "-m", "hvae_fast", "info", "--json"], 20, ["info.json"], dict(require),
+              stdout_to="info.json"),
+        Stage("tests", tests, 85, ["tests.xml"], dict(require)),
+        bench("bench/bench_train_step.py", "steps", 70),
+        memory("memory-recompute", 35, "--models", "vae,hvae", "--depths", depth, "--recompute"),
+        bench("bench/bench_ou_ops.py", "ops", 75, "-k", "not torch-compile"),
+        memory("memory", 35, *(["--depths", depth, "--baseline-depths", depth] if cpu else [])),
+        bench("bench/bench_ou_ops.py", "ops-compiled", 50, "-k", "torch-compile"),
     ]
+
+
+def plan(sts: list, budget_s: float) -> dict:
+    """{stage: seconds} the budget guarantees each stage: budget * weight / sum of the weights.
+
+    Raises HVAEError when a stage would get under MIN_STAGE_S."""
+    total = sum(st.budget_s for st in sts)
+    limits = {st.name: budget_s * st.budget_s / total for st in sts}
+    short = [n for n, t in limits.items() if t < MIN_STAGE_S]
+    if short:
+        need = MIN_STAGE_S * total / min(st.budget_s for st in sts)
+        raise HVAEError(f"--budget {budget_s:g} gives the {short[0]} stage {limits[short[0]]:.1f} s, under the "
+                        f"{MIN_STAGE_S} s a stage needs: pass --budget {math.ceil(need)} or more")
+    return limits
 
 
 def _env(extra: dict) -> dict:
@@ -161,13 +185,14 @@ def run_stages(sts: list, out: Path, meta: dict, budget_s: float = BUDGET_S) -> 
     """Run ``sts`` in order within ``budget_s``; rewrite the reports after each. Returns the last report."""
     deadline = time.monotonic() + budget_s
     rep = write_reports(out, sts, meta)
-    for st in sts:
+    for i, st in enumerate(sts):
         left = deadline - time.monotonic()
+        limit = left * st.budget_s / sum(s.budget_s for s in sts[i:])  # its share of what is left
         if left < MIN_STAGE_S:
             st.status, st.note = "skipped", f"the --budget of {budget_s:.0f} s was spent before this stage"
         else:
-            print(f"gpucheck: {st.name} (limit {min(st.budget_s, left):.0f} s) ...", flush=True)
-            run_stage(st, out, min(st.budget_s, left))
+            print(f"gpucheck: {st.name} (limit {limit:.0f} s) ...", flush=True)
+            run_stage(st, out, limit)
             print(f"gpucheck: {st.name} {st.status} in {st.seconds} s" + (f": {st.note}" if st.note else ""), flush=True)
         rep = write_reports(out, sts, meta)
     return rep
@@ -229,7 +254,7 @@ def goals(out: Path, cpu: bool) -> list:
         for n, b in benches.items():
             ei = b.get("extra_info", {})
             if n in ("triton", "cuda") and ei.get("large") and ei.get("bandwidth_frac") is not None:
-                best[grp] = max(best.get(grp, (0, ""))[0], ei["bandwidth_frac"]), n
+                best[grp] = max(best.get(grp, (0.0, "")), (ei["bandwidth_frac"], n))  # the figure and its backend
     if cpu:
         g.append(_goal(label, "not measured", "CPU rehearsal (--allow-cpu): a GPU goal"))
     elif not best:
@@ -274,6 +299,9 @@ def markdown(rep: dict, out: Path) -> str:
     info = rep.get("info") or {}
     lines = [f"# hvae-fast gpucheck ({rep['mode']})", "",
              f"- started {rep['started']}, updated {rep['updated']}, budget {rep['budget_s']} s",
+             "- plan on a GPU (s per stage, at least; time a stage leaves goes to the later ones): " + ", ".join(
+                 f"{n} {t:g}" for n, t in (rep.get("plan") or {}).items())
+             + f" = {sum((rep.get('plan') or {}).values()):.0f} s",
              f"- device: {info.get('cuda_device') or rep.get('device', '?')}; torch {info.get('torch', '?')}, "
              f"triton {info.get('triton', '?')}, hvae_fast {info.get('hvae_fast', '?')}"]
     for dev, st in (info.get("backends") or {}).items():
@@ -317,12 +345,11 @@ def run(out: Path, allow_cpu: bool = False, budget_s: float = BUDGET_S, only=Non
     import torch
 
     cuda = torch.cuda.is_available()
-    if not budget_s > MIN_STAGE_S:
-        raise HVAEError(f"--budget {budget_s} leaves no stage time: pass more than {MIN_STAGE_S} seconds "
-                        f"(default {BUDGET_S})")
     if not cuda and not allow_cpu:
         raise HVAEError(f"no CUDA GPU here (torch {torch.__version__}: torch.cuda.is_available() is False): run "
                         "gpucheck on a GPU machine, or pass --allow-cpu for the quick CPU rehearsal")
+    # The GPU plan is checked in every mode: a --allow-cpu rehearsal shows that the GPU run's plan fits.
+    gpu_plan = plan(stages(out, cpu=False), budget_s)
     if not all((REPO / p).is_file() for p in KERNEL_TESTS) or not (REPO / "bench").is_dir():
         raise HVAEError(f"gpucheck needs the source checkout's tests/ and bench/, not found under {REPO}: "
                         "run it from a clone of the repository (python -m hvae_fast.gpucheck in its root)")
@@ -341,7 +368,9 @@ def run(out: Path, allow_cpu: bool = False, budget_s: float = BUDGET_S, only=Non
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HVAEError(f"cannot create --out {out}: {exc.strerror or exc}; pass a writable folder") from None
+    plan(sts, budget_s)
     meta = {"mode": "cuda" if cuda else "cpu-quick", "started": _now(), "budget_s": budget_s,
+            "plan": {n: round(t, 1) for n, t in gpu_plan.items()},
             "device": torch.cuda.get_device_name(0) if cuda else "cpu", "repo": str(REPO), "argv": sys.argv[1:]}
     return run_stages(sts, out, meta, budget_s)
 

@@ -21,7 +21,8 @@ with g the upstream grad of the row, t the target, m = mu_bar, s = sigma_bar:
               d sigma_k = ds_tot / K - dr mean_raw_k / (K sigma_k^2);  d scale_raw_k = d sigma_k softplus'
 softplus'(x) = 1 for x > 20 (torch's threshold), else e^x / (e^x + 1).
 
-Precision: fp16 / bf16 / fp32 compute in float32; if any input is float64 everything computes in
+min_scale is a kernel argument (two float32 scalars, ``utils.split_f64``): a launch copies nothing
+from the host. Precision: fp16 / bf16 / fp32 compute in float32; if any input is float64 everything computes in
 float64 (gradcheck). Gradients come back in each input's dtype.
 """
 
@@ -38,10 +39,10 @@ from torch.library import triton_op, wrap_triton
 from hvae_fast.errors import HVAEError
 from hvae_fast.ops.backends import OU_TARGETS, head_saved_inputs, packed_rows
 
-from .utils import check_float_dtype, check_same, elementwise_block, num_warps_for
+from .utils import check_float_dtype, check_same, elementwise_block, join_f64, num_warps_for, split_f64
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+HALF_LOG_2PI: tl.constexpr = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,15 +80,15 @@ def _row_offsets(e, S, sK, sB):
 
 @triton.jit
 def _gh_fwd_kernel(
-    mean_ptr, scale_ptr, t_ptr, logp_ptr, mbar_ptr, sbar_ptr, coef_ptr, M, S, K,
+    mean_ptr, scale_ptr, t_ptr, logp_ptr, mbar_ptr, sbar_ptr, ms_hi, ms_lo, M, S, K,
     m_sK, m_sB, s_sK, s_sB,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = e < M
-    min_scale = tl.load(coef_ptr)
-    half_log_2pi = tl.load(coef_ptr + 1)
+    min_scale = join_f64(ms_hi, ms_lo, ACC_DTYPE)
+    half_log_2pi = tl.full([BLOCK], HALF_LOG_2PI, ACC_DTYPE)  # an exact constant of the dtype
     acc_s = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     acc_m = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     m_idx = _row_offsets(e, S, m_sK, m_sB)  # int64: k * sK + b * sB + s
@@ -119,14 +120,14 @@ def _gh_fwd_kernel(
 @triton.jit
 def _gh_bwd_kernel(
     g_ptr, mean_ptr, scale_ptr, t_ptr, mbar_ptr, sbar_ptr,
-    dmean_ptr, dscale_ptr, dt_ptr, coef_ptr, M, S, K,
+    dmean_ptr, dscale_ptr, dt_ptr, ms_hi, ms_lo, M, S, K,
     m_sK, m_sB, s_sK, s_sB,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = e < M
-    min_scale = tl.load(coef_ptr)
+    min_scale = join_f64(ms_hi, ms_lo, ACC_DTYPE)
     row = e // S
     g = tl.load(g_ptr + row, mask=mask, other=0.0).to(ACC_DTYPE)
     t = tl.load(t_ptr + e, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -193,10 +194,9 @@ def gaussian_head_fwd(mean_raw: torch.Tensor, scale_raw: torch.Tensor, target: t
     if M == 0:
         return torch.zeros(B, dtype=acc, device=dev), mbar, sbar
     logp = torch.empty((B, S), dtype=acc, device=dev)
-    coef = torch.tensor([float(min_scale), HALF_LOG_2PI], dtype=acc, device=dev)
     block = elementwise_block(M)
     wrap_triton(_gh_fwd_kernel)[(triton.cdiv(M, block),)](
-        mean_raw, scale_raw, target, logp, mbar, sbar, coef, M, S, K, *mean_raw.stride()[:2], *scale_raw.stride()[:2],
+        mean_raw, scale_raw, target, logp, mbar, sbar, *split_f64(min_scale), M, S, K, *mean_raw.stride()[:2], *scale_raw.stride()[:2],
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )
     return logp.sum(1), mbar, sbar
@@ -218,10 +218,9 @@ def gaussian_head_bwd(grad: torch.Tensor, mean_raw: torch.Tensor, scale_raw: tor
     dt = torch.empty_like(target)
     if M == 0:
         return dmean, dscale, dt
-    coef = torch.tensor([float(min_scale)], dtype=acc, device=dev)
     block = elementwise_block(M)
     wrap_triton(_gh_bwd_kernel)[(triton.cdiv(M, block),)](
-        grad, mean_raw, scale_raw, target, mbar, sbar, dmean, dscale, dt, coef, M, S, K,
+        grad, mean_raw, scale_raw, target, mbar, sbar, dmean, dscale, dt, *split_f64(min_scale), M, S, K,
         *mean_raw.stride()[:2], *scale_raw.stride()[:2],
         BLOCK=block, RATIO=ratio, ACC_DTYPE=_TL_DTYPE[acc], num_warps=num_warps_for(block),
     )

@@ -1,12 +1,12 @@
 """Launch helpers shared by the fused Triton ops (block size, warps, dtypes).
 
-Importing this module never needs a GPU. ``triton`` is imported lazily by the op modules; this
-file only uses it for ``triton.next_power_of_2`` when it is importable.
+Importing this module never needs a GPU, nor Triton (``join_f64``, a jit helper, is None without it).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 
@@ -68,3 +68,34 @@ def check_same(names, tensors, what: str = "shape") -> None:
     if any(v != vals[0] for v in vals[1:]):
         desc = ", ".join(f"{n} {tuple(v) if what == 'shape' else v}" for n, v in zip(names, vals))
         raise HVAEError(f"the OU op needs {', '.join(names)} with the same {what}, got {desc}")
+
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # the op modules need Triton anyway; this module must import without it
+    triton = tl = None
+
+
+def split_f64(x: float) -> tuple[float, float]:
+    """(hi, lo), two float32 values with hi + lo = x to 2^-48 relative: a double as kernel scalars.
+
+    Triton passes a Python float as a float32 argument (the CPU interpreter too, whatever the
+    annotation), so a float64 coefficient travels as two; ``join_f64`` adds them back in the
+    kernel. hi alone is float32(x), so float32 compute sees exactly float32(x)."""
+    x = float(x)
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    lo = struct.unpack("f", struct.pack("f", x - hi))[0]
+    return hi, lo
+
+
+def _join_f64(hi, lo, DTYPE: tl.constexpr):
+    """The value split_f64 split, in DTYPE: hi + lo in float64, hi (= float32(x)) otherwise."""
+    if DTYPE == tl.float64:
+        return tl.cast(hi, DTYPE) + tl.cast(lo, DTYPE)
+    return tl.cast(hi, DTYPE)
+
+
+
+
+join_f64 = triton.jit(_join_f64) if triton is not None else None

@@ -265,3 +265,54 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_backends(tmp_path, monkeypatch
     assert a["step"] == b["step"] == 6 and b["auto_backend"] == st["auto_backend"]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+class _Recording:
+    """A fake candidate backend: records the dtypes its head gets, optionally raises."""
+
+    def __init__(self, name, fail=False):
+        self.name, self.fail, self.dtypes = name, fail, []
+        b = ou.BACKENDS["torch"]
+        self.correlated_samples, self.correlated_noise, self.probe = b.correlated_samples, b.correlated_noise, b.probe
+
+    def gaussian_head_logprob(self, mean_raw, scale_raw, target, mode, min_scale):
+        self.dtypes.append((mean_raw.dtype, scale_raw.dtype, target.dtype))
+        if self.fail:
+            raise RuntimeError("CUDA out of memory (a fake)\nsecond line")
+        return ou.BACKENDS["torch"].gaussian_head_logprob(mean_raw.float(), scale_raw.float(), target, mode, min_scale)
+
+
+def test_the_head_is_timed_in_the_precision_of_the_call(tmp_path):
+    # --precision bf16: the net's halves are bfloat16, the latent target float32; the candidates are
+    # timed on exactly those dtypes, and the class says so (an fp32 call is another class).
+    fast, slow = _Recording("fast"), _Recording("slow")
+    auto = AutoBackend("cpu", {"fast": fast, "slow": slow}, DecisionCache(tmp_path / "auto.json", ENV),
+                       measure=FakeTimer(fast=1.0, slow=2.0))
+    out, t = _head_inputs()
+    _head(auto.backend, out.detach().bfloat16(), t)
+    want = (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert fast.dtypes[0] == want and slow.dtypes[0] == want
+    (key,) = auto.cache.decisions
+    assert "bfloat16/bfloat16/float32" in key
+    _head(auto.backend, out.detach(), t)
+    assert len(auto.cache.decisions) == 2 and fast.dtypes[-1] == (torch.float32,) * 3
+
+
+def test_a_candidate_that_raises_while_timed_is_dropped_with_a_warning(tmp_path, caplog):
+    bad, good = _Recording("bad", fail=True), _Recording("good")
+    auto = AutoBackend("cpu", {"bad": bad, "good": good}, DecisionCache(tmp_path / "auto.json", ENV),
+                       measure=FakeTimer(bad=0.5, good=2.0))
+    out, t = _head_inputs()
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.ops.autotune"):
+        _head(auto.backend, out, t)
+    assert [r["choice"] for r in auto.cache.decisions.values()] == ["good"]
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and "bad failed while timed" in warn[0] and "CUDA out of memory (a fake)" in warn[0]
+    assert "second line" not in warn[0]
+    # every candidate failing is one clear error, not a traceback from inside the timing
+    auto = AutoBackend("cpu", {"bad": bad}, DecisionCache(tmp_path / "b.json", ENV), measure=FakeTimer(bad=1.0))
+    auto.candidates["bad2"] = _Recording("bad2", fail=True)
+    auto.measure = FakeTimer(bad=1.0, bad2=1.0)
+    from hvae_fast.errors import HVAEError
+    with pytest.raises(HVAEError, match="every candidate failed"):
+        _head(auto.backend, out, t)

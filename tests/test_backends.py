@@ -3,7 +3,7 @@
 Each test runs once per (backend, device) case: torch (CPU, and CUDA where present), cpp (CPU),
 triton (CUDA, else the CPU interpreter: TRITON_INTERPRET=1 is set below before the kernels are
 imported), cuda (CUDA). An unavailable backend skips with its probe's reason, except cpp under
-HVAE_REQUIRE_CPP=1 (CI), where it fails. The reference is ``correlated_samples_reference`` /
+HVAE_REQUIRE_CPP=1 (CI) and cuda under HVAE_REQUIRE_CUDA=1 (gpucheck on a GPU), where it fails. The reference is ``correlated_samples_reference`` /
 ``gaussian_head_reference`` in float64, fed the backend's own noise (``correlated_noise``).
 What only one backend has (Philox known answers, C++/Triton bit compatibility, the nvcc compile
 test, 64-bit offsets, half precision on CUDA) stays in tests/test_native.py and
@@ -29,6 +29,7 @@ if not torch.cuda.is_available():  # before any Triton kernel module is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
 from hvae_fast.ops import ou  # noqa: E402
+from hvae_fast.ops.backends import required  # noqa: E402
 from hvae_fast.errors import HVAEError  # noqa: E402
 from hvae_fast.ops.ou import correlated_samples_reference, gaussian_head_reference  # noqa: E402
 
@@ -116,8 +117,8 @@ def case(request) -> Case:
     name, device = request.param
     ok, why = _status(device)[name]
     if not ok:
-        if name == "cpp" and os.environ.get("HVAE_REQUIRE_CPP") == "1":
-            pytest.fail(f"cpp backend unavailable with HVAE_REQUIRE_CPP=1: {why}")
+        if name in ("cpp", "cuda") and required(name):
+            pytest.fail(f"{name} backend unavailable with HVAE_REQUIRE_{name.upper()}=1: {why}")
         pytest.skip(f"{name} backend unavailable on {device}: {why}")
     return Case(ou.BACKENDS[name], torch.device(device))
 
@@ -244,6 +245,23 @@ def test_noncontiguous_equals_contiguous(case):
     assert not zt.is_contiguous()
     assert torch.equal(case.b.correlated_samples(zt, mu, strided(sigma), 0.7, 5, 3),
                        case.b.correlated_samples(z, mu, sigma, 0.7, 5, 3))
+
+
+@pytest.mark.parametrize("mode", ["mean-std", "ratio"])
+def test_empty_batch(case, mode):
+    # A zero-sized batch (B = 0; and B > 0 with empty rows): empty outputs and gradients, no error
+    # (the CUDA head threw on B = 0: issue 19, defect 8).
+    for B, C in ((0, 6), (3, 0)):
+        z, mu, sigma = (torch.zeros(B, C, device=case.device, requires_grad=True) for _ in range(3))
+        out = case.b.correlated_samples(z, mu, sigma + 1, 0.5, 3, 5)
+        assert out.shape == (3, B, C)
+        assert all(g.shape == (B, C) for g in torch.autograd.grad(out.sum(), (z, mu, sigma)))
+        wide = torch.zeros(3, B, 2 * C, device=case.device, requires_grad=True)
+        t = torch.zeros(B, C, device=case.device, requires_grad=True)
+        lp = case.b.gaussian_head_logprob(*wide.chunk(2, dim=2), t, mode, 1e-3)
+        assert lp.shape == (B,) and torch.equal(lp, torch.zeros_like(lp))
+        gw, gt = torch.autograd.grad(lp.sum(), (wide, t), allow_unused=True)
+        assert (gw is None or gw.shape == wide.shape) and (gt is None or gt.shape == t.shape)
 
 
 def test_argument_validation(case):

@@ -13,7 +13,7 @@ import torch
 
 from hvae_fast.models.baselines import BIVA, LadderVAE, precision_weighted
 from hvae_fast.cli import main
-from hvae_fast.config import PRESETS, ModelConfig, preset_config
+from hvae_fast.config import OU_METHODS, PRESETS, ModelConfig, preset_config
 from hvae_fast.errors import HVAEError
 from hvae_fast.training.evaluate import evaluate
 from hvae_fast.distributions import gaussian_logprob, split_gaussian
@@ -49,7 +49,7 @@ def tiny(method, arch, seed=0):
 def test_training_steps_reduce_loss(method, arch):
     model = tiny(method, arch)
     x = data()
-    ou = OUSmoothing(rho=0.9, samples=3, backend=BACKENDS["torch"]) if method == "hvae" else None
+    ou = OUSmoothing(rho=0.9, samples=3, backend=BACKENDS["torch"]) if method in OU_METHODS else None
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
@@ -131,8 +131,9 @@ def test_baseline_terms_shapes_and_sampling(method, arch):
     g = torch.Generator().manual_seed(0)
     assert model.sample(3, generator=g).shape == (3, *IMG)
     assert model.sample(3, generator=g, mean=False).shape == (3, *IMG)
-    with pytest.raises(HVAEError):
-        model(data(B), OUSmoothing(0.9, 2, BACKENDS["torch"]))
+    # The ladders smooth their generator layers only: the stacked VAE's inference smoothing is refused.
+    with pytest.raises(HVAEError, match="--ou-inference"):
+        model(data(B), OUSmoothing(0.9, 2, BACKENDS["torch"], smooth_inference=True))
 
 
 @pytest.mark.parametrize("method", METHODS)

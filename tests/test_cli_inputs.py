@@ -82,7 +82,7 @@ def _other_value(f):
     return str(d + 1)
 
 
-@pytest.mark.parametrize("method", ["hvae", "iwae"])
+@pytest.mark.parametrize("method", ["hvae", "iwae", "lvae"])
 def test_each_flag_sets_its_field(method, capsys):
     argv, want = ["train", "binarized-mnist", "--print-config", "--method", method], []
     for section, f in flag_fields():
@@ -191,15 +191,16 @@ TRAIN = ["train", "binarized-mnist"]
     (TRAIN + ["--rho", "nan"], ["rho must lie in [0, 1]"]),
     (TRAIN + ["--ou-samples", "0"], ["K must be an integer >= 1"]),
     # Flags of another objective name the flag and the method.
-    (TRAIN + ["--method", "vae", "--rho", "0.5"], ["--rho applies to --method hvae only", "method is vae"]),
-    (TRAIN + ["--method", "vae", "--ou-recompute"], ["--ou-recompute applies to --method hvae only"]),
-    (TRAIN + ["--method", "lvae", "--ou-samples", "3"], ["--ou-samples applies to --method hvae", "lvae"]),
-    (TRAIN + ["--method", "biva", "--backend", "torch"], ["--backend applies to --method hvae", "biva"]),
+    (TRAIN + ["--method", "vae", "--rho", "0.5"], ["--rho applies to --method hvae/lvae/biva only", "method is vae"]),
+    (TRAIN + ["--method", "vae", "--ou-recompute"], ["--ou-recompute applies to --method hvae/lvae/biva only"]),
+    (TRAIN + ["--method", "iwae", "--ou-samples", "3"], ["--ou-samples applies to --method hvae/lvae/biva", "iwae"]),
+    (TRAIN + ["--method", "lvae", "--ou-inference"], ["--ou-inference applies to --method hvae only", "lvae"]),
+    (TRAIN + ["--method", "biva", "--ou-inference"], ["--ou-inference applies to --method hvae only", "biva"]),
     (TRAIN + ["--iw-samples-train", "5"], ["--iw-samples-train applies to --method iwae only", "method is hvae"]),
     (TRAIN + ["--method", "iwae", "--free-bits", "1"], ["--free-bits applies to --method vae/hvae/lvae/biva",
                                                         "method is iwae"]),
     (["train", "mnist", "--preset", "mnist-mlp-lvae-5", "--method", "hvae"], ["made for --method lvae, not hvae"]),
-    (["train", "mnist", "--preset", "mnist-mlp-lvae-5", "--rho", "0.5"], ["--rho", "method is lvae"]),
+    (["train", "mnist", "--preset", "mnist-mlp-lvae-5", "--ou-inference"], ["--ou-inference", "method is lvae"]),
     (TRAIN + ["--preset", "cifar10-resnet-4"], ["is made for cifar10"]),
     (["train", "--steps", "3"], ["train needs a DATASET"]),
     (TRAIN + ["--preset", "mnist-mlp-40x4", "--config", "x.json"], ["--config and --preset"]),

@@ -66,7 +66,8 @@ def test_stages_run_in_order_with_timeout_failure_and_a_report_after_each(tmp_pa
     st = {s["name"]: s for s in rep["stages"]}
     assert [s["status"] for s in rep["stages"]] == ["ok", "ok", "failed", "timeout", "ok"]
     assert st["fails"]["rc"] == 3 and st["fails"]["tail"] == ["line", "boom"]
-    assert st["slow"]["tail"] == ["started"] and st["slow"]["seconds"] < 15 and "2 s limit" in st["slow"]["note"]
+    # its limit is its share of what is left: about 100 * 2 / 32 s
+    assert st["slow"]["tail"] == ["started"] and st["slow"]["seconds"] < 15 and "6 s limit" in st["slow"]["note"]
     child = int((out / "child.pid").read_text())
     try:
         state = open(f"/proc/{child}/status").read().split("State:")[1].split()[0]
@@ -92,6 +93,52 @@ def test_stage_is_skipped_when_the_budget_is_spent(tmp_path):
     assert not (tmp_path / "late.log").exists()
 
 
+def test_stage_limits_are_shares_of_the_budget(tmp_path):
+    # The plan: weights scaled to the budget, every stage at least MIN_STAGE_S, the sum the budget.
+    for cpu in (False, True):
+        sts = gpucheck.stages(tmp_path, cpu=cpu)
+        assert sum(s.budget_s for s in sts) == gpucheck.BUDGET_S
+        p = gpucheck.plan(sts, gpucheck.BUDGET_S)
+        assert abs(sum(p.values()) - gpucheck.BUDGET_S) < 1e-6 and min(p.values()) >= gpucheck.MIN_STAGE_S
+    p = gpucheck.plan(sts, 900)
+    assert p["build"] == 160 and abs(sum(p.values()) - 900) < 1e-6
+    with pytest.raises(gpucheck.HVAEError, match=r"--budget 100 gives the info stage 4.4 s.*--budget 225 or more"):
+        gpucheck.plan(sts, 100)
+    # Run: a stage gets its share of what is left, never the whole budget; time left over goes on.
+    sts = [Stage("a", _py("print('a')"), 300), Stage("b", _py("print('b')"), 100)]
+    rep = run_stages(sts, tmp_path, {"mode": "cuda", "started": "t0", "budget_s": 40}, budget_s=40)
+    a, b = rep["stages"]
+    assert a["status"] == b["status"] == "ok"
+    assert abs(a["timeout_s"] - 30) < 0.5 and 38 - a["seconds"] < b["timeout_s"] <= 40 - a["seconds"]
+
+
+def test_on_a_gpu_every_stage_requires_the_cpp_and_cuda_backends(tmp_path, monkeypatch):
+    for st in gpucheck.stages(tmp_path, cpu=False):
+        assert st.env.get("HVAE_REQUIRE_CUDA") == "1" and st.env.get("HVAE_REQUIRE_CPP") == "1", st.name
+    assert not any("HVAE_REQUIRE_CUDA" in st.env for st in gpucheck.stages(tmp_path, cpu=True))
+    # hvae-fast build fails without the CUDA extension under HVAE_REQUIRE_CUDA=1 (the build stage)
+    from hvae_fast.ops import native
+
+    monkeypatch.setattr(native, "build_all", lambda verbose=False: {"cpp": (True, "ok"),
+                                                                    "cuda": (False, "no CUDA device available")})
+    assert cli.main(["build"]) == 0
+    monkeypatch.setenv("HVAE_REQUIRE_CUDA", "1")
+    assert cli.main(["build"]) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure where no CUDA backend can exist")
+def test_kernel_tests_and_op_benchmarks_fail_without_the_cuda_backend_when_required(tmp_path):
+    env = dict(os.environ, HVAE_REQUIRE_CUDA="1", PYTHONPATH=str(gpucheck.REPO))
+    p = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backends.py", "-k",
+                        "test_rho_one_is_identity and cuda"], cwd=gpucheck.REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1 and "cuda backend unavailable with HVAE_REQUIRE_CUDA=1" in p.stdout, p.stdout[-2000:]
+    p = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_ou_ops.py", "--co"],
+                       cwd=gpucheck.REPO, env=dict(env, HVAE_BENCH_QUICK="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "HVAE_REQUIRE_CUDA=1" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+
+
 def _bench(group, name, median, **extra):
     return {"group": group, "name": name, "stats": {"median": median}, "extra_info": extra}
 
@@ -113,6 +160,8 @@ def test_goal_verdicts_from_results(tmp_path):
     g = gpucheck.goals(tmp_path, cpu=False)
     assert [x["status"] for x in g] == ["met", "met", "not met"]  # 1.25x; min best 72%; 1.30x
     assert "hvae-triton 1.25x" in g[0]["detail"] and "72% (cuda)" in g[1]["detail"] and "1.30x" in g[2]["detail"]
+    # each figure names the backend that achieved it, not the last one read (cuda, 50%, came after triton)
+    assert "gaussian_head-fwd-cifar10-feat100: 80% (triton)" in g[1]["detail"]
     steps[2]["stats"]["median"] = 0.135  # best fused 1.35x
     ops[2]["extra_info"]["bandwidth_frac"] = 0.69
     (tmp_path / "steps.json").write_text(json.dumps({"benchmarks": steps}))
@@ -145,3 +194,51 @@ def test_allow_cpu_rehearsal_writes_both_reports(tmp_path):
     assert rep["tests"]["tests"] > 0 and rep["tests"]["failures"] == rep["tests"]["errors"] == 0
     assert [g["status"] for g in rep["goals"]] == ["not measured"] * 3
     assert "## Benchmarks: steps.json" in md and "## Memory: memory-recompute.json" in md
+
+
+def test_op_benchmark_times_kernels_with_cuda_events_over_back_to_back_calls(monkeypatch):
+    # The GPU bandwidth figures divide by the CUDA-event time of many queued calls, not by a Python
+    # call's wall time: a fake Event that reads how many calls were issued checks the bookkeeping.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ou_ops", gpucheck.REPO / "bench" / "bench_ou_ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    issued = {"n": 0}
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = issued["n"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):  # milliseconds: 2 ms per call issued in between
+            return 2.0 * (end.at - self.at)
+
+    def no_sync(*a, **k):
+        raise AssertionError("a sync between the timed calls")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    x = torch.ones(3, requires_grad=True)
+
+    class Twice(torch.autograd.Function):  # counts forward and backward launches
+        @staticmethod
+        def forward(ctx, a):
+            issued["n"] += 1
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            issued["n"] += 1
+            return g * 2
+
+    for mode, per_call in (("fwd", 1), ("bwd", 1), ("fwdbwd", 2)):
+        issued["n"] = 0
+        t = mod.cuda_event_time(Twice.apply, (x,), torch.ones(3), mode, calls=10, repeats=3)
+        assert t == 0.002 * per_call  # seconds per call: 2 ms per launch, calls issued back to back
+        assert issued["n"] == per_call * 31 + (mode == "bwd")  # one warm-up (+ the bwd's one forward)

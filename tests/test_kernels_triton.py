@@ -89,18 +89,19 @@ def test_correlated_samples_validation():
 # ----------------------------------------------------------------------------------------------
 
 def test_noise_offset_base_rows():
-    # Exact: row k of a K-sample draw is the 1-sample draw at offset_base = k * N
+    # Exact: row k of a K-sample draw is the 1-sample draw at offset_base = k * ceil(N / 4) (a row
+    # takes one Philox counter per four elements)
     a = correlated_noise(5, 3, (4, 6), DEVICE)
     for k in range(3):
-        assert torch.equal(correlated_noise(5, 1, (4, 6), DEVICE, offset_base=k * 24)[0], a[k])
+        assert torch.equal(correlated_noise(5, 1, (4, 6), DEVICE, offset_base=k * 6)[0], a[k])
 
 
-# Triton's Philox4x32-10 and randn (triton/language/random.py), re-implemented in numpy to check
-# that the kernels' int64 offsets reach the generator unwrapped: lo word -> counter c0, hi -> c1.
+# Triton's Philox4x32-10 (triton/language/random.py), re-implemented in numpy to check the kernels'
+# noise stream and that their int64 counters reach the generator unwrapped: lo word -> c0, hi -> c1.
 _M32 = np.uint64(0xFFFFFFFF)
 
 
-def _philox_randn_reference(seed: int, offsets: np.ndarray) -> np.ndarray:
+def _philox_words(seed: int, offsets: np.ndarray):
     offsets = offsets.astype(np.uint64)
     c0, c1 = offsets & _M32, offsets >> np.uint64(32)
     c2 = np.zeros_like(c0)
@@ -113,14 +114,29 @@ def _philox_randn_reference(seed: int, offsets: np.ndarray) -> np.ndarray:
         k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
         k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
 
-    def uniform(x):
-        x = x.astype(np.uint32).view(np.int32)
-        x = np.where(x < 0, ~x, x)
-        return x.astype(np.float32) * np.float32(4.6566127342e-10)
+    return c0, c1, c2, c3
 
-    u1 = np.maximum(np.float32(1e-7), uniform(c0)).astype(np.float64)
-    u2 = uniform(c1).astype(np.float64)
-    return np.sqrt(-2.0 * np.log(u1)) * np.cos(6.283185307179586 * u2)
+
+def _uniform(x):
+    x = x.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def _kernel_noise_reference(seed: int, K: int, N: int, base: int) -> np.ndarray:
+    """[K, N] eps of the Triton kernels: element (k, j) is word-pair lane j % 4 of the Philox counter
+    base + k * ceil(N / 4) + j // 4, (r1 cos t1, r1 sin t1, r2 cos t2, r2 sin t2) with r = sqrt(-2 log
+    u) from words 0 / 2 and t = 2 pi u from words 1 / 3 (float32 uniforms, float64 math)."""
+    G = -(-N // 4)
+    j = np.arange(N)
+    ctr = base + (np.arange(K)[:, None] * G + j[None, :] // 4).astype(np.uint64)
+    words = _philox_words(seed, ctr)
+    w = [_uniform(c).astype(np.float64) for c in words]
+    r = [np.sqrt(-2.0 * np.log(np.maximum(np.float32(1e-7), _uniform(c)).astype(np.float64)))
+         for c in words[::2]]
+    t = [6.283185307179586 * w[1], 6.283185307179586 * w[3]]
+    lanes = [r[0] * np.cos(t[0]), r[0] * np.sin(t[0]), r[1] * np.cos(t[1]), r[1] * np.sin(t[1])]
+    return np.choose(j[None, :] % 4, lanes)
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
@@ -130,8 +146,7 @@ def test_noise_64bit_offsets_match_philox(seed):
     shape, K = (5,), 3
     for base in (5, 2**32 + 5, 2**32 - 7, 3 * 2**40 + 11):  # 2**32 - 7 straddles the 2**32 boundary
         got = correlated_noise(seed, K, shape, DEVICE, offset_base=base).cpu().double().numpy()
-        offs = base + np.arange(K * 5, dtype=np.uint64).reshape(K, 5)
-        np.testing.assert_allclose(got, _philox_randn_reference(seed, offs), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(got, _kernel_noise_reference(seed, K, 5, base), atol=2e-5, rtol=0)
     low = correlated_noise(seed, 1, (8,), DEVICE, offset_base=5)
     high = correlated_noise(seed, 1, (8,), DEVICE, offset_base=2**32 + 5)
     assert not torch.equal(low, high)  # no wrap-around at 2**32
@@ -181,6 +196,79 @@ def test_gaussian_head_validation():
     mean_raw, scale_raw, target = _head_inputs(2, (3, 4), 0, extreme=False)
     with pytest.raises(HVAEError, match="same shape"):
         gaussian_head_logprob(mean_raw, scale_raw[:1], target)
+
+
+# ----------------------------------------------------------------------------------------------
+# No host work per launch: scalars travel as kernel arguments (issue 19, defect 1)
+# ----------------------------------------------------------------------------------------------
+
+# Calls that copy host data to a device, or wait for one: a torch.tensor(..., device=cuda) of the
+# coefficients was a blocking host-to-GPU copy on every op call.
+_HOST_SYNC = {torch.tensor, torch.as_tensor, torch.from_numpy, torch.Tensor.item, torch.Tensor.tolist,
+              torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.numpy, torch.Tensor.to, torch.Tensor.copy_,
+              torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
+
+
+class _HostCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_SYNC:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def _run_stubbed(monkeypatch, op, *args):
+    """Run the Python body of triton_op ``op`` with its kernel launch stubbed: (host calls, launches)."""
+    import hvae_fast.kernels.correlated_sample as cs
+    import hvae_fast.kernels.gaussian_head as gh
+
+    launches = []
+
+    class _Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.kernel, grid, a, kw))
+
+    for mod in (cs, gh):
+        monkeypatch.setattr(mod, "wrap_triton", _Launch)
+    with _HostCalls() as mode:
+        op._init_fn(*args)
+    return mode.calls, launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_launchers_copy_nothing_from_the_host(monkeypatch, dtype):
+    import hvae_fast.kernels.correlated_sample as cs
+    import hvae_fast.kernels.gaussian_head as gh
+
+    z = torch.randn(4, 6, dtype=dtype)
+    mr, sr = torch.randn(2, 3, 4, 6, dtype=dtype).unbind(0)
+    t, g = torch.randn(4, 6, dtype=dtype), torch.randn(4, dtype=dtype)
+    mbar, sbar = torch.randn(4, 6, dtype=dtype), torch.rand(4, 6, dtype=dtype) + 1
+    for op, args in ((cs.correlated_samples_fwd, (z, z, z, 0.95, 3, 7, 0)),
+                     (cs.correlated_samples_bwd, (torch.randn(3, 4, 6, dtype=dtype), 0.95, 3, 7, 0)),
+                     (gh.gaussian_head_fwd, (mr, sr, t, True, 1e-3)),
+                     (gh.gaussian_head_bwd, (g, mr, sr, t, mbar, sbar, True, 1e-3, dtype))):
+        calls, launches = _run_stubbed(monkeypatch, op, *args)
+        assert calls == [], f"{op}: host-to-device copies or syncs per call: {calls}"
+        assert len(launches) == 1
+        # every tensor the kernel gets is an input or an output the launcher allocated: no scalar tensors
+        tensors = [a for a in launches[0][2] if isinstance(a, torch.Tensor)]
+        assert all(a.numel() > 1 for a in tensors), f"{op}: a scalar tensor argument"
+
+
+def test_split_f64_carries_a_double_in_two_float32():
+    from hvae_fast.kernels.utils import split_f64
+
+    for x in (0.95, 1.0, 0.0, 1e-3, 0.3122498999199199, 1 - 1e-12):
+        hi, lo = split_f64(x)
+        assert np.float32(hi) == hi and np.float32(lo) == lo and hi == np.float32(x)
+        assert abs((hi + lo) - x) <= 2.0 ** -48 * abs(x)
 
 
 # ----------------------------------------------------------------------------------------------

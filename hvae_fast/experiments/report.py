@@ -25,9 +25,10 @@ import math
 from pathlib import Path
 
 from ..errors import HVAEError
-from ..reporting.curves import EMA_WEIGHT, ema, plot_runs, read_metrics
+from ..reporting.curves import ema, plot_runs, read_metrics
 from ..reporting.paper_tables import PAPER_ROWS, TABLE_STEPS, matches, render, run_variant
-from .sweep import read_spec, summarize, write_results, write_table
+from .sweep_results import read_critical, summarize, write_results, write_table
+from .sweep_spec import read_spec
 
 DATA_FILES = {  # what report writes beside report.md, as NAME.csv and NAME.json
     "runs": "one row per point (pooled sweeps: a sweep column): its settings and validation figures",
@@ -389,10 +390,7 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     if not summary:
         raise HVAEError(f"no point of {', '.join(map(str, sweep_dirs))} has finished (no eval-valid.json): run the "
                         f"sweep first, or re-run its command to finish it")
-    critical = None
-    for d in sweep_dirs:
-        if (d / "critical.json").exists() and critical is None:
-            critical = json.loads((d / "critical.json").read_text())
+    critical = next((c for c in map(read_critical, sweep_dirs) if c), None)
     if critical:
         threshold = critical[0]["threshold"]
     done = [r for r in rows if r["status"] == "finished"]

@@ -2,25 +2,30 @@
 
 A sweep is a base command (``train DATASET --steps ...``) and axes of flag values: each ``--grid``
 axis multiplies the points, the ``--list`` axes are zipped into one axis of alternatives. Each
-point is an ordinary run directory ``ROOT/NAME/<axis>=<value>,...``, trained by a
-``python -m hvae_fast train`` subprocess and evaluated by ``eval --split valid``. The folder holds::
+point is an ordinary run directory ``ROOT/NAME/<axis>=<value>,...`` (named as sweep_spec.point_name
+says: always inside ROOT/NAME), trained by a ``python -m hvae_fast train`` subprocess and evaluated
+by ``eval --split valid``. The folder holds::
 
+    .sweep.lock         flock'ed by the one `sweep` process that runs this folder (holds its pid)
     sweep.json          the spec; re-running with more axis values (seeds, rho) grows the sweep and
                         keeps its finished points; any other change under the same NAME is an error
-    logs/<point>.*.log  each subprocess's stdout+stderr; <point>.failed.json for a failed point
+    logs/<point>.*.log  each subprocess's stdout (.log) and stderr (.err), every attempt appended
+                        under a header line; <point>.failed.json for a failed point
     results.csv/.json   one row per point (rebuilt from the run directories on every call)
     summary.csv/.json   mean, std (n-1), n over seeds for every other axis combination
     critical.json       the critical-rho search, when --find-critical-rho ran
 
 A point with ``eval-valid.json`` is finished and skipped; one with ``checkpoint-latest.pt`` is
-resumed with ``--resume``; a folder left before its first checkpoint is removed and restarted.
+resumed with ``--resume``; a folder left before its first checkpoint is removed and restarted. A
+point whose ``.train.lock`` a process holds (a `train` still running there) is left untouched and
+reported as busy.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -31,119 +36,81 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import OU_METHODS
 from ..errors import HVAEError
+from ..training.trainer import LOCK_NAME, atomic_write_text, run_dir_contents
+from .sweep_results import (EVAL_FILE, SCALARS, collect_results, metric_columns, read_eval,  # noqa: F401
+                            summarize, write_results, write_table)
+from .sweep_spec import (expand, flag, grows, load_spec_file, make_spec, parse_axis, point_name,  # noqa: F401
+                         read_spec, typed)
 
-EVAL_FILE = "eval-valid.json"
-SCALARS = ("elbo", "iw_bound", "top_kl", "kl_total", "recon", "bpd")  # eval's names, copied as they are
-OWNED_FLAGS = ("--out", "--resume", "--no-progress")  # the sweep sets these itself
-
-
-# -- spec -------------------------------------------------------------------------------------------
-
-def parse_axis(kind: str, text: str) -> dict:
-    """``"rho=0.3,0.5"`` -> {"kind", "key", "values"}; values containing commas are separated by ';'."""
-    key, sep, vals = text.partition("=")
-    key = key.strip().lstrip("-").replace("-", "_")
-    if not sep or not key or not vals.strip():
-        raise HVAEError(f"--{kind} {text!r}: expected FLAG=V1,V2,... (e.g. --{kind} rho=0.5,0.9)")
-    values = [v.strip() for v in vals.split(";" if ";" in vals else ",")]
-    # a --list axis may repeat a value (--list hidden_sizes=200;200,200 beside distinct latent_sizes):
-    # only its zipped points must differ, which make_spec checks
-    if any(not v for v in values) or (kind == "grid" and len(set(values)) != len(values)):
-        raise HVAEError(f"--{kind} {text!r}: values must be non-empty{' and distinct' if kind == 'grid' else ''}")
-    return {"kind": kind, "key": key, "values": values}
+SWEEP_LOCK = ".sweep.lock"
 
 
-def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+# -- locks ------------------------------------------------------------------------------------------
 
-
-def load_spec_file(path) -> dict:
-    """A JSON or TOML spec: {base: "train ..." or [...], grid: {k: [v]}, list: {k: [v]}, eval_iw_samples,
-    eval_max_examples, find_critical_rho: {threshold, rho_low, rho_high, iterations}}; flags given on
-    the command line add axes and override the other fields."""
-    path = Path(path)
+def _open_lock(path: Path, create: bool) -> int | None:
+    """An fd of the lock file ``path`` (never through a symlink); None if absent and not ``create``."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib
-
-            d = tomllib.loads(text)
-        else:
-            d = json.loads(text)
-    except (OSError, ValueError) as exc:
-        raise HVAEError(f"cannot read the sweep spec {path}: {exc}; pass a JSON or .toml file") from exc
-    unknown = set(d) - {"base", "grid", "list", "eval_iw_samples", "eval_max_examples", "find_critical_rho"}
-    if unknown:
-        raise HVAEError(f"sweep spec {path}: unknown keys {sorted(unknown)}; use base, grid, list, "
-                        f"eval_iw_samples, eval_max_examples, find_critical_rho")
-    return d
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
 
 
-def make_spec(base, axes, eval_iw_samples: int = 100, eval_max_examples: int = 0, critical: dict | None = None) -> dict:
-    """Check and normalise a sweep spec (what sweep.json holds)."""
-    base = list(base.split() if isinstance(base, str) else base)
-    if base[:1] == ["--"]:
-        base = base[1:]
-    if not base or base[0] != "train":
-        raise HVAEError("a sweep needs its base command after `--`, starting with train: "
-                        "`hvae-fast sweep NAME --grid seed=0,1 -- train binarized-mnist --steps 5000`")
-    keys = [a["key"] for a in axes]
-    if len(set(keys)) != len(keys):
-        raise HVAEError(f"a flag is swept twice in {keys}: give each flag one --grid or --list")
-    for f in base:
-        name = f.split("=")[0]
-        if name in OWNED_FLAGS:
-            raise HVAEError(f"the base command must not set {name}: the sweep sets it for each point")
-        if name.startswith("--") and name[2:].replace("-", "_") in keys:
-            raise HVAEError(f"{name} is both in the base command and swept: remove it from the base command")
-    lists = [a for a in axes if a["kind"] == "list"]
-    if len({len(a["values"]) for a in lists}) > 1:
-        raise HVAEError("--list axes are zipped, so they need the same number of values: "
-                        + ", ".join(f"{a['key']} has {len(a['values'])}" for a in lists))
-    zipped = list(zip(*(a["values"] for a in lists)))
-    if len(set(zipped)) != len(zipped):
-        raise HVAEError("two --list alternatives are the same point: " + ", ".join(
-            "/".join(map(str, z)) for z in sorted({z for z in zipped if zipped.count(z) > 1})))
-    if critical is not None:
-        if "rho" in keys:
-            raise HVAEError("--find-critical-rho chooses rho itself: remove rho from --grid/--list")
-        if not 0 <= critical["rho_low"] < critical["rho_high"] <= 1 or critical["iterations"] < 1:
-            raise HVAEError("--find-critical-rho needs 0 <= --rho-low < --rho-high <= 1 and --iterations >= 1")
-    if eval_iw_samples < 0 or eval_max_examples < 0:
-        raise HVAEError("--eval-iw-samples and --eval-max-examples must be >= 0 (0 = skip the IW bound / all examples)")
-    return {"base": base, "axes": [dict(a) for a in axes], "eval_iw_samples": eval_iw_samples,
-            "eval_max_examples": eval_max_examples, "critical": critical}
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    pid = os.read(fd, 32).decode(errors="replace").strip()
+    return pid if pid.isdigit() else "?"
 
 
-def expand(axes) -> list[dict]:
-    """The points of a sweep, as {key: value string} in axis order: the product of the grid axes and
-    of one axis of zipped --list alternatives (placed where the first --list axis appears)."""
-    factors, list_done = [], False
-    for a in axes:
-        if a["kind"] == "grid":
-            factors.append([[(a["key"], v)] for v in a["values"]])
-        elif not list_done:
-            lists = [b for b in axes if b["kind"] == "list"]
-            factors.append([[(b["key"], b["values"][i]) for b in lists] for i in range(len(lists[0]["values"]))])
-            list_done = True
-    return [dict(pair for part in combo for pair in part) for combo in itertools.product(*factors)]
+def lock_sweep_dir(sweep_dir: Path) -> int:
+    """Create ``sweep_dir`` and take its SWEEP_LOCK (flock, like train's LOCK_NAME); returns the fd,
+    held until the process ends. A second sweep of the same folder is refused naming the first's pid."""
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fd = _open_lock(sweep_dir / SWEEP_LOCK, create=True)
+    except OSError as exc:
+        raise HVAEError(f"cannot take the sweep lock {sweep_dir / SWEEP_LOCK}: {exc.strerror or exc}; "
+                        f"pass --root to a writable folder (and remove a symlink there)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = _holder(fd)
+        os.close(fd)
+        raise HVAEError(f"sweep {sweep_dir.name} is already running in {sweep_dir} (process {pid}): wait for it to "
+                        f"finish" + (f" or stop it (kill {pid})" if pid != "?" else "") + ", then re-run this command") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
-def point_name(point: dict) -> str:
-    """``rho=0.5,seed=1``; a value's own commas become '-' (``latent_sizes=40-40``)."""
-    return ",".join(f"{k}={v.replace(',', '-')}" for k, v in point.items()) or "base"
-
-
-def typed(v: str):
-    """An axis value for tables and plots: int, else float, else the string."""
-    for t in (int, float):
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path):
+    """Hold ``run_dir``'s train lock for the body, so no `train` starts there meanwhile; yields None,
+    or the pid text of the process that holds it ('?' when the file does not say)."""
+    try:
+        fd = _open_lock(run_dir / LOCK_NAME, create=False)
+    except OSError as exc:  # a symlink (ELOOP) or unreadable: not ours to touch
+        yield f"? ({run_dir / LOCK_NAME}: {exc.strerror})"
+        return
+    if fd is None:
+        yield None
+        return
+    try:
         try:
-            return t(v)
-        except ValueError:
-            pass
-    return v
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield _holder(fd)
+            return
+        yield None
+    finally:
+        os.close(fd)  # drops the flock
+
+
+class PointBusy(HVAEError):
+    """A point's folder is not the sweep's to run now (a process holds its lock, or it holds other files)."""
 
 
 # -- one point: train then eval ---------------------------------------------------------------------
@@ -158,15 +125,14 @@ class Point:
         self.spec = spec
 
     def finished(self) -> bool:
-        try:
-            json.loads((self.dir / EVAL_FILE).read_text())
-            return True
-        except (OSError, ValueError):  # absent, or cut short by a kill during eval
-            return False
+        return read_eval(self.dir) is not None  # absent or cut short by a kill during eval: not finished
 
     def train_cmd(self, resume: bool = False) -> list[str]:
-        pts = [a for k, v in self.values.items() for a in (flag(k), v)]
-        return [sys.executable, "-m", "hvae_fast", *self.spec["base"], *pts, "--out", str(self.dir),
+        # FLAG=VALUE for a value starting with '-', which argparse would otherwise read as a flag
+        pts = [a for k, v in self.values.items() for a in ([f"{flag(k)}={v}"] if v.startswith("-") else [flag(k), v])]
+        nproc = self.spec.get("nproc_per_point", 1)
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+        return [sys.executable, *launcher, "-m", "hvae_fast", *self.spec["base"], *pts, "--out", str(self.dir),
                 "--no-progress"] + (["--resume"] if resume else [])
 
     def eval_cmd(self) -> list[str]:
@@ -181,13 +147,23 @@ class Point:
         return cmd
 
     def stages(self, log) -> list[tuple[str, list[str]]]:
-        """The commands left to run; removes a folder left before its first checkpoint."""
-        if (self.dir / "checkpoint-latest.pt").exists():
-            return [("train", self.train_cmd(resume=True)), ("eval", self.eval_cmd())]
-        if self.dir.exists():
-            # The trainer refuses a folder without a checkpoint; nothing in it is worth keeping.
-            shutil.rmtree(self.dir)
-            log(f"removed {self.dir}: it was left before its first checkpoint; restarting the point")
+        """The commands left to run; removes a folder left before its first checkpoint. PointBusy if
+        a process holds the folder's train lock or the folder holds files that are not a run's."""
+        with claim_run_dir(self.dir) as holder:
+            if holder is not None:
+                raise PointBusy(f"{self.dir} is in use by process {holder} (a `train` still running there?): left "
+                                f"untouched; re-run the sweep once it has finished"
+                                + (f", or stop it (kill {holder})" if holder.isdigit() else ""))
+            if (self.dir / "checkpoint-latest.pt").exists():
+                return [("train", self.train_cmd(resume=True)), ("eval", self.eval_cmd())]
+            if self.dir.exists():
+                names, run_files = run_dir_contents(self.dir)
+                if self.dir.is_symlink() or set(names) - set(run_files):
+                    raise PointBusy(f"{self.dir} holds files that are not a run's ({', '.join(names[:3])}): left "
+                                    f"untouched; move them away and re-run the sweep")
+                # The trainer refuses a folder without a checkpoint; nothing in it is worth keeping.
+                shutil.rmtree(self.dir)
+                log(f"removed {self.dir}: it was left before its first checkpoint; restarting the point")
         return [("train", self.train_cmd()), ("eval", self.eval_cmd())]
 
     def failure_file(self) -> Path:
@@ -200,19 +176,42 @@ def _die_with_parent():  # runs in the child before exec: a kill -9 of the sweep
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _last_line(path: Path) -> str:
+def _last_line(path: Path, offset: int = 0) -> str:
+    """The last non-blank line of ``path`` from byte ``offset`` on (this attempt's part of an appended log)."""
     try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def open_logs(p: Point, stage: str, cmd: list[str]):
+    """(stdout file, stderr file, stderr offset) for one attempt: appended to logs/<point>.<stage>.log
+    and .err under a header line, so a re-run keeps the logs of the attempts before it."""
+    import shlex
+
+    p.logs.mkdir(parents=True, exist_ok=True)
+    header = f"# {time.strftime('%Y-%m-%d %H:%M:%S')} sweep process {os.getpid()}: {shlex.join(cmd)}\n"
+    out = open(p.logs / f"{p.name}.{stage}.log", "a")
+    err = open(p.logs / f"{p.name}.{stage}.err", "a")
+    for f in (out, err):
+        f.write(header)
+        f.flush()
+    return out, err, err.tell()
+
+
+def record_failure(p: Point, stage: str, returncode: int, error: str) -> None:
+    atomic_write_text(json.dumps({"stage": stage, "returncode": returncode, "error": error}) + "\n", p.failure_file())
 
 
 def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
     """Run the unfinished points, ``workers`` subprocesses at a time, threads split between them.
 
     Single-threaded polling (no thread pool), so starting children with a pre-exec hook is safe.
-    Returns {point name: "finished" | "skipped" | "failed"}.
+    Returns {point name: "finished" | "skipped" | "failed" | "busy"}.
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -231,27 +230,34 @@ def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
 
     def launch(p, stages, t0):
         stage, cmd = stages.pop(0)
-        p.logs.mkdir(parents=True, exist_ok=True)
-        with open(p.logs / f"{p.name}.{stage}.log", "w") as out, open(p.logs / f"{p.name}.{stage}.err", "w") as err:
+        out, err, offset = open_logs(p, stage, cmd)
+        with out, err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, preexec_fn=preexec)
-        running[proc] = (p, stage, stages, t0)
+        running[proc] = (p, stage, stages, t0, offset)
 
     while pending or running:
         while pending and len(running) < workers:
             p = pending.pop(0)
             resumed = (p.dir / "checkpoint-latest.pt").exists()
+            try:
+                stages = p.stages(log)
+            except PointBusy as exc:
+                done += 1
+                status[p.name] = "busy"
+                log(f"[{done}/{total}] BUSY {p.name}: {exc}")
+                continue
             log(f"[{done + len(running) + 1}/{total}] start {p.name}" + (" (resume)" if resumed else ""))
-            launch(p, p.stages(log), time.monotonic())
+            launch(p, stages, time.monotonic())
         time.sleep(0.1)
         for proc in [q for q in running if q.poll() is not None]:
-            p, stage, stages, t0 = running.pop(proc)
+            p, stage, stages, t0, offset = running.pop(proc)
             if proc.returncode == 0 and stages:
                 launch(p, stages, t0)
                 continue
             done += 1
             if proc.returncode != 0:
-                error = _last_line(p.logs / f"{p.name}.{stage}.err")
-                p.failure_file().write_text(json.dumps({"stage": stage, "returncode": proc.returncode, "error": error}) + "\n")
+                error = _last_line(p.logs / f"{p.name}.{stage}.err", offset)
+                record_failure(p, stage, proc.returncode, error)
                 status[p.name] = "failed"
                 log(f"[{done}/{total}] FAILED {p.name}: {stage} exited {proc.returncode}: {error}")
                 continue
@@ -295,8 +301,10 @@ def bisect_critical(measure, low: float, high: float, iterations: int, threshold
             "runs": sum(h["n"] for h in history), "history": history}
 
 
-def search_critical(sweep_dir: Path, spec: dict, workers: int, log=print) -> list[dict]:
-    """The critical rho of each combination of the non-seed axes, bisecting over the seed points."""
+def search_critical(sweep_dir: Path, spec: dict, workers: int, log=print, runner=None) -> list[dict]:
+    """The critical rho of each combination of the non-seed axes, bisecting over the seed points;
+    ``runner(points)`` runs them (default: run_points here, ``workers`` at a time)."""
+    runner = runner or (lambda pts: run_points(pts, workers, log))
     c = spec["critical"]
     groups = {}
     for v in expand(spec["axes"]):
@@ -305,8 +313,9 @@ def search_critical(sweep_dir: Path, spec: dict, workers: int, log=print) -> lis
     for key, members in groups.items():
         def measure(rho, members=members):
             pts = [Point(sweep_dir, {"rho": f"{rho:.6g}", **v}, spec) for v in members]
-            run_points(pts, workers, log)
-            return [json.loads((p.dir / EVAL_FILE).read_text())["top_kl"] for p in pts if p.finished()]
+            runner(pts)
+            evals = [read_eval(p.dir) for p in pts]
+            return [ev["top_kl"] for ev in evals if ev is not None and ev.get("top_kl") is not None]
 
         res = bisect_critical(measure, c["rho_low"], c["rho_high"], c["iterations"], c["threshold"])
         res["group"] = dict(key)
@@ -318,185 +327,25 @@ def search_critical(sweep_dir: Path, spec: dict, workers: int, log=print) -> lis
     return out
 
 
-# -- results ----------------------------------------------------------------------------------------
-
-def _parse_name(name: str, spec: dict) -> dict | None:
-    """{key: value string} of a run-directory name of this sweep, or None if it is not one."""
-    axes = {a["key"]: a["values"] for a in spec["axes"]}
-    keys = (["rho"] if spec.get("critical") else []) + list(axes)
-    try:
-        parts = dict(part.split("=", 1) for part in name.split(","))
-    except ValueError:
-        return None
-    if sorted(parts) != sorted(keys):
-        return None
-    vals = {}
-    for k in keys:
-        if k == "rho" and k not in axes:
-            vals[k] = parts[k]
-        else:
-            match = [v for v in axes[k] if v.replace(",", "-") == parts[k]]
-            if not match:
-                return None
-            vals[k] = match[0]
-    return vals
-
-
-def collect_results(sweep_dir) -> list[dict]:
-    """One row per point, rebuilt from the run directories: the swept flags (typed), the run's
-    dataset/preset/method/rho/steps, status, and eval's figures (per-layer lists flattened as
-    ``kl_layer_i`` and ``active_units_layer_i``, bottom = 1, plus ``active_units_total``)."""
-    sweep_dir = Path(sweep_dir)
-    spec = read_spec(sweep_dir)
-    points = {} if spec.get("critical") else {point_name(v): v for v in expand(spec["axes"])}
-    found = [d.name for d in sorted(sweep_dir.iterdir()) if d.is_dir()]
-    found += [f.name[: -len(".failed.json")] for f in sorted((sweep_dir / "logs").glob("*.failed.json"))]
-    for name in dict.fromkeys(found):  # the critical search's points, named by the rho it chose
-        if name not in points and _parse_name(name, spec) is not None:
-            points[name] = _parse_name(name, spec)
-    rows = []
-    for name, vals in points.items():
-        run = sweep_dir / name
-        row = {"name": name}
-        if (run / "config.json").exists():
-            cfg = json.loads((run / "config.json").read_text())
-            ou = cfg.get("ou", {}) if cfg.get("method") in OU_METHODS else {}  # a VAE's config holds an unused rho
-            row.update(dataset=cfg.get("dataset"), preset=cfg.get("preset"), method=cfg.get("method"),
-                       rho=ou.get("rho"), steps=cfg.get("train", {}).get("steps"))
-            if ou.get("rho_schedule", "constant") != "constant":
-                row["rho_schedule"] = ou["rho_schedule"]
-            if ou.get("rho_control", 0) > 0:
-                row["rho_control"] = ou["rho_control"]
-        row.update({k: typed(v) for k, v in vals.items()})
-        failed = sweep_dir / "logs" / f"{name}.failed.json"
-        try:
-            ev = json.loads((run / EVAL_FILE).read_text())
-        except (OSError, ValueError):
-            ev = None
-        if ev is not None:
-            row["status"] = "finished"
-            row["step"] = ev.get("step")
-            row.update({k: ev[k] for k in SCALARS if k in ev})
-            for i, kl in enumerate(ev.get("kl_per_layer", []), 1):
-                row[f"kl_layer_{i}"] = kl
-            for i, au in enumerate(ev.get("active_units", []), 1):
-                row[f"active_units_layer_{i}"] = au
-            if "active_units" in ev:
-                row["active_units_total"] = sum(ev["active_units"])
-            row["kl_per_layer"], row["active_units"] = ev.get("kl_per_layer"), ev.get("active_units")
-        elif failed.exists():
-            row.update(status="failed", **json.loads(failed.read_text()))
-        else:
-            row["status"] = "interrupted" if run.exists() else "pending"
-        rows.append(row)
-    return rows
-
-
-def metric_columns(rows) -> list[str]:
-    """The numeric eval columns of ``rows`` that a summary averages, in a stable order."""
-    cols = []
-    for r in rows:
-        for k, v in r.items():
-            if k not in cols and (k in SCALARS or k.startswith(("kl_layer_", "active_units_layer_"))
-                                  or k == "active_units_total") and isinstance(v, (int, float)):
-                cols.append(k)
-    return cols
-
-
-def summarize(rows, axes: list[str]) -> list[dict]:
-    """Mean, sample std (n - 1; empty for n = 1) and n of each metric over the seeds of each
-    combination of the other axes (and of dataset/preset/method/rho), finished rows only."""
-    keys = [k for k in axes if k != "seed"] + [k for k in ("dataset", "preset", "method", "rho", "rho_schedule",
-                                                         "rho_control") if k not in axes]
-    done = [r for r in rows if r.get("status") == "finished"]
-    metrics = metric_columns(done)
-    groups = {}
-    for r in done:
-        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    out = []
-    for key, rs in groups.items():
-        s = {k: v for k, v in zip(keys, key) if v is not None}
-        s["n"] = len(rs)
-        # the training budget (config); eval's "step" is that of the checkpoint it scored (the best
-        # validation ELBO's), which can be earlier
-        budgets = [r.get("steps", r.get("step")) for r in rs]
-        if all(isinstance(b, int) for b in budgets):
-            s["steps"] = min(budgets)
-        for m in metrics:
-            xs = [r[m] for r in rs if isinstance(r.get(m), (int, float))]
-            if xs:
-                mean = sum(xs) / len(xs)
-                s[f"{m}_mean"] = mean
-                s[f"{m}_std"] = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
-        out.append(s)
-    return out
-
-
-def _jsonable(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def write_table(rows, path_stem: Path, list_columns=("kl_per_layer", "active_units")) -> None:
-    """``stem.json`` (every key) and ``stem.csv`` (scalar columns, union in order of appearance)."""
-    path_stem.with_suffix(".json").write_text(json.dumps(
-        [{k: _jsonable(v) for k, v in r.items()} for r in rows], indent=1) + "\n")
-    cols = list(dict.fromkeys(k for r in rows for k in r if k not in list_columns))
-    with open(path_stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if _jsonable(r.get(k)) is None else r[k] for k in cols})
-
-
-def write_results(sweep_dir) -> list[dict]:
-    """Rebuild results.* and summary.* from the run directories; returns the rows."""
-    sweep_dir = Path(sweep_dir)
-    spec = read_spec(sweep_dir)
-    rows = collect_results(sweep_dir)
-    axes = (["rho"] if spec.get("critical") else []) + [a["key"] for a in spec["axes"]]
-    write_table(rows, sweep_dir / "results")
-    write_table(summarize(rows, axes), sweep_dir / "summary")
-    return rows
-
-
 # -- the command -------------------------------------------------------------------------------------
 
-def read_spec(sweep_dir: Path) -> dict:
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.exists():
-        raise HVAEError(f"{sweep_dir} is not a sweep folder (no sweep.json): pass a folder made by `hvae-fast sweep`")
-    return json.loads(path.read_text())
-
-
-def grows(old: dict, new: dict) -> bool:
-    """Whether `new` only adds points to `old`: the same axes (keys and kinds, in order), and every old
-    point among the new ones, so that every finished run directory keeps its name and its meaning."""
-    shape = lambda spec: [(a["kind"], a["key"]) for a in spec["axes"]]  # noqa: E731
-    if shape(old) != shape(new) or old.get("critical") or new.get("critical"):
-        return False
-    new_points = {point_name(v) for v in expand(new["axes"])}
-    return all(point_name(v) in new_points for v in expand(old["axes"]))
-
-
 def prepare(sweep_dir: Path, spec: dict) -> None:
-    """Write sweep.json, or check that a re-run asks for the same sweep."""
+    """Write sweep.json (atomically), or check that a re-run asks for the same sweep."""
     path = sweep_dir / "sweep.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_spec(sweep_dir)
         diff = [k for k in sorted(set(old) | set(spec)) if old.get(k) != spec.get(k)]
         if diff == ["axes"] and grows(old, spec):
             n_old, n_new = len(expand(old["axes"])), len(expand(spec["axes"]))
             print(f"sweep {sweep_dir.name}: grows from {n_old} to {n_new} points; finished points are kept", flush=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a kill mid-write keeps the old spec
-            tmp.write_text(json.dumps(spec, indent=1) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(json.dumps(spec, indent=1) + "\n", path)  # a kill mid-write keeps the old spec
         elif diff:
             raise HVAEError(f"{sweep_dir} holds a sweep with another spec (differs in {', '.join(diff)}; see {path}): "
                             f"re-run it with the same arguments (or add values to its axes: more seeds, more rho), "
                             f"or give the new sweep another NAME or --root")
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(spec, indent=1) + "\n")
+    atomic_write_text(json.dumps(spec, indent=1) + "\n", path)  # a kill mid-write leaves no half spec
 
 
 def cmd_sweep(args) -> int:
@@ -521,6 +370,10 @@ def cmd_sweep(args) -> int:
                      pick(args.eval_max_examples, "eval_max_examples", 0), critical)
     if args.workers < 1:
         raise HVAEError("--workers must be >= 1")
+    if args.nproc_per_point < 1:
+        raise HVAEError("--nproc-per-point must be >= 1")
+    if args.nproc_per_point > 1:  # part of the spec: a run resumes only with the processes it started with
+        spec["nproc_per_point"] = args.nproc_per_point
     sweep_dir = Path(args.root) / args.name
     if args.print_commands:
         if critical:
@@ -530,20 +383,35 @@ def cmd_sweep(args) -> int:
             p = Point(sweep_dir, v, spec)
             print(f"{shlex.join(p.train_cmd())} && {shlex.join(p.eval_cmd())}")
         return 0
-    prepare(sweep_dir, spec)
     log = lambda msg: print(f"sweep {args.name}: {msg}", flush=True)  # noqa: E731
-    if critical:
-        found = search_critical(sweep_dir, spec, args.workers, log)
-        (sweep_dir / "critical.json").write_text(json.dumps(found, indent=1) + "\n")
-        failed = False
-    else:
-        pts = [Point(sweep_dir, v, spec) for v in expand(spec["axes"])]
-        failed = "failed" in run_points(pts, args.workers, log).values()
+    runner = lambda pts: run_points(pts, args.workers, log)  # noqa: E731
+    if args.executor == "slurm":
+        from .sweep_slurm import run_on_submitit, slurm_options
+
+        options = slurm_options(args)
+        runner = lambda pts: run_on_submitit(sweep_dir, pts, options, log)  # noqa: E731
+    lock = lock_sweep_dir(sweep_dir)
+    try:
+        prepare(sweep_dir, spec)
+        if critical:
+            found = search_critical(sweep_dir, spec, args.workers, log, runner)
+            atomic_write_text(json.dumps(found, indent=1) + "\n", sweep_dir / "critical.json")
+            status = {}
+        else:
+            status = runner([Point(sweep_dir, v, spec) for v in expand(spec["axes"])])
+        return finish(sweep_dir, status, log)
+    finally:
+        os.close(lock)  # drops the flock
+
+def finish(sweep_dir: Path, status: dict, log) -> int:
+    """Rebuild the results tables and say how the sweep stands; the exit code: 1 unless every point finished."""
     rows = write_results(sweep_dir)
     n_failed = sum(r["status"] == "failed" for r in rows)
-    log(f"{sum(r['status'] == 'finished' for r in rows)}/{len(rows)} points finished, {n_failed} failed; "
-        f"wrote {sweep_dir / 'results.csv'} and {sweep_dir / 'summary.csv'}")
-    return 1 if failed or n_failed else 0
+    busy = [name for name, s in status.items() if s == "busy"]
+    log(f"{sum(r['status'] == 'finished' for r in rows)}/{len(rows)} points finished, {n_failed} failed"
+        + (f", {len(busy)} busy (left untouched: {', '.join(busy)})" if busy else "")
+        + f"; wrote {sweep_dir / 'results.csv'} and {sweep_dir / 'summary.csv'}")
+    return 1 if set(status.values()) - {"finished", "skipped"} or n_failed else 0
 
 
 class _SweepParser(argparse.ArgumentParser):
@@ -590,5 +458,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rho-low", type=float, default=0.0)
     p.add_argument("--rho-high", type=float, default=1.0)
     p.add_argument("--iterations", type=int, default=4, help="bisection steps: the interval shrinks 2^N-fold")
+    from .sweep_slurm import add_executor_args
+
+    add_executor_args(p)
     p.set_defaults(func=cmd_sweep)
     p.__class__ = _SweepParser  # argparse cannot hold "NAME [options] -- COMMAND..." in one positional

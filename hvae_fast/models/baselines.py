@@ -3,8 +3,11 @@
 Both return the same ``Terms`` as ``HierarchicalVAE`` (per stochastic layer, bottom to top: log q of
 the sampled z under the posterior actually sampled from, log p under the generative model), so the
 trainer, the objectives (ELBO, IW bound, IWAE, annealing, free bits) and the evaluation run on them
-unchanged. OU smoothing is defined for the vanilla stack only: ``forward(x, ou)`` with ``ou`` given
-raises HVAEError. Shapes, the likelihood and ``sample()`` come from the shared base
+unchanged. ``forward(x, ou)`` with ``ou`` (training) OU-smooths every generator layer with the helper
+the stacked VAE uses (smoothing.py; see ``_Baseline``): only the latent z_{i+1} a layer reads is
+smoothed; the top-down state it reads (LVAE ResNet: the block outputs of the stage above; BIVA: the
+deterministic h_{i+1}, or those block outputs) is a function of the real samples above and enters
+as it is, as HVAE+'s skips do. Shapes, the likelihood and ``sample()`` come from the shared base
 ``stack.StackedVAE``; the registry that builds them (``MODELS``, ``build_model``) is in model.py.
 BIVA's layers below the top hold two latents (BU, TD) of one shape, counted as one stochastic layer
 in ``Terms`` (log densities summed; ``q_mean``, ``latent_shapes`` concatenated along dim 1, BU first).
@@ -52,6 +55,7 @@ MLP (``arch="mlp"``): the authors' code has no MLP models (its MNIST ones are co
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -61,6 +65,7 @@ from ..config import ModelConfig
 from ..distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
 from ..errors import HVAEError
 from .nets import GatedResBlock, WNConv
+from .smoothing import OUSmoothing, check_ladder_ou, smoothed_logprob
 from .stack import StackedVAE
 
 
@@ -143,9 +148,15 @@ def _sample(mu, sigma):
 
 
 class _Baseline(StackedVAE):
-    """LVAE and BIVA: no HVAE+ skips (they have their own top-down paths), no OU smoothing. ResNet
-    configs follow the reference's stages (``self.stages``); its generative stage i runs ``self.p[i]``
-    and passes every block's output down as the ``state`` of layer i-1."""
+    """LVAE and BIVA: no HVAE+ skips (they have their own top-down paths). ResNet configs follow the
+    reference's stages (``self.stages``); its generative stage i runs ``self.p[i]`` and passes every
+    block's output down as the ``state`` of layer i-1.
+
+    OU smoothing (``forward(x, ou)``, training only) replaces each log p(z_i | z_{i+1}, state) by
+    ``smoothed_logprob`` around the posterior sample z_{i+1}: the K correlated samples run through
+    ``_head_raw(i, ., *state)``, the block that maps z_{i+1} and the top-down state it reads (from
+    the real samples above, unsmoothed) to p(z_i)'s head; the top-down pass goes on with the real
+    sample. A subclass defines ``_head_raw``."""
 
     def __init__(self, cfg: ModelConfig, image_shape):
         if cfg.skip:
@@ -169,10 +180,19 @@ class _Baseline(StackedVAE):
         """Generative stage i on its latent z and the block outputs of stage i+1: (features d, block outputs)."""
         return _chain(self.p[i], z, state or ())
 
-    @staticmethod
-    def _check_ou(ou):
-        if ou is not None:
-            raise HVAEError("OU smoothing is defined for the vanilla stack (methods hvae/vae/iwae), not for LVAE or BIVA")
+    def _head_raw(self, i: int, z_above, *state):
+        """Generator layer i on z_{i+1} [N, ...] and its state [N, ...]: p(z_i | .)'s (mean_raw, scale_raw),
+        each [N, *latent_shapes[i]] (sigma = softplus(scale_raw) + min_scale)."""
+        raise NotImplementedError
+
+    def _smooth_layers(self, ou: OUSmoothing, log_p: list, layers: list) -> None:
+        """Fill log_p[i] with log p(z_i | z_{i+1}, state) OU-smoothed around z_{i+1} [B, ...], drawn from
+        q = (mu, sigma), for each (i, z_{i+1}, q, z_i, state) of ``layers``. Called after the top-down
+        pass, so that the OU seeds come after every posterior draw from torch's RNG: with one seed, the
+        smoothed and the plain forward share their posterior samples (as the stacked VAE's do)."""
+        for i, z_above, q_above, z, state in layers:
+            log_p[i] = smoothed_logprob(ou, partial(self._head_raw, i), z_above, q_above, z, self.cfg.min_scale,
+                                        tuple(state))
 
 
 class LadderVAE(_Baseline):
@@ -200,50 +220,73 @@ class LadderVAE(_Baseline):
             return split_gaussian(self.p_head[i](d), self.cfg.min_scale), state
         return split_gaussian(self.gen[i](z_above)[0], self.cfg.min_scale), None
 
+    def _head_raw(self, i: int, z_above, *state):
+        # ResNet: generative stage i+1 (reading the block outputs of stage i+2) and p(z_i)'s head; MLP: gen[i].
+        out = self.p_head[i](self._down(i + 1, z_above, list(state))[0]) if self.conv else self.gen[i](z_above)[0]
+        return out.chunk(2, dim=1)
+
     def decode(self, z, state=None):
         return self.out(self._down(0, z, state)[0]) if self.conv else self.px(z)[0]
 
-    def forward(self, x, ou=None, k: int = 1) -> Terms:
-        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major."""
-        self._check_ou(ou)
+    def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
+        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major. With ``ou``
+        (training), each p(z_i | z_{i+1}) is OU-smoothed around z_{i+1} with the posterior that drew
+        it (MLP: the precision-weighted one); the posteriors use the real sample's prior."""
+        check_ladder_ou(ou, "the Ladder VAE")
         x = repeat_batch(x, k)
         if self.conv:
-            return self._forward_conv(x)
+            return self._forward_conv(x, ou)
         ms, h = self.cfg.min_scale, x
         bu = []
         for enc in self.enc:  # deterministic bottom-up pass
             out, h = enc(h)
             bu.append(split_gaussian(out, ms))
         L = self.depth
-        log_q, log_p, q_mean = [None] * L, [None] * L, [None] * L
+        log_q, log_p, q_mean, smooth = [None] * L, [None] * L, [None] * L, []
         mu, sigma = bu[-1]
         z = _sample(mu, sigma)
         log_q[-1], log_p[-1], q_mean[-1] = gaussian_logprob(z, mu, sigma), std_normal_logprob(z), mu
         for i in reversed(range(L - 1)):
             (mu_p, sigma_p), _ = self.prior(i, z)
-            mu, sigma = precision_weighted(*bu[i], mu_p, sigma_p)
-            z = _sample(mu, sigma)
-            log_q[i], log_p[i], q_mean[i] = gaussian_logprob(z, mu, sigma), gaussian_logprob(z, mu_p, sigma_p), mu
+            mu_q, sigma_q = precision_weighted(*bu[i], mu_p, sigma_p)
+            z_i = _sample(mu_q, sigma_q)
+            log_q[i], q_mean[i] = gaussian_logprob(z_i, mu_q, sigma_q), mu_q
+            if ou is None:
+                log_p[i] = gaussian_logprob(z_i, mu_p, sigma_p)
+            else:
+                smooth.append((i, z, (mu, sigma), z_i, ()))
+            z, mu, sigma = z_i, mu_q, sigma_q
+        if ou is not None:
+            self._smooth_layers(ou, log_p, smooth)
         return Terms(self.likelihood.logprob(self.decode(z), x), log_q, log_p, q_mean)
 
-    def _forward_conv(self, x) -> Terms:
+    def _forward_conv(self, x, ou: OUSmoothing | None) -> Terms:
         ms, L, h, hs = self.cfg.min_scale, self.depth, x, []
         for i, q in enumerate(self.q):  # deterministic bottom-up pass; each block also reads the stage's input
             h = _chain(q, h, [h] * len(q) if i else ())[0]
             hs.append(h)
-        log_q, log_p, q_mean = [None] * L, [None] * L, [None] * L
-        z = state = None
+        log_q, log_p, q_mean, smooth = [None] * L, [None] * L, [None] * L, []
+        z = state = mu = sigma = None
         for i in reversed(range(L)):
+            state_above = state  # the block outputs of stage i+2 that generative stage i+1 reads
             if i == L - 1:
                 hq = self.merge[i](hs[i])
             else:
                 d, state = self._down(i + 1, z, state)
                 mu_p, sigma_p = split_gaussian(self.p_head[i](d), ms)
                 hq = self.merge[i](hs[i], d)  # the learned merge of the bottom-up and top-down features
-            mu, sigma = split_gaussian(self.q_head[i](hq), ms)
-            z = _sample(mu, sigma)
-            log_q[i], q_mean[i] = gaussian_logprob(z, mu, sigma), mu
-            log_p[i] = std_normal_logprob(z) if i == L - 1 else gaussian_logprob(z, mu_p, sigma_p)
+            mu_q, sigma_q = split_gaussian(self.q_head[i](hq), ms)
+            z_i = _sample(mu_q, sigma_q)
+            log_q[i], q_mean[i] = gaussian_logprob(z_i, mu_q, sigma_q), mu_q
+            if i == L - 1:
+                log_p[i] = std_normal_logprob(z_i)
+            elif ou is None:
+                log_p[i] = gaussian_logprob(z_i, mu_p, sigma_p)
+            else:
+                smooth.append((i, z, (mu, sigma), z_i, state_above or ()))
+            z, mu, sigma = z_i, mu_q, sigma_q
+        if ou is not None:
+            self._smooth_layers(ou, log_p, smooth)
         return Terms(self.likelihood.logprob(self.decode(z, state), x), log_q, log_p, q_mean)
 
 
@@ -277,17 +320,31 @@ class BIVA(_Baseline):
         px_in = self.latent_shapes[0] if L == 1 else _cat_shape(self.latent_shapes[0], fs[0])
         self.px = self.net(px_in, 0, self.n_out, "out")
 
-    def _gen(self, i, z_above, h_above):
-        """Generator layer i: (p(z_i^BU), p(z_i^TD)) as (mu, sigma) pairs, and its state for layer i-1
-        (MLP: the features h_i; ResNet: the block outputs of stage i+1)."""
-        ms = self.cfg.min_scale
+    @staticmethod
+    def _state(h_above) -> tuple:
+        """The top-down state a generator layer reads, as a tuple of tensors (MLP: (h,); ResNet: block outputs)."""
+        return () if h_above is None else (h_above,) if torch.is_tensor(h_above) else tuple(h_above)
+
+    def _gen_raw(self, i, z_above, *state):
+        """Generator layer i on z_{i+1} and the state of layer i+1 (``_state``): the raw heads of
+        p(z_i^BU) and p(z_i^TD) [N, 2 z, ...], its state for layer i-1 (MLP: the features h_i;
+        ResNet: the block outputs of stage i+1), and (ResNet) its features d."""
         if self.conv:
-            d, state = self._down(i + 1, z_above, h_above)
-            return split_gaussian(self.p_head_bu[i](d), ms), split_gaussian(self.p_head_td[i](d), ms), state, d
-        inp = z_above if h_above is None else torch.cat([z_above, h_above], 1)
-        out, h = self.gen[i](inp)
-        bu, td = out.chunk(2, dim=1)
-        return split_gaussian(bu, ms), split_gaussian(td, ms), h, None
+            d, state = self._down(i + 1, z_above, list(state))
+            return self.p_head_bu[i](d), self.p_head_td[i](d), state, d
+        out, h = self.gen[i](torch.cat([z_above, *state], 1))
+        return *out.chunk(2, dim=1), h, None
+
+    def _gen(self, i, z_above, h_above):
+        """Generator layer i: (p(z_i^BU), p(z_i^TD)) as (mu, sigma) pairs, its state for layer i-1, features d."""
+        ms = self.cfg.min_scale
+        bu, td, state, d = self._gen_raw(i, z_above, *self._state(h_above))
+        return split_gaussian(bu, ms), split_gaussian(td, ms), state, d
+
+    def _head_raw(self, i: int, z_above, *state):
+        # Layer i's whole latent [z_i^BU, z_i^TD]: the two heads' raw means, then their raw scales, BU first.
+        (mb, sb), (mt, st) = (raw.chunk(2, dim=1) for raw in self._gen_raw(i, z_above, *state)[:2])
+        return torch.cat([mb, mt], 1), torch.cat([sb, st], 1)
 
     def prior(self, i: int, z_above, h_above):
         (mu_b, sig_b), (mu_t, sig_t), h, _ = self._gen(i, z_above, h_above)
@@ -321,16 +378,20 @@ class BIVA(_Baseline):
             feats.append(h)
         return q_bu[:-1], feats, q_bu[-1]
 
-    def forward(self, x, ou=None, k: int = 1) -> Terms:
-        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major."""
-        self._check_ou(ou)
+    def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
+        """k posterior samples per example of x [B, ...]: Terms of [k * B], sample-major. With ``ou``
+        (training), each p(z_i^BU, z_i^TD | z_{i+1}, h_{i+1}) is OU-smoothed around z_{i+1} = [BU, TD]
+        (the top: z_L) with the posteriors that drew it; h_{i+1}, computed from the real samples above,
+        is read unsmoothed."""
+        check_ladder_ou(ou, "BIVA")
         x = repeat_batch(x, k)
         ms, L = self.cfg.min_scale, self.depth
         q_bu, d, (z, mu, sigma) = self._bottom_up(x)
-        log_q, log_p, q_mean = [None] * L, [None] * L, [None] * L
+        log_q, log_p, q_mean, smooth = [None] * L, [None] * L, [None] * L, []
         log_q[-1], log_p[-1], q_mean[-1] = gaussian_logprob(z, mu, sigma), std_normal_logprob(z), mu
         h = None
         for i in reversed(range(L - 1)):  # top-down
+            state_above = self._state(h)
             (mu_b, sig_b), (mu_t, sig_t), h, g = self._gen(i, z, h)
             # TD posterior: ResNet, the merge block of the TD features and the generative features g;
             # MLP, a head on the generative features h_i and the BU features.
@@ -338,11 +399,17 @@ class BIVA(_Baseline):
                 out = self.q_head_td[i](self.merge[i](d[i], g))
             else:
                 out = self.td[i](torch.cat([h, d[i]], 1))[0]
-            mu, sigma = split_gaussian(out, ms)
-            z_td = _sample(mu, sigma)
+            mu_td, sig_td = split_gaussian(out, ms)
+            z_td = _sample(mu_td, sig_td)
             z_bu, mu_bu, sig_bu = q_bu[i]
-            log_q[i] = gaussian_logprob(z_bu, mu_bu, sig_bu) + gaussian_logprob(z_td, mu, sigma)
-            log_p[i] = gaussian_logprob(z_bu, mu_b, sig_b) + gaussian_logprob(z_td, mu_t, sig_t)
-            q_mean[i] = torch.cat([mu_bu, mu], 1)
-            z = torch.cat([z_bu, z_td], 1)
+            log_q[i] = gaussian_logprob(z_bu, mu_bu, sig_bu) + gaussian_logprob(z_td, mu_td, sig_td)
+            z_i = torch.cat([z_bu, z_td], 1)
+            if ou is None:
+                log_p[i] = gaussian_logprob(z_bu, mu_b, sig_b) + gaussian_logprob(z_td, mu_t, sig_t)
+            else:
+                smooth.append((i, z, (mu, sigma), z_i, state_above))
+            q_mean[i] = torch.cat([mu_bu, mu_td], 1)
+            z, mu, sigma = z_i, q_mean[i], torch.cat([sig_bu, sig_td], 1)
+        if ou is not None:
+            self._smooth_layers(ou, log_p, smooth)
         return Terms(self.likelihood.logprob(self.decode(z, h), x), log_q, log_p, q_mean)

@@ -9,49 +9,31 @@ Every Gaussian is diagonal with sigma = softplus(raw) + min_scale.
 objectives (ELBO, IW bound, IWAE, annealing, free bits) are built from those in objectives.py.
 With ``ou`` given (training only), each generator layer p(z_i|z_{i+1}) is replaced by its OU
 smoothing: K correlated samples around the posterior sample z_{i+1}, one batched pass of the layer
-over all K*B of them, and the averaged Gaussian head (HVAE+'s skipped latents are not smoothed);
-the OU backend (an ``ou.get_backend`` result the trainer passes in) does the two fused ops, so the
-model never imports ``ou``. ``forward(x, ou, k)`` draws k posterior samples per example (IWAE).
+over all K*B of them, and the averaged Gaussian head (HVAE+'s skipped latents are not smoothed),
+by ``smoothing.smoothed_logprob``, the helper the ladders use too; the OU backend (an
+``ou.get_backend`` result the trainer passes in) does the two fused ops, so the model never imports
+``ou``. ``forward(x, ou, k)`` draws k posterior samples per example (IWAE).
 
 Also the model registry: ``MODELS`` maps every method to its class (vae, hvae and iwae share
 ``HierarchicalVAE``; lvae and biva are in baselines.py) and ``build_model`` is the one entry point.
-Imports run down: model -> baselines -> stack (the shared base) -> distributions (Terms, Gaussians).
+Imports run down: model -> baselines -> smoothing, stack (the shared base) -> distributions (Terms,
+Gaussians).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from ..ops.backends import Backend, check_ou_args
 from .baselines import BIVA, LadderVAE
 from ..config import ModelConfig
 from ..distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
 from ..errors import HVAEError
+from .smoothing import OUSmoothing, smoothed_logprob
 from .stack import StackedVAE
 
-
-@dataclass
-class OUSmoothing:
-    """What the training forward needs to smooth the generator layers. Built once by the trainer."""
-
-    rho: float
-    samples: int
-    backend: Backend
-    target: str = "mean-std"
-    smooth_inference: bool = False
-    recompute: bool = False  # checkpoint the K*B generator pass (memory for compute)
-
-    def __post_init__(self):
-        check_ou_args(self.rho, self.samples)
-
-    def seed(self) -> int:
-        # Drawn from torch's global RNG, so runs are reproducible and resume exactly.
-        return int(torch.randint(0, 2**62, (1,)).item())
+__all__ = ["OUSmoothing", "HierarchicalVAE", "MODELS", "build_model", "count_parameters"]
 
 
 class HierarchicalVAE(StackedVAE):
@@ -121,21 +103,13 @@ class HierarchicalVAE(StackedVAE):
         if ou is None:
             (mu, sigma), _ = self.prior(i, z_above, above)
             return gaussian_logprob(z, mu, sigma)
-        gen = self.gen[i]
-        K, B = ou.samples, z.shape[0]
-        zp = ou.backend.correlated_samples(z_above, q_above[0], q_above[1], ou.rho, K, ou.seed())
-        if above:
+
+        def block(zp, *skips):
             # Only the layer's own input is smoothed; the skips carry the posterior samples as they are.
-            skip = torch.cat(above, 1)
-            zp = torch.cat([zp, skip.unsqueeze(0).expand(K, *skip.shape)], 2)
-        if ou.recompute and torch.is_grad_enabled():
-            # Keep only the K*B inputs; the layer's activations are rebuilt in backward.
-            out = checkpoint(gen, zp.flatten(0, 1), use_reentrant=False, preserve_rng_state=False)[0]
-        else:
-            out = gen(zp.flatten(0, 1))[0]
-        out = out.view(K, B, *out.shape[1:])
-        mean_raw, scale_raw = out.chunk(2, dim=2)
-        return ou.backend.gaussian_head_logprob(mean_raw, scale_raw, z, ou.target, self.cfg.min_scale)
+            return self.gen[i](torch.cat([zp, *skips], 1))[0].chunk(2, dim=1)
+
+        skips = (torch.cat(above, 1),) if above else ()
+        return smoothed_logprob(ou, block, z_above, q_above, z, self.cfg.min_scale, skips)
 
     def forward(self, x, ou: OUSmoothing | None = None, k: int = 1) -> Terms:
         """x: [B, C, H, W] model input (binary, or in [-1, 1]); ou: smoothing, training only; k:

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..config import OU_METHODS
 from ..distributions import repeat_batch  # noqa: F401  (evaluate.py repeats batches with it too)
 from ..errors import HVAEError
 
@@ -97,12 +98,13 @@ def iw_bound(model, x, n_samples: int, chunk: int = 500) -> torch.Tensor:
 def training_loss(model, x, method: str, ou, beta: float, free_bits: float, iw_k: int, global_mean=None):
     """The loss the optimizer minimises for ``method``, and the per-example bound it came from.
 
-    vae / lvae / biva: ELBO; hvae: ELBO with OU-smoothed generator layers; iwae: k-sample bound.
+    vae: ELBO; hvae / lvae / biva (OU_METHODS): ELBO, with OU-smoothed generator layers when ``ou`` is
+    given; iwae: k-sample bound.
     ``global_mean``: the mean over data-parallel processes, for free bits (see free_bits_kl).
     """
     if method == "iwae":
         if free_bits > 0:
             raise HVAEError("--free-bits is defined for the ELBO's per-layer KL terms, not for the IWAE objective")
         return iwae_loss(model, x, iw_k, beta)
-    terms = model(x, ou if method == "hvae" else None)
+    terms = model(x, ou if method in OU_METHODS else None)
     return elbo_loss(terms, beta, free_bits, global_mean)

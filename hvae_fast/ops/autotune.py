@@ -1,10 +1,12 @@
 """``--backend auto``: for each op and shape class, the fastest available backend, measured once and cached.
 
 A shape class is (op, device, dtype, numel bucket, K): the bucket is floor(log4(numel)) of the
-per-sample [B, *S] tensor, and the head's class also names its mode (mean-std / ratio). The first
-call of a class times forward + backward of every available candidate (``ou.AUTO_CANDIDATES``, which
-``ou.get_backend`` hands over: cpp and torch on CPU; triton, cuda and torch on CUDA) on random inputs
-of the call's shape and strides (one warm-up, then the median of ``REPEATS`` runs), picks the fastest (ties: the candidates' order),
+per-sample [B, *S] tensor, and the head's class also names its mode (mean-std / ratio) and, where
+its inputs' dtypes differ (``--precision bf16``: bfloat16 halves, a float32 target), each dtype. The
+first call of a class times forward + backward of every available candidate (``ou.AUTO_CANDIDATES``,
+which ``ou.get_backend`` hands over: cpp and torch on CPU; triton, cuda and torch on CUDA) on random
+inputs of the call's shapes, strides and dtypes (one warm-up, then the median of ``REPEATS`` runs; a
+candidate that raises is dropped with a warning), picks the fastest (ties: the candidates' order),
 logs the decision once on ``hvae_fast.ops.autotune`` (INFO), and stores it in a JSON file:
 
     $HVAE_CACHE_DIR/auto-backend.json, else <user cache dir>/hvae-fast/auto-backend.json
@@ -36,6 +38,7 @@ from typing import Callable
 import torch
 
 from .backends import Backend, check_ou_args
+from ..errors import HVAEError
 
 log = logging.getLogger("hvae_fast.ops.autotune")
 
@@ -159,15 +162,16 @@ def _random(shape, stride, dtype, device, gen: torch.Generator, positive: bool =
 
 
 def _spec(t: torch.Tensor) -> tuple:
-    return tuple(int(s) for s in t.shape), tuple(int(s) for s in t.stride())
+    """(shape, strides, dtype) of an input: the candidates are timed on inputs like the call's."""
+    return tuple(int(s) for s in t.shape), tuple(int(s) for s in t.stride()), t.dtype
 
 
-def _make_run(op: str, device, dtype, specs, K: int, mode, min_scale):
+def _make_run(op: str, device, specs, K: int, mode, min_scale):
     """make_run(backend) -> one forward + backward of ``op`` on random inputs shaped like ``specs``."""
     def make_run(b):
         gen = torch.Generator().manual_seed(0)
         ins = [_random(shape, stride, dtype, device, gen, positive=(op == "correlated_samples" and i == 2))
-               for i, (shape, stride) in enumerate(specs)]
+               for i, (shape, stride, dtype) in enumerate(specs)]
         if op == "correlated_samples":
             return lambda: b.correlated_samples(*ins, 0.5, K, 1).sum().backward()
         return lambda: b.gaussian_head_logprob(*ins, mode, min_scale).sum().backward()
@@ -179,11 +183,11 @@ _INSTANCES: dict = {}
 
 
 @torch.compiler.assume_constant_result
-def _decided(auto_id: int, key: str, op: str, dtype: torch.dtype, specs: tuple, K: int, mode, min_scale) -> str:
+def _decided(auto_id: int, key: str, op: str, specs: tuple, K: int, mode, min_scale) -> str:
     """The backend name for a call of AutoBackend ``auto_id``: under torch.compile it is computed (measured
     if need be) while tracing and is a constant of the graph, so the chosen op is a graph node like any other."""
     auto = _INSTANCES[auto_id]
-    return auto.choose(key, _make_run(op, auto.device, dtype, specs, K, mode, min_scale)).name
+    return auto.choose(key, _make_run(op, auto.device, specs, K, mode, min_scale)).name
 
 
 class AutoBackend:
@@ -228,7 +232,7 @@ class AutoBackend:
                     times = {}
                     choice = next(iter(self.candidates))
                 else:
-                    times = {n: float(self.measure(n, make_run(b))) for n, b in self.candidates.items()}
+                    times = self._time_candidates(key, make_run)
                     choice = min(times, key=lambda n: (times[n], list(self.candidates).index(n)))
                 rec = {"choice": choice, "ms": {n: round(1e3 * t, 4) for n, t in times.items()}}
                 self.cache.put(key, rec)
@@ -240,6 +244,21 @@ class AutoBackend:
             self.used[key] = rec["choice"]
             return self.candidates[rec["choice"]]
 
+    def _time_candidates(self, key: str, make_run) -> dict:
+        """{name: seconds} of the candidates that ran; one that raises is dropped with a warning."""
+        times, failed = {}, []
+        for n, b in self.candidates.items():
+            try:
+                times[n] = float(self.measure(n, make_run(b)))
+            except Exception as exc:  # an out-of-memory or a kernel that cannot take this shape: not fatal
+                line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                failed.append(f"{n} ({line[:200]})")
+                log.warning("OU backend auto: %s failed while timed on %s, dropped: %s", n, key, line[:200])
+        if not times:
+            raise HVAEError(f"OU backend auto: every candidate failed on {key}: {'; '.join(failed)}; "
+                            "pass a named --backend")
+        return times
+
     # -- the three ops of the Backend record --------------------------------------------------
 
     def correlated_samples(self, z, mu, sigma, rho, K, seed):
@@ -248,7 +267,7 @@ class AutoBackend:
         dtype = torch.promote_types(torch.promote_types(z.dtype, mu.dtype), sigma.dtype)
         key = shape_class("correlated_samples", self.device, dtype, math.prod(shape), int(K))
         contiguous = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        name = _decided(id(self), key, "correlated_samples", dtype, ((shape, contiguous),) * 3, int(K),
+        name = _decided(id(self), key, "correlated_samples", ((shape, contiguous, dtype),) * 3, int(K),
                         None, None)
         return self.candidates[name].correlated_samples(z, mu, sigma, rho, K, seed)
 
@@ -257,9 +276,12 @@ class AutoBackend:
         if mean_raw.dim() < 2 or target.dim() < 1:  # the backend raises its own shape error
             return first.gaussian_head_logprob(mean_raw, scale_raw, target, mode, min_scale)
         K = int(mean_raw.shape[0])
-        key = shape_class("gaussian_head", self.device, target.dtype, target.numel(), K, mode)
+        # under --precision bf16/fp16 the net's halves come in that dtype, the latent target in float32
+        dtypes = [str(t.dtype).removeprefix("torch.") for t in (mean_raw, scale_raw, target)]
+        dtype = dtypes[0] if len(set(dtypes)) == 1 else "/".join(dtypes)
+        key = shape_class("gaussian_head", self.device, dtype, target.numel(), K, mode)
         specs = (_spec(mean_raw), _spec(scale_raw), _spec(target))
-        name = _decided(id(self), key, "gaussian_head", target.dtype, specs, K, mode, float(min_scale))
+        name = _decided(id(self), key, "gaussian_head", specs, K, mode, float(min_scale))
         return self.candidates[name].gaussian_head_logprob(mean_raw, scale_raw, target, mode, min_scale)
 
     def correlated_noise(self, seed, K, shape, device=None, **kw):

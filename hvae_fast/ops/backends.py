@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,12 @@ OU_TARGETS = ("mean-std", "ratio")
 MAX_PHILOX_OFFSET = 2**62
 SEED_LIMIT = 2**63  # seeds are integers in [0, 2**63): one int64 for the C++/CUDA schemas and Triton
 BACKEND_NAMES = ("auto", "triton", "cuda", "cpp", "torch")  # what --backend accepts
+
+
+def required(name: str) -> bool:
+    """True when HVAE_REQUIRE_<NAME>=1 (CI: cpp; gpucheck on a GPU: cpp and cuda): an unavailable
+    backend of that name is then an error in the tests, the benchmarks and ``hvae-fast build``."""
+    return os.environ.get(f"HVAE_REQUIRE_{name.upper()}") == "1"
 
 
 def check_ou_args(rho: float, K: int) -> None:

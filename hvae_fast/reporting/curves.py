@@ -37,6 +37,25 @@ def read_records(path: Path) -> list:
     return recs
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _plot_record_problem(rec: dict) -> str | None:
+    """What keeps a metrics record from being plotted (None if nothing): its step an integer, a train
+    record's elbo and top_kl numbers, a valid record's elbo a number and active_units numbers."""
+    if not isinstance(rec["step"], int) or isinstance(rec["step"], bool):
+        return "has a 'step' that is not an integer"
+    need = {"train": ("elbo", "top_kl"), "valid": ("elbo",)}.get(rec["split"], ())
+    for k in need:
+        if not _number(rec.get(k)):
+            return f"has no number {k!r}" if k not in rec else f"has an {k!r} that is not a number"
+    au = rec.get("active_units", []) if rec["split"] == "valid" else []
+    if not (isinstance(au, list) and all(map(_number, au))):
+        return "has 'active_units' that are not a list of numbers"
+    return None
+
+
 def read_metrics(run_dir) -> tuple[str, list, list]:
     """(label, train records, valid records) of a run directory."""
     from ..config import load_config
@@ -46,6 +65,11 @@ def read_metrics(run_dir) -> tuple[str, list, list]:
     if not path.is_file():
         raise HVAEError(f"{run_dir} has no metrics.jsonl: pass the --out of a `hvae-fast train` run")
     recs = read_records(path)
+    for rec in recs:  # what plot_runs reads, checked before drawing: a tampered field is one line
+        problem = _plot_record_problem(rec)
+        if problem:
+            raise HVAEError(f"{path}: the {rec['split']} record of step {str(rec['step'])[:20]} {problem}: the file is "
+                            f"damaged; delete that line (or restore the file) and plot again")
     label = run_dir.name
     if (run_dir / "config.json").exists():
         cfg = load_config(run_dir / "config.json")

@@ -6,7 +6,7 @@ Run directory layout::
     .train.lock              flock'ed by the one `train` process that owns the folder (holds its pid);
                              the OS releases it when that process dies, however it dies
     config.json              the full RunConfig, written once data and model are set up
-    metrics.jsonl            one JSON object per logged step (train; an hvae run's holds the step's
+    metrics.jsonl            one JSON object per logged step (train; a smoothed run's holds the step's
                              "rho") or evaluation (valid)
     checkpoint-latest.pt     the state to resume from: at step 0, at the first logged step, every
                              `checkpoint_every` steps, every `checkpoint_minutes`, on SIGINT/SIGTERM
@@ -54,7 +54,7 @@ import torch
 from ..ops import autotune
 from .. import data as data_mod
 from . import distributed
-from ..config import RunConfig, load_config
+from ..config import OU_METHODS, RunConfig, load_config
 from ..errors import HVAEError
 from .evaluate import evaluate
 from ..models.likelihoods import bits_per_dim
@@ -260,7 +260,7 @@ def lr_lambda(cfg):
 @dataclass
 class Training:
     """What one training step needs: the model, its optimizer and LR schedule, and the OU smoothing
-    (None unless method is hvae; ``backend`` names its OU backend, ``rho`` maps the step index to
+    (None unless the method is one of OU_METHODS; ``backend`` names its OU backend, ``rho`` maps the step index to
     the step's rho: a RhoSchedule, or the RhoController of --rho-control)."""
 
     model: torch.nn.Module
@@ -279,7 +279,7 @@ def build_training(cfg: RunConfig, device, image_shape=None) -> Training:
     device = torch.device(device)
     model = build_model(cfg.method, cfg.model, image_shape or data_mod.image_shape(cfg.dataset)).to(device)
     ou = backend = rho = None
-    if cfg.method == "hvae":
+    if cfg.method in OU_METHODS:
         o = cfg.ou
         b = get_backend(o.backend, device)
         ou = OUSmoothing(o.rho, o.samples, b, o.target, o.smooth_inference, o.recompute)
@@ -706,7 +706,7 @@ class Trainer:
                 "grad_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None}
 
     def _oom(self, exc) -> HVAEError:
-        t, k = self.cfg.train, self.cfg.ou.samples if self.cfg.method == "hvae" else 1
+        t, k = self.cfg.train, self.cfg.ou.samples if self.cfg.method in OU_METHODS else 1
         return HVAEError(f"out of memory in training step {self.step + 1} on {self.device} (batch {t.batch_size}, "
                          f"{k} OU samples, {t.iw_samples_train} IW samples): lower --batch-size, --ou-samples or "
                          f"--iw-samples-train (`hvae-fast memory` estimates what fits)")
