@@ -8,7 +8,7 @@ import torch
 
 from hvae_fast import cli
 from hvae_fast.experiments.memory import SavedTensorCounter, cpu_peak, step_memory
-from hvae_fast.reporting.memory_table import COLUMNS
+from hvae_fast.reporting.memory_table import COLUMNS, CSV_COLUMNS
 
 F32 = 4
 
@@ -93,7 +93,7 @@ def test_memory_command_small_cpu(tmp_path, capsys):
     assert [(r["model"], r["layers"]) for r in rows] == [("vae", 2), ("hvae", 2), ("iwae", 2), ("lvae", 2), ("biva", 2)]
     with open(cs) as f:
         rd = csv.DictReader(f)
-        assert rd.fieldnames == COLUMNS
+        assert rd.fieldnames == CSV_COLUMNS
         assert len(list(rd)) == 5
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     by = {r["model"]: r for r in rows}

@@ -45,7 +45,7 @@ def test_memory_table_json_and_csv_round_trip(tmp_path):
         got = list(csv.DictReader(f))
     assert [r["model"] for r in got] == ["vae", "iwae"] and got[1]["memory_bytes"] == str(4 * GIB)
     assert got[0]["cpu_peak_bytes"] == ""  # None is an empty cell
-    assert list(got[0]) == memory_table.COLUMNS + ["paper_ratio_to_vae"]
+    assert list(got[0]) == memory_table.CSV_COLUMNS
     assert got[1]["paper_ratio_to_vae"] == str(10.5 / 2.45)  # Table 6: IWAE-6 over VAE-6
 
 

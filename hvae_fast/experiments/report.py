@@ -20,12 +20,13 @@ several, their rows pooled with a ``sweep`` column), as PNGs and a Markdown repo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
 from ..errors import HVAEError
-from ..reporting.curves import EMA_WEIGHT, ema, plot_runs, read_metrics
+from ..reporting.curves import ema, plot_runs, read_metrics
 from ..reporting.outputs import check_output_folder
 from ..reporting.paper_tables import PAPER_ROWS, TABLE_STEPS, matches, render, run_variant
 from .sweep_results import collect_results, read_critical, summarize, write_results, write_table

@@ -15,6 +15,7 @@ COLUMNS = ["model", "layers", "parameters", "memory_bytes", "memory_kind", "rati
            "param_bytes", "grad_bytes", "optimizer_bytes", "counted_bytes", "cpu_peak_bytes", "cpu_peak_ratio_to_vae",
            "rss_peak_bytes", "step_seconds",
            "paper_memory_gb", "paper_parameters", "batch_size", "samples", "backend", "device"]
+CSV_COLUMNS = COLUMNS + ["paper_ratio_to_vae"]  # the CSV adds the paper's ratio to the VAE of the same depth
 CPU_MEASURE = ("saved-for-backward tensors (deduplicated by storage) + parameters + gradients + optimizer state")
 CPU_PEAK = ("CPU peak: the true peak of the step, torch's CPU allocator (torch.profiler memory events) over the "
             "step plus what is live at its start (parameters, buffers, optimizer state, the batch)")
@@ -58,9 +59,9 @@ def write_json(rows: list, meta: dict, path: Path) -> None:
 
 
 def write_csv(rows: list, path: Path) -> None:
-    """One line per row, the columns COLUMNS and the paper's ratio to the VAE (None as an empty cell)."""
+    """One line per row, the columns CSV_COLUMNS (None as an empty cell)."""
     with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS + ["paper_ratio_to_vae"])
+        wr = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         wr.writeheader()
         for r in rows:
             wr.writerow({**{k: ("" if r[k] is None else r[k]) for k in COLUMNS},
