@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvae_fast.backends import required
+from hvae_fast.ops.backends import required
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

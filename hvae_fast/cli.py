@@ -364,7 +364,7 @@ def cmd_build(args) -> int:
     for name, (ok, why) in status.items():
         print(f"{name:<5} {'built' if ok else 'not built':<10} {why}")
     # The CPU extension must build everywhere; CUDA only where torch has a GPU, or HVAE_REQUIRE_CUDA=1.
-    from .backends import required
+    from .ops.backends import required
 
     if required("cuda") and not status["cuda"][0]:
         print(f"hvae-fast: error: HVAE_REQUIRE_CUDA=1 and the CUDA extension is not built: {status['cuda'][1]}",

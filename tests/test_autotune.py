@@ -303,7 +303,7 @@ def test_a_candidate_that_raises_while_timed_is_dropped_with_a_warning(tmp_path,
     auto = AutoBackend("cpu", {"bad": bad, "good": good}, DecisionCache(tmp_path / "auto.json", ENV),
                        measure=FakeTimer(bad=0.5, good=2.0))
     out, t = _head_inputs()
-    with caplog.at_level(logging.WARNING, logger="hvae_fast.autotune"):
+    with caplog.at_level(logging.WARNING, logger="hvae_fast.ops.autotune"):
         _head(auto.backend, out, t)
     assert [r["choice"] for r in auto.cache.decisions.values()] == ["good"]
     warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

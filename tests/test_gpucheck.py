@@ -117,7 +117,7 @@ def test_on_a_gpu_every_stage_requires_the_cpp_and_cuda_backends(tmp_path, monke
         assert st.env.get("HVAE_REQUIRE_CUDA") == "1" and st.env.get("HVAE_REQUIRE_CPP") == "1", st.name
     assert not any("HVAE_REQUIRE_CUDA" in st.env for st in gpucheck.stages(tmp_path, cpu=True))
     # hvae-fast build fails without the CUDA extension under HVAE_REQUIRE_CUDA=1 (the build stage)
-    from hvae_fast import native
+    from hvae_fast.ops import native
 
     monkeypatch.setattr(native, "build_all", lambda verbose=False: {"cpp": (True, "ok"),
                                                                     "cuda": (False, "no CUDA device available")})
