@@ -473,10 +473,12 @@ def cmd_spectrum(args) -> int:
                                              unit="checkpoint"):
         ds = load_dataset(cfg.dataset, args.split, args.data_dir)
         x = torch.cat(list(eval_batches(ds, min(args.points, 500), args.seed, args.points))).to(dev)
-        # Per layer, the noise draws e and w of its input and its two outputs (float32) at once.
+        # noise_stability evaluates a layer on one chunk of points at a time: angles x noise draws of
+        # each of its points, at least one point; the chunk's inputs and outputs (float32) must fit.
         sizes = [math.prod(s) for s in model.latent_shapes]
-        check_fits(8.0 * args.noise * x.shape[0] * max(a + b for a, b in zip(sizes, sizes[1:] or sizes)), dev,
-                   f"--noise {args.noise} draws for each of {x.shape[0]} points", "lower --noise (or --points)")
+        chunk = min(x.shape[0], max(1, _CHUNK_EVALS // (args.noise * args.angles)))
+        check_fits(4.0 * args.angles * args.noise * chunk * max(a + b for a, b in zip(sizes, sizes[1:] or sizes)),
+                   dev, f"--noise {args.noise} draws on --angles {args.angles} of one point", "lower --noise")
         with out_of_memory(f"with --noise {args.noise} draws for each of --points {args.points}: lower --noise "
                            "(or --points)"):
             layers = layer_spectra(model, x, args.degree, args.noise, args.angles, args.seed)
