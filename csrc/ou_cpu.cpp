@@ -6,13 +6,13 @@
 //   ou_cpu_kernels.*    the four kernels and the noise on raw buffers (OpenMP via at::parallel_for)
 //   ou_cpu.cpp          this file: the production extension
 //   ou_cpu_testing.cpp  test-only functions (raw Philox, vm accuracy), a separate extension that only
-//                       the tests build (hvae_fast.native.CPU_TEST_EXT)
-// hvae_fast/native.py compiles ou_cpu.cpp + ou_cpu_kernels.cpp (flags: see there).
+//                       the tests build (hvae_fast.ops.native.CPU_TEST_EXT)
+// hvae_fast/ops/native.py compiles ou_cpu.cpp + ou_cpu_kernels.cpp (flags: see there).
 //
 // The four kernels are torch operators (torch.ops.hvae_fast.*): this file holds the one
 // TORCH_LIBRARY(hvae_fast) with their schemas and registers the CPU kernels; ou_cuda.cpp registers
 // the CUDA kernels under the same names; autograd and the fake (meta) kernels are registered once,
-// in Python (hvae_fast/native.py). Seeds and offsets are int64 here: the seed policy and the offset
+// in Python (hvae_fast/ops/native.py). Seeds and offsets are int64 here: the seed policy and the offset
 // limit are hvae_fast/backends.py's.
 
 // Narrow includes instead of <torch/extension.h>: a third of the compile time of the first use.

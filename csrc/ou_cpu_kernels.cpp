@@ -1,4 +1,4 @@
-// CPU kernels (float32 / float64) for the two Ornstein-Uhlenbeck ops of hvae_fast.ou.
+// CPU kernels (float32 / float64) for the two Ornstein-Uhlenbeck ops of hvae_fast.ops.ou.
 //
 // Layout: every [K, B, *S] tensor is viewed as [K, N] with N = B * prod(S), every [B, *S] tensor as
 // [N]. The head's inputs mean_raw / scale_raw may have any strides on K and B (Rows, see the header):
@@ -19,10 +19,10 @@
 // gradcheck) uses the exact std:: functions. Accumulation is in the input's precision; the per-row
 // sum of the log-density is done by torch's (pairwise) reduction.
 //
-// Build: hvae_fast/native.py compiles with -O3 -fopenmp -fno-math-errno -fno-trapping-math, plus
+// Build: hvae_fast/ops/native.py compiles with -O3 -fopenmp -fno-math-errno -fno-trapping-math, plus
 // -mavx2 -mfma when the building CPU has them (the cache directory is keyed on that choice).
 //
-// Semantics and gradient formulas: hvae_fast/ou.py and hvae_fast/native.py. Torch bindings:
+// Semantics and gradient formulas: hvae_fast/ops/ou.py and hvae_fast/ops/native.py. Torch bindings:
 // csrc/ou_cpu.cpp.
 
 #include "ou_cpu_kernels.h"

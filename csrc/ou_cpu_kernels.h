@@ -1,6 +1,6 @@
 // The CPU kernels of csrc/ou_cpu_kernels.cpp on raw contiguous buffers (float and double are
 // instantiated there). Shapes: every [K, B, *S] buffer is viewed as [K, N] with N = B * prod(S),
-// every [B, *S] buffer as [N]; S = N / B in the head's backward. Semantics: hvae_fast/ou.py.
+// every [B, *S] buffer as [N]; S = N / B in the head's backward. Semantics: hvae_fast/ops/ou.py.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +37,7 @@ void head_bwd_kernel(const T* g, Rows<T> mr, Rows<T> sr, const T* t, const T* mb
 // out[i] = randn(seed, start + i), i < n (the low counter word may wrap inside the range)
 void noise_kernel(uint64_t seed, uint64_t start, int64_t n, float* out);
 
-// The instruction set these files were compiled for (hvae_fast/native.py keys the build cache on it).
+// The instruction set these files were compiled for (hvae_fast/ops/native.py keys the build cache on it).
 inline const char* compiled_isa() {
 #if defined(__AVX2__) && defined(__FMA__)
     return "avx2-fma";

@@ -1,5 +1,5 @@
 // Test-only functions of the CPU backend (module hvae_fast_ou_cpu_testing, built by the tests through
-// hvae_fast.native.CPU_TEST_EXT from this file + ou_cpu_kernels.cpp with the production flags): raw
+// hvae_fast.ops.native.CPU_TEST_EXT from this file + ou_cpu_kernels.cpp with the production flags): raw
 // Philox outputs, tl.randn at arbitrary offsets, the float32 approximations of cpu_vec_math.h. They
 // reach the same inline code as the production kernels, so what they check is what runs.
 

@@ -1,6 +1,6 @@
 // Torch bindings for the CUDA launchers of csrc/ou_cuda_kernels.cu (float32 / float16 / bfloat16
 // inputs, float32 accumulation; mu_bar and sigma_bar are kept in float32 for the backward).
-// Built by hvae_fast/native.py only when torch has CUDA and a device is present, after the C++
+// Built by hvae_fast/ops/native.py only when torch has CUDA and a device is present, after the C++
 // extension whose TORCH_LIBRARY(hvae_fast) (csrc/ou_cpu.cpp) holds the schemas: this file registers
 // the CUDA kernels of the same four ops, mirroring ou_cpu.cpp's CPU registration line for line.
 

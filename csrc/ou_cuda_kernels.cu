@@ -1,4 +1,4 @@
-// CUDA kernels for the two Ornstein-Uhlenbeck ops of hvae_fast.ou (float32 / float16 / bfloat16
+// CUDA kernels for the two Ornstein-Uhlenbeck ops of hvae_fast.ops.ou (float32 / float16 / bfloat16
 // storage, float32 arithmetic and accumulation).
 //
 // No torch headers: this file compiles stand-alone (`nvcc -c -std=c++17 ou_cuda_kernels.cu`), which
