@@ -5,7 +5,6 @@ train lock), its train and eval subprocesses and their logs, and the local pool 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import HVAEError
-from ..training.rundir import LOCK_NAME, atomic_write_text, run_dir_contents
+from ..training.rundir import LOCK_NAME, atomic_write_text, run_dir_contents, try_flock, write_pid
 from .sweep_results import EVAL_FILE, read_eval  # noqa: F401 (EVAL_FILE: the finished mark)
 from .sweep_spec import flag, point_name
 
@@ -37,12 +36,6 @@ def _open_lock(path: Path, create: bool) -> int | None:
         return None
 
 
-def _holder(fd: int) -> str:
-    os.lseek(fd, 0, os.SEEK_SET)
-    pid = os.read(fd, 32).decode(errors="replace").strip()
-    return pid if pid.isdigit() else "?"
-
-
 def lock_sweep_dir(sweep_dir: Path) -> int:
     """Create ``sweep_dir`` and take its SWEEP_LOCK (flock, like train's LOCK_NAME); returns the fd,
     held until the process ends. A second sweep of the same folder is refused naming the first's pid."""
@@ -52,15 +45,12 @@ def lock_sweep_dir(sweep_dir: Path) -> int:
     except OSError as exc:
         raise HVAEError(f"cannot take the sweep lock {sweep_dir / SWEEP_LOCK}: {exc.strerror or exc}; "
                         f"pass --root to a writable folder (and remove a symlink there)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pid = _holder(fd)
+    pid = try_flock(fd)
+    if pid is not None:
         os.close(fd)
         raise HVAEError(f"sweep {sweep_dir.name} is already running in {sweep_dir} (process {pid}): wait for it to "
-                        f"finish" + (f" or stop it (kill {pid})" if pid != "?" else "") + ", then re-run this command") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                        f"finish" + (f" or stop it (kill {pid})" if pid != "?" else "") + ", then re-run this command")
+    write_pid(fd)
     return fd
 
 
@@ -77,12 +67,7 @@ def claim_run_dir(run_dir: Path):
         yield None
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield _holder(fd)
-            return
-        yield None
+        yield try_flock(fd)
     finally:
         os.close(fd)  # drops the flock
 

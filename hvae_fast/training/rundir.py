@@ -262,6 +262,24 @@ def run_dir_contents(out: Path) -> tuple:
     return names, [n for n in names if n in RUN_FILES or n == LATEST or n.startswith("samples-")]
 
 
+def try_flock(fd: int) -> str | None:
+    """Take the exclusive flock of the open lock file ``fd`` without waiting: None, or, when another
+    process holds it, the pid that process wrote there ('?' when the file does not say)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid = os.read(fd, 32).decode(errors="replace").strip()
+        return pid if pid.isdigit() else "?"
+
+
+def write_pid(fd: int) -> None:
+    """Make the held lock file ``fd`` name this process, for the one that finds it held."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 def lock_run_dir(out: Path):
     """Create ``out`` and take the exclusive lock of its LOCK_NAME; returns the open lock file.
 
@@ -279,19 +297,13 @@ def lock_run_dir(out: Path):
     except OSError as exc:
         raise HVAEError(f"cannot write to the output directory {out}: {exc.strerror}; "
                         f"pass --out to a writable folder") from exc
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip()
+    pid = try_flock(f.fileno())
+    if pid is not None:
         f.close()
         who = f"process {pid}" if pid.isdigit() else "another process"
         raise HVAEError(f"{out} is in use by another `hvae-fast train` ({who}): wait for it to finish or stop it"
-                        + (f" (kill {pid})" if pid.isdigit() else "") + ", or pass a different --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+                        + (f" (kill {pid})" if pid.isdigit() else "") + ", or pass a different --out")
+    write_pid(f.fileno())
     # We own the folder: temporary files in it are left over from a writer that died.
     for stale in [p for p in out.iterdir() if _is_temp(p.name)]:
         log.info("removing %s, left by an interrupted write", stale)
