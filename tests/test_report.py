@@ -237,3 +237,28 @@ def test_a_pooled_row_without_the_varying_keys_is_named_by_its_sweep_method_and_
     assert report._label(fixed, keys) == "sweep=rho-fixed-40k, method=hvae, rho=0.7"
     assert report._label(steered, keys) == "rho_schedule=constant, rho_control=25"
     assert report._label({"preset": "p", "method": "vae"}, []) == "preset=p, method=vae"
+
+
+def test_each_steered_run_is_paired_with_the_best_fixed_rho_of_its_own_seed(tmp_path):
+    # rho 0.6 is the best fixed arm on seed 0, rho 0.8 on seed 1 (and the VAE is no fixed rho arm);
+    # the controller is 1 nat ahead of rho 0.6 on seed 0 and 2 nats behind rho 0.8 on seed 1.
+    d = make_sweep(tmp_path, "grid", [("list", "rho=0.6;0.8;0.7"), ("list", "rho_control=0;0;25"), ("grid", "seed=0,1")])
+    elbo = {(0.6, 0, 0): -100.0, (0.6, 0, 1): -105.0, (0.8, 0, 0): -102.0, (0.8, 0, 1): -101.0,
+            (0.7, 25, 0): -99.0, (0.7, 25, 1): -103.0}
+    for (rho, ctl, seed), e in elbo.items():
+        fake_point(d, f"rho={rho},rho_control={ctl},seed={seed}", rho=rho, ou={"rho_control": ctl}, elbo=e,
+                   top_kl=10.0 + ctl / 5, active_units=[10, 10, 10, 5 + seed])
+    v = make_sweep(tmp_path, "vae", [("grid", "seed=0,1")])
+    for seed in (0, 1):
+        fake_point(v, f"seed={seed}", rho=1.0, method="vae", elbo=-50.0)  # far ahead, but no fixed rho
+    out = tmp_path / "out"
+    report.make_report([d, v], out)
+    rows = json.loads((out / "best_fixed.json").read_text())
+    assert [(r["seed"], r["best_fixed"], r["fixed_arms"], r["elbo_diff"], r["top_kl_diff"]) for r in rows] == [
+        (0, "sweep=grid, rho=0.6, rho_control=0, method=hvae", 2, 1.0, 5.0), (1, "sweep=grid, rho=0.8, rho_control=0, method=hvae", 2, -2.0, 5.0)], rows
+    (summ,) = json.loads((out / "best_fixed_summary.json").read_text())
+    assert (summ["n"], summ["elbo_wins"], summ["elbo_diff_mean"]) == (2, 1, -0.5)
+    assert summ["elbo_diff_std"] == pytest.approx(2.1213, abs=1e-4)
+    md = (out / "report.md").read_text()
+    assert "| sweep=grid, rho=0.7, rho_control=25, method=hvae | 0 | sweep=grid, rho=0.6, rho_control=0, method=hvae (2) | -99.00 | -100.00 | +1.00 |" in md
+    assert "ahead on 1 of 2 | | | -0.50 ± 2.12 |" in md

@@ -39,6 +39,9 @@ DATA_FILES = {  # what report writes beside report.md, as NAME.csv and NAME.json
     "paired": "per seed, group A minus group B of ELBO, IW bound, top-layer KL and active units, for each pair of "
               "groups on the same data and budget (A: a steered group, else the smaller rho; B: fixed rho or another method)",
     "paired_summary": "per pair of paired: mean, std and n of those differences",
+    "best_fixed": "per steered run: the fixed-rho HVAE run with the best validation ELBO on the same seed, and the "
+                  "steered minus that run of ELBO, IW bound, top-layer KL and active units",
+    "best_fixed_summary": "per steered group: mean, std and n of those differences, and on how many seeds it was ahead",
     "paper_tables": "the paper's Tables 3 and 4, every row, with this project's matching groups or 'not run'",
     "steering_curves": "per group and logged step: rho and the top-layer KL (train, mean over seeds, and its EMA)",
     "curves": "per point and logged step: the training and validation records plotted in curves.png",
@@ -234,7 +237,8 @@ def plot_steering(summary, rows, run_dir_of, output: Path) -> tuple[Path, list] 
     for i, g in enumerate(summary):
         color, label = f"C{i % 10}", _label(g, keys)
         members = [r for r in rows if r.get("status") == "finished" and all(str(r.get(k)) == str(g.get(k)) for k in keys)]
-        trains = [read_metrics(run_dir_of(r))[1] for r in members]  # each metrics.jsonl read once
+        # each metrics.jsonl read once; a point kept without one (its figures only) has no curve
+        trains = [read_metrics(run_dir_of(r))[1] for r in members if (run_dir_of(r) / "metrics.jsonl").exists()]
         at = {}  # step -> this group's data row
         steps, rho = _mean_curve(trains, "rho")
         if steps:
@@ -340,6 +344,67 @@ def paired_differences(summary, rows, keys, label) -> tuple[list, list]:
     return per_seed, per_pair
 
 
+def versus_best_fixed(summary, rows, keys, label) -> tuple[list, list]:
+    """(per-seed rows, per-steered-group rows): each steered group's run on a seed against the
+    fixed-rho HVAE run with the best validation ELBO on that same seed (same data, preset and
+    budget), A - B of PAIRED_METRICS. Picking the best fixed rho per seed after the fact favours
+    the fixed arm, so a steered run ahead of it is ahead of every fixed rho tried on that seed."""
+    finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
+
+    def members(g):
+        return {r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)}
+
+    fixed = [(g, members(g)) for g in summary if not steered(g) and g.get("method") == "hvae"]
+    per_seed, per_group = [], []
+    for g in (g for g in summary if steered(g)):
+        same = [(f, m) for f, m in fixed if all(f.get(k) == g.get(k) for k in ("dataset", "preset", "steps"))]
+        diffs = {m: [] for m in PAIRED_METRICS}
+        wins = 0
+        for seed, ra in sorted(members(g).items()):
+            arms = [(f, m[seed]) for f, m in same if seed in m and isinstance(m[seed].get("elbo"), (int, float))]
+            if not isinstance(ra.get("elbo"), (int, float)) or not arms:
+                continue
+            fb, rb = max(arms, key=lambda a: a[1]["elbo"])
+            row = {"steered": label(g), "seed": seed, "best_fixed": label(fb), "fixed_arms": len(arms)}
+            for m in PAIRED_METRICS:
+                if isinstance(ra.get(m), (int, float)) and isinstance(rb.get(m), (int, float)):
+                    row.update({f"{m}_steered": ra[m], f"{m}_best_fixed": rb[m], f"{m}_diff": ra[m] - rb[m]})
+                    diffs[m].append(ra[m] - rb[m])
+            wins += row["elbo_diff"] > 0
+            per_seed.append(row)
+        if not diffs["elbo"]:
+            continue
+        summ = {"steered": label(g), "n": len(diffs["elbo"]), "elbo_wins": wins}
+        for m, xs in diffs.items():
+            if xs:
+                mean = sum(xs) / len(xs)
+                summ[f"{m}_diff_mean"] = mean
+                summ[f"{m}_diff_std"] = (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+                                         if len(xs) > 1 else None)
+        per_group.append(summ)
+    return per_seed, per_group
+
+
+def versus_best_fixed_table(per_seed, per_group) -> list[str]:
+    """Markdown of versus_best_fixed: one line per steered run, then each group's mean."""
+    if not per_seed:
+        return []
+    out = ["Each steered run against the fixed rho with the best validation ELBO on the same seed "
+           "(chosen after the fact, which favours the fixed arm):", "",
+           "| steered | seed | best fixed on that seed (of n) | ELBO steered | ELBO best fixed | ELBO diff | "
+           "top KL diff | active units diff |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    f = lambda r, m, fmt=".2f": "-" if r.get(m) is None else f"{r[m]:{fmt}}"  # noqa: E731
+    for r in per_seed:
+        out.append(f"| {r['steered']} | {r['seed']} | {r['best_fixed']} ({r['fixed_arms']}) | {f(r, 'elbo_steered')} | "
+                   f"{f(r, 'elbo_best_fixed')} | {f(r, 'elbo_diff', '+.2f')} | {f(r, 'top_kl_diff', '+.2f')} | "
+                   f"{f(r, 'active_units_total_diff', '+.1f')} |")
+    for g in per_group:
+        out.append(f"| {g['steered']}: mean ± std | n = {g['n']} | ahead on {g['elbo_wins']} of {g['n']} | | | "
+                   f"{_pm(g, 'elbo_diff', '.2f')} | {_pm(g, 'top_kl_diff', '.2f')} | "
+                   f"{_pm(g, 'active_units_total_diff', '.1f')} |")
+    return out
+
+
 def curve_rows(run_dirs, labels) -> list:
     """What curves.png plots, per point and logged record: split, step, ELBO, top-layer KL (train)
     and total active units (validation)."""
@@ -416,12 +481,13 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     grid = plot_grid(summary, out / "active_units_grid.png")
     if grid:
         md += ["## Active units over depth x width (Fig. 3)", "", f"![active units grid]({grid.name})", ""]
+    keys = _varying(summary, ()) or ["preset", "method"]
+    label = lambda g: _label(g, keys)  # noqa: E731
+    best_seed, best_group = versus_best_fixed(summary, rows, keys, label)
     steer = plot_steering(summary, done, lambda r: run_dir[id(r)], out / "rho_steering.png")
     if steer:
         md += ["## A rho that steers itself, against fixed rho", "", f"![rho steering]({steer[0].name})", "",
-               *steering_verdict(summary), ""]
-    keys = _varying(summary, ()) or ["preset", "method"]
-    label = lambda g: _label(g, keys)  # noqa: E731
+               *steering_verdict(summary), "", *versus_best_fixed_table(best_seed, best_group), ""]
     tables_md, tables_data = paper_tables(rows, variants, group_axes, label)
     md += ["## Tables 3 and 4: the paper beside this project", "",
            "Every row of the paper's Tables 3 and 4 (1M steps), each followed by this project's groups that train the "
@@ -438,6 +504,7 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
     data = write_data(out, {
         "runs": rows,
         "groups": summary, "paired": per_seed, "paired_summary": per_pair, "paper_tables": tables_data,
+        "best_fixed": best_seed, "best_fixed_summary": best_group,
         "steering_curves": steer[1] if steer else [],
         "curves": curve_rows([run_dir[id(r)] for r in plotted], names)})
     if critical:
