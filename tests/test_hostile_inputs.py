@@ -383,6 +383,58 @@ def test_the_first_cpp_build_says_it_compiles(tmp_path, caplog):
     assert any("compiling the C++ kernels, once, about a minute" in r.getMessage() for r in caplog.records)
 
 
+def test_a_torch_build_lock_left_by_a_killed_build_is_removed_with_a_warning(tmp_path, caplog):
+    """A `train` killed while torch compiled leaves torch's `lock` file (its FileBaton waits for it
+    forever); the next build, holding our flock on the folder, removes it and names it."""
+    import logging
+
+    from hvae_fast.ops import native
+
+    build = tmp_path / "b"
+    build.mkdir()
+    (build / "lock").write_text("")
+    with caplog.at_level(logging.INFO, logger="hvae_fast.ops.native"):
+        with native.build_lock(build):
+            assert not (build / "lock").exists()
+    assert any(r.levelno == logging.WARNING and str(build / "lock") in r.getMessage() for r in caplog.records)
+    with native.build_lock(build):  # a folder without one: nothing said
+        pass
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
+
+
+def test_a_torch_build_lock_is_kept_while_another_process_builds(tmp_path, caplog):
+    """While another process holds our build flock, its torch `lock` is live: the build waits for it and
+    removes nothing; once the other build is done, a `lock` still there is stale."""
+    import fcntl
+    import logging
+    import threading
+    import time
+
+    from hvae_fast.ops import native
+
+    build = tmp_path / "b"
+    build.mkdir()
+    (build / "lock").write_text("")
+    entered = threading.Event()
+
+    def build_now():
+        with native.build_lock(build):
+            entered.set()
+
+    with caplog.at_level(logging.INFO, logger="hvae_fast.ops.native"):
+        with open(build / native.BUILD_LOCK, "a+") as held:  # another open file: flock refuses the build's
+            held.write("4242\n")
+            held.flush()
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waiter = threading.Thread(target=build_now, daemon=True)
+            waiter.start()
+            time.sleep(1.0)
+            assert not entered.is_set() and (build / "lock").exists()
+        waiter.join(30)
+    assert entered.is_set() and not (build / "lock").exists()
+    assert any("waiting for process 4242 to finish building" in r.getMessage() for r in caplog.records)
+
+
 def test_benchmarks_write_no_tracked_file_unless_asked(monkeypatch):
     import importlib.util
     from pathlib import Path

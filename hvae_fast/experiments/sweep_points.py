@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from ..errors import HVAEError
-from ..training.rundir import LOCK_NAME, atomic_write_text, run_dir_contents, try_flock, write_pid
+from ..fsutil import try_flock, write_pid
+from ..training.rundir import LOCK_NAME, atomic_write_text, run_dir_contents
 from .sweep_results import EVAL_FILE, read_eval  # noqa: F401 (EVAL_FILE: the finished mark)
 from .sweep_spec import flag, point_name
 

@@ -6,7 +6,10 @@ probed or used (once per process; later processes reuse the build from the cache
 * cache: ``$HVAE_BUILD_DIR`` if set, else
   ``platformdirs.user_cache_dir("hvae-fast")/build/<torch version>-<python tag>``; one
   sub-directory per extension. Torch's extension versioning rebuilds when a source or a flag
-  changes, and a file lock makes concurrent first builds safe.
+  changes. Builds into one directory are serialised by our flock on ``.hvae-build.lock`` there
+  (``build_lock``), held for the whole ``load``: torch's own ``lock`` file (a FileBaton, which
+  waits forever for a file a killed build left) is then never live when we look, so one found
+  there is removed with a warning.
 * flags: ``-O3 -fopenmp -fno-math-errno -fno-trapping-math``, plus ``-mavx2 -mfma`` when the CPU
   that builds has AVX2 and FMA (``cpu_isa()``: /proc/cpuinfo flags, else torch's CPU capability;
   ``HVAE_CPU_ISA=baseline`` forces the portable SSE2 build). The C++ extension's build directory
@@ -45,6 +48,7 @@ elements, where a parallel region costs more than it saves (and a whole time sli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -54,11 +58,14 @@ from pathlib import Path
 import torch
 
 from ..errors import HVAEError
+from ..fsutil import flock_waiting, write_pid
 from .backends import OU_TARGETS, Backend, check_offsets, check_ou_args, check_seed, head_saved_inputs, packed_rows
 
 log = logging.getLogger("hvae_fast.ops.native")
 
 _ERROR_LINES = 12  # lines of compiler output kept in the warning and the probe's reason
+BUILD_LOCK = ".hvae-build.lock"  # our flock, held around every build into a build directory
+TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +108,30 @@ def _summarise(exc: BaseException) -> tuple[str, str]:
     detail = "\n".join([head] + [ln for ln in diags[:_ERROR_LINES] if ln != lines[0]])
     reason = diags[0] if diags and diags[0] != lines[0] else head
     return reason.strip(), detail
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """Hold our flock on ``build_dir/BUILD_LOCK`` for the body, waiting for another process's build
+    there; then remove a torch ``lock`` file left in ``build_dir``, which only a killed build leaves.
+
+    Torch's FileBaton waits, silently and forever, for its ``lock`` file to go away, so the next build
+    after a kill during compilation would hang. Every build here runs under our flock, so a
+    ``lock`` found while we hold it belongs to no live build."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(build_dir / BUILD_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        flock_waiting(fd, lambda pid: log.info("waiting for %s to finish building in %s",
+                                               f"process {pid}" if pid.isdigit() else "another process", build_dir))
+        write_pid(fd)
+        stale = build_dir / TORCH_LOCK
+        if os.path.lexists(stale):
+            log.warning("removing %s, left by a build of the C++ kernels that was killed (torch would wait for "
+                        "it forever)", stale)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # drops the flock
 
 
 _ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "baseline": []}
@@ -186,7 +217,6 @@ class NativeExtension:
         try:
             from torch.utils import cpp_extension
 
-            build_dir.mkdir(parents=True, exist_ok=True)
             cpu_flags = ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + _ISA_FLAGS.get(isa, [])
             kwargs = dict(
                 name=self.name,
@@ -199,10 +229,11 @@ class NativeExtension:
             )
             if self.cuda:
                 kwargs["extra_cuda_cflags"] = ["-O3"]
-            if not any(build_dir.glob(f"{self.name}*.so")):  # nothing built yet: say why the start stalls
-                log.info("compiling the %s kernels, once, %s (into %s)", "CUDA" if self.cuda else "C++",
-                            "a few minutes" if self.cuda else "about a minute", build_dir)
-            self.module = cpp_extension.load(**kwargs)
+            with build_lock(build_dir):
+                if not any(build_dir.glob(f"{self.name}*.so")):  # nothing built yet: say why the start stalls
+                    log.info("compiling the %s kernels, once, %s (into %s)", "CUDA" if self.cuda else "C++",
+                             "a few minutes" if self.cuda else "about a minute", build_dir)
+                self.module = cpp_extension.load(**kwargs)
             if self.defines_ops:
                 _register_ops()
             self.reason = f"built in {build_dir}" + ("" if isa is None else f", {isa}")

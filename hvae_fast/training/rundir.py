@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ import torch
 from .. import data as data_mod
 from ..config import RunConfig, load_config
 from ..errors import HVAEError
+from ..fsutil import try_flock, write_pid
 from ..models.model import build_model
 
 log = logging.getLogger("hvae_fast.training.rundir")
@@ -260,24 +260,6 @@ def run_dir_contents(out: Path) -> tuple:
     of them that a `train` run writes."""
     names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not _is_temp(p.name)) if out.is_dir() else []
     return names, [n for n in names if n in RUN_FILES or n == LATEST or n.startswith("samples-")]
-
-
-def try_flock(fd: int) -> str | None:
-    """Take the exclusive flock of the open lock file ``fd`` without waiting: None, or, when another
-    process holds it, the pid that process wrote there ('?' when the file does not say)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return None
-    except OSError:
-        os.lseek(fd, 0, os.SEEK_SET)
-        pid = os.read(fd, 32).decode(errors="replace").strip()
-        return pid if pid.isdigit() else "?"
-
-
-def write_pid(fd: int) -> None:
-    """Make the held lock file ``fd`` name this process, for the one that finds it held."""
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def lock_run_dir(out: Path):
