@@ -117,6 +117,44 @@ def test_a_rerun_appends_to_a_points_logs_and_reports_this_attempts_error(tmp_pa
     assert failed["error"].startswith("hvae-fast: error: unknown dataset") and failed["returncode"] == 2
 
 
+@pytest.mark.parametrize("suffix", ["train.log", "train.err"])
+def test_a_planted_log_symlink_is_not_followed_and_is_named(tmp_path, suffix):
+    """logs/<point>.train.log / .err opened for appending never write through a planted link."""
+    spec = sweep.make_spec(TINY, [sweep.parse_axis("grid", "seed=0")])
+    p = sweep.Point(tmp_path / "s", {"seed": "0"}, spec)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    p.logs.mkdir(parents=True)
+    link = p.logs / f"{p.name}.{suffix}"
+    link.symlink_to(outside)
+    from hvae_fast.experiments.sweep_points import open_logs
+
+    with pytest.raises(sweep.PointBusy, match=f"the log file {link} is a symbolic link"):
+        open_logs(p, "train", p.train_cmd())
+    assert outside.read_text() == "mine" and link.is_symlink()
+
+
+def test_a_sweep_with_a_planted_log_symlink_names_it_and_leaves_its_target(tmp_path, monkeypatch, capsys):
+    d = make_sweep(tmp_path, "s", [("grid", "seed=0")])
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    (d / "logs").mkdir()
+    link = d / "logs" / "seed=0.train.err"
+    link.symlink_to(outside)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0", "--", *TINY]) == 1
+    out = capsys.readouterr().out
+    assert f"BUSY seed=0: the log file {link} is a symbolic link" in out and "Traceback" not in out
+    assert outside.read_text() == "mine"
+    (d / "logs").rename(tmp_path / "planted-logs")
+    (d / "logs").symlink_to(tmp_path / "planted-logs")  # the folder itself planted as a link
+    before = {p.name: p.read_bytes() for p in (tmp_path / "planted-logs").iterdir() if not p.is_symlink()}
+    assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0", "--", *TINY]) == 1
+    assert f"BUSY seed=0: the log folder {d / 'logs'} is a symbolic link" in capsys.readouterr().out
+    after = {p.name: p.read_bytes() for p in (tmp_path / "planted-logs").iterdir() if not p.is_symlink()}
+    assert outside.read_text() == "mine" and after == before
+
+
 # -- 18.2: point folders stay inside the sweep folder ------------------------------------------------
 
 HOSTILE = ["0/../../../../x", "/a", "..", ".", ".hidden", "a b", "x" * 300, "../../etc", "~", "-1"]

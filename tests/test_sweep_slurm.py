@@ -147,3 +147,19 @@ def test_a_torchrun_point_is_one_task_whose_train_starts_n_processes(tmp_path, c
     d = make_sweep(tmp_path, "s", [("grid", "seed=0")])
     assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0", "--nproc-per-point", "2", "--", *TINY]) == 2
     assert "differs in nproc_per_point" in capsys.readouterr().err and "nproc_per_point" not in sweep.read_spec(d)
+
+
+def test_a_point_job_with_a_planted_log_symlink_is_busy_and_leaves_its_target(tmp_path, monkeypatch):
+    spec = sweep.make_spec(TINY, [sweep.parse_axis("grid", "seed=0")])
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "seed=0.train.log").symlink_to(outside)
+
+    def no_process(*a, **k):
+        raise AssertionError("the job started a process")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    result = sweep_slurm.PointJob(tmp_path, {"seed": "0"}, spec)()
+    assert result["status"] == "busy" and "seed=0.train.log is a symbolic link" in result["message"]
+    assert outside.read_text() == "mine"

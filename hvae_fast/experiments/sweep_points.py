@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -152,15 +153,38 @@ def _last_line(path: Path, offset: int = 0) -> str:
     return lines[-1] if lines else ""
 
 
+def _open_log(path: Path):
+    """``path`` opened for appending, never through a symbolic link; PointBusy naming it if it is one
+    (or not a regular file, or cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        what = "is a symbolic link" if os.path.islink(path) else f"cannot be opened ({exc.strerror or exc})"
+        raise PointBusy(f"the log file {path} {what}; the sweep never writes through one: remove it "
+                        f"and re-run the sweep") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PointBusy(f"the log file {path} is not a regular file: remove it and re-run the sweep")
+    return os.fdopen(fd, "a")
+
+
 def open_logs(p: Point, stage: str, cmd: list[str]):
     """(stdout file, stderr file, stderr offset) for one attempt: appended to logs/<point>.<stage>.log
-    and .err under a header line, so a re-run keeps the logs of the attempts before it."""
+    and .err under a header line, so a re-run keeps the logs of the attempts before it. PointBusy
+    (naming the file) if ``logs`` or one of the two files is a symbolic link: none is written through."""
     import shlex
 
+    if p.logs.is_symlink():
+        raise PointBusy(f"the log folder {p.logs} is a symbolic link; the sweep never writes through one: "
+                        f"remove it and re-run the sweep")
     p.logs.mkdir(parents=True, exist_ok=True)
     header = f"# {time.strftime('%Y-%m-%d %H:%M:%S')} sweep process {os.getpid()}: {shlex.join(cmd)}\n"
-    out = open(p.logs / f"{p.name}.{stage}.log", "a")
-    err = open(p.logs / f"{p.name}.{stage}.err", "a")
+    out = _open_log(p.logs / f"{p.name}.{stage}.log")
+    try:
+        err = _open_log(p.logs / f"{p.name}.{stage}.err")
+    except BaseException:
+        out.close()
+        raise
     for f in (out, err):
         f.write(header)
         f.flush()
@@ -192,12 +216,21 @@ def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
         log(f"{len(status)}/{total} points already finished: skipped")
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
 
-    def launch(p, stages, t0):
+    def launch(p, stages, t0) -> bool:
+        """Start the point's next stage; False (the point counted busy and named) if its logs cannot be opened."""
+        nonlocal done
         stage, cmd = stages.pop(0)
-        out, err, offset = open_logs(p, stage, cmd)
+        try:
+            out, err, offset = open_logs(p, stage, cmd)
+        except PointBusy as exc:
+            done += 1
+            status[p.name] = "busy"
+            log(f"[{done}/{total}] BUSY {p.name}: {exc}")
+            return False
         with out, err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, preexec_fn=preexec)
         running[proc] = (p, stage, stages, t0, offset)
+        return True
 
     while pending or running:
         while pending and len(running) < workers:
@@ -211,7 +244,7 @@ def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
                 log(f"[{done}/{total}] BUSY {p.name}: {exc}")
                 continue
             log(f"[{done + len(running) + 1}/{total}] start {p.name}" + (" (resume)" if resumed else ""))
-            launch(p, stages, time.monotonic())
+            launch(p, stages, time.monotonic())  # a point whose logs are links is counted busy there
         time.sleep(0.1)
         for proc in [q for q in running if q.poll() is not None]:
             p, stage, stages, t0, offset = running.pop(proc)

@@ -135,7 +135,10 @@ class PointJob:
         threads = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("OMP_NUM_THREADS")
         env = dict(os.environ, **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {}))
         for stage, cmd in stages:
-            out, err, offset = open_logs(p, stage, cmd)
+            try:
+                out, err, offset = open_logs(p, stage, cmd)
+            except PointBusy as exc:  # a log file that is a symbolic link: not written through
+                return {"status": "busy", "message": str(exc)}
             with out, err:
                 self._proc, self._code = subprocess.Popen(cmd, stdout=out, stderr=err, env=env,
                                                           preexec_fn=_child_setup), None
