@@ -114,3 +114,23 @@ def test_memory_command_small_cpu(tmp_path, capsys):
 def test_memory_rejects_unknown_model():
     with pytest.raises(SystemExit):
         cli.main(["memory", "--models", "vae,gan"])
+
+
+def test_the_profilers_usdt_lines_stay_out_of_the_output(capfd):
+    """kineto prints `USDT:` lines from C++ (stdio and raw writes, either stream) around a profile on
+    some builds; cpu_peak keeps them out of `memory`'s output and passes every other line through."""
+    import ctypes
+    import os
+
+    def chatty():
+        os.write(1, b"USDT: profiler started\n")
+        os.write(2, b"USDT: profiler stopped\nkept on stderr\n")
+        ctypes.CDLL(None).printf(b"USDT: buffered in C stdio\n")
+        print("kept on stdout")
+        return torch.empty(10)
+
+    t, peak, _ = cpu_peak(chatty)
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err, (out, err)
+    assert "kept on stdout" in out and "kept on stderr" in err
+    assert t.shape == (10,) and peak == 40

@@ -38,9 +38,12 @@ The memory figure:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import resource
 import sys
+import tempfile
 import time
 
 import torch
@@ -95,13 +98,54 @@ def _storages_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+PROFILER_CHATTER = "USDT:"  # lines the profiler (kineto) prints from C++ on some builds as it starts and stops
+
+
+@contextlib.contextmanager
+def without_profiler_chatter():
+    """Run the body with file descriptors 1 and 2 sent to temporary files, then write what they got
+    back to sys.stdout / sys.stderr, less the lines that start with PROFILER_CHATTER.
+
+    The profiler prints those lines from native code, past Python's sys.stdout, so only a redirect of
+    the descriptors keeps them out of the command's output."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    streams = (sys.stdout, sys.stderr)
+    for stream in streams:
+        stream.flush()
+    captured, saved = [], []
+    try:
+        for fd in (1, 2):
+            captured.append(tempfile.TemporaryFile())
+            saved.append(os.dup(fd))
+            os.dup2(captured[-1].fileno(), fd)
+        yield
+    finally:
+        for stream in streams:
+            stream.flush()
+        libc.fflush(None)  # C stdio buffers (printf), still to reach the temporary files
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        for tmp, stream in zip(captured, streams):
+            tmp.seek(0)
+            lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
+            tmp.close()
+            kept = "".join(ln for ln in lines if not ln.lstrip().startswith(PROFILER_CHATTER))
+            if kept:
+                stream.write(kept)
+                stream.flush()
+
+
 def cpu_peak(fn):
     """Run ``fn()`` and return ``(fn's result, peak, net)``: the peak of the running sum of the bytes
     torch's CPU allocator hands out and takes back inside ``fn`` (0 if it only frees), and that sum at
-    the end. Memory live before the call is not in it."""
+    the end. Memory live before the call is not in it. The profiler's USDT lines are dropped from
+    the output (``without_profiler_chatter``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = sorted((e.start_ns(), i, e.nbytes()) for i, e in enumerate(prof.profiler.kineto_results.events())
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
