@@ -256,6 +256,54 @@ def test_format_duration():
         ["0 s", "45 s", "12 min 05 s", "3 h 07 min", "2 d 04 h"]
 
 
+def test_validations_left_count_every_eval_every_and_the_last_step():
+    from hvae_fast.training.trainer import validations_left
+
+    # (step just done, steps, eval_every): the passes at steps >= step, its own included
+    cases = {(1, 10, 5): 2, (5, 10, 5): 2, (6, 10, 5): 1, (10, 10, 5): 1, (1, 14, 100): 1, (14, 14, 100): 1,
+             (3, 7, 2): 3, (4, 7, 2): 3, (7, 7, 2): 1, (0, 10, 5): 2, (11, 10, 5): 0, (20, 300_000, 5000): 60}
+    assert {k: validations_left(*k) for k in cases} == cases
+
+
+def test_eta_counts_the_validations_still_to_come():
+    from hvae_fast.training.trainer import eta_seconds
+
+    # 980 steps of 0.1 s and 10 validations of 30 s to come: 398 s, where the steps alone say 98 s
+    assert eta_seconds(20, 1000, 0.1, 100, 30.0) == pytest.approx(98 + 300)
+    assert eta_seconds(1000, 1000, 0.1, 100, 30.0) == pytest.approx(30.0)  # the last validation
+    assert eta_seconds(1000, 1000, 0.1, 2000, 0.0) == 0.0
+
+
+def _simulated_run(steps, eval_every, step_s, valid_s, valid_batches, slow_steps=(), first_s=5.0):
+    """Feed a Pace the clock of a run (first step ``first_s``, steps ``slow_steps`` slower by 3x, a
+    validation of ``valid_s`` every ``eval_every`` steps and at the end): (first estimate, the real
+    seconds from that moment to the end)."""
+    pace, now, told = T.Pace(0, valid_batches), 0.0, None
+    for step in range(1, steps + 1):
+        now += first_s if step == 1 else step_s * (3 if step in slow_steps else 1)
+        pace.step_done(step, now)
+        if told is None and pace.first_estimate_due(step, now):
+            told = (pace.eta(step, steps, eval_every, now), now)
+        if step % eval_every == 0 or step == steps:
+            now += valid_s
+            pace.validated(valid_s)
+    assert told is not None
+    return told[0], now - told[1]
+
+
+@pytest.mark.parametrize("steps, eval_every, step_s, valid_s, valid_batches", [
+    (1000, 2000, 0.05, 1.0, 20),  # the quick start: one validation, at the end
+    (2000, 100, 0.1, 6.0, 80),  # frequent, long validations: the steps alone are 1/4 of the time
+    (300_000, 5000, 0.5, 20.0, 16),  # CIFAR-10 on a GPU
+    (500, 50, 1.0, 40.0, 40),  # a CPU run validating all examples often
+])
+def test_the_first_eta_is_within_1_5x_of_the_simulated_run(steps, eval_every, step_s, valid_s, valid_batches):
+    """Warm-up steps slower than the rest are not timed, validations to come are counted: the first
+    estimate is within 1.5x of the time the run then takes (no real timing here)."""
+    est, real = _simulated_run(steps, eval_every, step_s, valid_s, valid_batches, slow_steps=range(2, 7))
+    assert real / 1.5 <= est <= real * 1.5, (est, real)
+
+
 def test_scale_notes_point_a_cpu_run_of_a_gpu_preset_to_a_cpu_sized_one():
     cifar = preset_config("cifar10-resnet-3-skip")
     notes = scale_notes(cifar, torch.device("cpu"), 9_950_000)
@@ -268,14 +316,20 @@ def test_scale_notes_point_a_cpu_run_of_a_gpu_preset_to_a_cpu_sized_one():
 def test_fit_logs_scale_eta_and_status_lines(tmp_path, shared_data, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="hvae_fast.training.trainer")
     monkeypatch.setattr(T, "STATUS_SECONDS", 1e9)
+    # a short run: time 10 steps after the first, whatever they take
+    monkeypatch.setattr(T, "ETA_WARMUP_STEPS", 0)
+    monkeypatch.setattr(T, "ETA_STEPS", 10)
+    monkeypatch.setattr(T, "ETA_SECONDS", 0.0)
     Trainer(tiny_config(steps=14, log_every=4, eval_every=100), tmp_path / "r", data_dir=shared_data, progress=False).fit()
     msgs = [r.getMessage() for r in caplog.records]
     assert any("tiny (hvae) on cpu:" in m and "14 steps of batch 32" in m for m in msgs)
-    assert any(re.search(r"steps/s over 10 steps: about .+ to step 14", m) for m in msgs)
+    assert any(re.search(r"steps/s over 10 steps: about .+ to step 14; 1 validation of about .+ included", m)
+               for m in msgs)
     status = [m for m in msgs if m.startswith("step ")]
     # The first logged step and the last; the ones between fall inside STATUS_SECONDS.
     assert [m.split()[1] for m in status] == ["4/14", "14/14"]
-    assert re.fullmatch(r"step 14/14  loss [\d.]+  ELBO -[\d.]+  [\d.]+ steps/s  ETA 0 s", status[-1])
+    # at the last step its validation is still to come
+    assert re.fullmatch(r"step 14/14  loss [\d.]+  ELBO -[\d.]+  [\d.]+ steps/s  ETA \d+ s", status[-1])
     caplog.clear()
     monkeypatch.setattr(T, "STATUS_SECONDS", 0.0)  # then every logged step has its line
     Trainer(tiny_config(steps=10, log_every=4, eval_every=100), tmp_path / "s", data_dir=shared_data, progress=False).fit()

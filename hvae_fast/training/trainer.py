@@ -54,8 +54,16 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CONSECUTIVE_NONFINITE = 50
 # With the progress bar off, a status line at a logged step at most this often (seconds).
 STATUS_SECONDS = 30.0
-# Steps timed (after the first, which compiles and warms caches) before the time-to-finish estimate.
-ETA_STEPS = 10
+# The first time-to-finish estimate: the first step (compiles, autotunes) and ETA_WARMUP_STEPS more
+# (allocator, caches, thread pools) are not timed; the steps after them are timed, validation left
+# out, for at least ETA_STEPS steps and ETA_SECONDS seconds before the estimate is logged (ten steps
+# from the first were reported 3.5x optimistic).
+ETA_WARMUP_STEPS = 5
+ETA_STEPS = 20
+ETA_SECONDS = 5.0
+# One validation batch in training steps of the same batch, until a validation pass has been timed:
+# an unsmoothed forward (a step also runs backward, and its OU samples) plus the active-units pass.
+VALID_BATCH_STEPS = 0.75
 
 
 class _ValidationStopped(Exception):
@@ -81,6 +89,70 @@ def format_duration(seconds: float) -> str:
     if h:
         return f"{h} h {m:02d} min"
     return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def validations_left(step: int, steps: int, eval_every: int) -> int:
+    """Validation passes still to come in a run that has just done ``step`` (of ``steps``), its own
+    included: one every ``eval_every`` steps and one at the last step."""
+    step = max(step, 1)
+    if step > steps:
+        return 0
+    return steps // eval_every - (step - 1) // eval_every + (steps % eval_every != 0)
+
+
+def eta_seconds(step: int, steps: int, step_seconds: float, eval_every: int, valid_seconds: float) -> float:
+    """Seconds from the end of ``step`` to the end of the run: the training steps left at
+    ``step_seconds`` each and the validation passes still to come at ``valid_seconds`` each."""
+    return max(steps - step, 0) * step_seconds + validations_left(step, steps, eval_every) * valid_seconds
+
+
+class Pace:
+    """The run's measured pace, from the times (``now``, seconds) it is told: seconds per training
+    step, timed from the end of the warm-up steps with validation time left out, and seconds per
+    validation pass (the last one timed, else ``valid_batches`` x VALID_BATCH_STEPS steps)."""
+
+    def __init__(self, step: int, valid_batches: int):
+        self.warm_until = step + 1 + ETA_WARMUP_STEPS  # the clock restarts at the end of each of these steps
+        self.valid_batches = valid_batches
+        self.t0 = self.s0 = None
+        self.aside = 0.0  # seconds of validation since t0
+        self.valid_timed = None  # seconds of the last validation pass
+        self.told = False  # the first estimate has been logged
+
+    def step_done(self, step: int, now: float) -> None:
+        if self.t0 is None or step <= self.warm_until:
+            self.t0, self.s0, self.aside = now, step, 0.0
+
+    def validated(self, seconds: float) -> None:
+        self.valid_timed = seconds
+        if self.t0 is not None:
+            self.aside += seconds
+
+    def timed(self, step: int, now: float) -> tuple:
+        """(steps timed, seconds of training they took)."""
+        if self.t0 is None:
+            return 0, 0.0
+        return step - self.s0, now - self.t0 - self.aside
+
+    def step_seconds(self, step: int, now: float) -> float | None:
+        n, secs = self.timed(step, now)
+        return secs / n if n > 0 else None
+
+    def valid_seconds(self, step_seconds: float) -> float:
+        return self.valid_timed if self.valid_timed is not None else self.valid_batches * VALID_BATCH_STEPS * step_seconds
+
+    def eta(self, step: int, steps: int, eval_every: int, now: float) -> float | None:
+        """Seconds to the end of the run, validations included; None before a step has been timed."""
+        sps = self.step_seconds(step, now)
+        return None if sps is None else eta_seconds(step, steps, sps, eval_every, self.valid_seconds(sps))
+
+    def first_estimate_due(self, step: int, now: float) -> bool:
+        """True once, when enough steps and seconds have been timed for the first estimate."""
+        n, secs = self.timed(step, now)
+        if self.told or n < ETA_STEPS or secs < ETA_SECONDS:
+            return False
+        self.told = True
+        return True
 
 
 def scale_notes(cfg: RunConfig, device: torch.device, n_params: int) -> list:
@@ -113,6 +185,7 @@ class Trainer:
         self.data_dir = data_dir
         self.tb = self._lock = None
         self._closed = False
+        self.pace = None  # the run's measured pace (Pace), from fit's start
         self.world, self.device = distributed.setup(resolve_device(cfg.device))
         self.progress = progress and self.world.main
         try:
@@ -325,11 +398,15 @@ class Trainer:
                 if len(x[w.rows(len(x))]):
                     yield x[w.rows(len(x))]
 
-        n = min(t.eval_examples or len(self.valid_set), len(self.valid_set))
         # Active units with eval's estimator (10 samples), so metrics.jsonl and `hvae-fast eval` agree.
         return evaluate(self.model, batches, self.device, iw_samples=0, au_samples=10, seed=w.rank,
                         reduce=w.sum if w.size > 1 else None, progress=self.progress,
-                        num_batches=math.ceil(n / t.batch_size))
+                        num_batches=self._valid_batches())
+
+    def _valid_batches(self) -> int:
+        t = self.cfg.train
+        n = min(t.eval_examples or len(self.valid_set), len(self.valid_set))
+        return math.ceil(n / t.batch_size)
 
     def _validation(self) -> bool:
         """Validate at this step, log it and keep the best checkpoint. A signal stops the pass (in a
@@ -349,6 +426,8 @@ class Trainer:
         finally:
             self._validating = False
         self._valid_pending = False
+        if self.pace is not None:
+            self.pace.validated(time.monotonic() - started)
         self._log({"split": "valid", "step": self.step, **res})
         if not self.progress and self.world.main:
             log.info("validation at step %d: ELBO %.2f (%s)", self.step, res["elbo"],
@@ -485,11 +564,23 @@ class Trainer:
             return None
         return f"checkpoint-latest.pt holds step {self._saved_step}: resume with `{self.resume_command()}`"
 
-    def _status(self, rec: dict, rate) -> None:
+    def _status(self, rec: dict, now: float) -> None:
         t = self.cfg.train
-        eta = format_duration((t.steps - self.step) / rate) if rate else "-"
+        left = self.pace.eta(self.step, t.steps, t.eval_every, now)
+        eta = "-" if left is None else format_duration(left)
         log.info("step %d/%d  loss %.2f  ELBO %.2f  %.2f steps/s  ETA %s", self.step, t.steps, rec["loss"],
                  rec["elbo"], rec["steps_per_s"], eta)
+
+    def _first_estimate(self, now: float) -> None:
+        t, pace = self.cfg.train, self.pace
+        n, secs = pace.timed(self.step, now)
+        secs = max(secs, 1e-9)
+        sps = secs / n
+        passes = validations_left(self.step, t.steps, t.eval_every)
+        valid = (f"; {passes} validation{'s' if passes > 1 else ''} of about "
+                 f"{format_duration(pace.valid_seconds(sps))} included") if passes else ""
+        log.info("%.2f steps/s over %d steps: about %s to step %d%s", n / secs, n,
+                 format_duration(pace.eta(self.step, t.steps, t.eval_every, now)), t.steps, valid)
 
     def fit(self) -> dict:
         """Train to cfg.train.steps; returns the last train record. Releases the run directory when done."""
@@ -510,7 +601,7 @@ class Trainer:
         handlers = self._catch_signals()
         self._last_save = last_time = last_status = time.monotonic()
         last_step, first_log = self.step, True
-        t0 = s0 = None  # the rate is timed from the end of the first step (compiles, warms caches)
+        self.pace = Pace(self.step, self._valid_batches())
         record, finished = {}, False
         try:
             if self._valid_pending and not self._validation():  # stopped again
@@ -530,12 +621,9 @@ class Trainer:
                         raise self._oom(exc) from None
                     raise
                 now = time.monotonic()
-                if t0 is None:
-                    t0, s0 = now, self.step
-                rate = (self.step - s0) / (now - t0) if self.step > s0 else None
-                if self.step - s0 == ETA_STEPS:
-                    log.info("%.2f steps/s over %d steps: about %s to step %d", rate, ETA_STEPS,
-                             format_duration((t.steps - self.step) / rate), t.steps)
+                self.pace.step_done(self.step, now)
+                if self.pace.first_estimate_due(self.step, now):
+                    self._first_estimate(now)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     sps = (self.step - last_step) / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
@@ -551,7 +639,7 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{out['loss']:.2f}", top_kl=f"{record['top_kl']:.2f}", it_s=f"{sps:.1f}")
                     if not self.progress and (first_log or now - last_status >= STATUS_SECONDS or self.step == t.steps):
-                        self._status(record, rate)
+                        self._status(record, now)
                         last_status = now
                     if first_log:  # an early checkpoint, long before checkpoint_every
                         self._save_due, first_log = True, False
