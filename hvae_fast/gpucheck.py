@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import HVAEError
+from .fsutil import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ("tests/test_backends.py", "tests/test_kernels_triton.py", "tests/test_native.py")
@@ -287,9 +288,7 @@ def write_reports(out: Path, sts: list, meta: dict) -> dict:
     rep = dict(meta, updated=_now(), stages=[asdict(s) for s in sts], goals=goals(out, meta["mode"] != "cuda"),
                tests=test_counts(out / "tests.xml"), info=_load(out / "info.json"))
     for name, text in (("report.json", json.dumps(rep, indent=2) + "\n"), ("report.md", markdown(rep, out))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(text, out / name)
     return rep
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from ..fsutil import atomic_write
 
 _CACHE_VERSION = 2  # of the digest records
 _SPLIT_VERSION = 3  # of the parsed splits: 3 added the per-split record of digests
@@ -49,17 +50,6 @@ def _warn_unwritable(what: str, cache_dir: Path, exc: OSError) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +82,7 @@ def remember_digest(path: Path, digest: str) -> None:
     target = _digest_file(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, lambda f: f.write(json.dumps(rec).encode()))
+        atomic_write(target, lambda f: f.write(json.dumps(rec).encode()))
     except OSError as exc:
         _warn_unwritable(f"the digest of {path}", target.parent, exc)
 
@@ -192,10 +182,10 @@ def write_split(name: str, split: str, key: str, arrays: Split, source_digests: 
         for part, arr in zip(_PARTS, arrays):
             if arr is not None:
                 arr = np.ascontiguousarray(arr)
-                _atomic_write(files[part], lambda f, a=arr: np.save(f, a, allow_pickle=False))
+                atomic_write(files[part], lambda f, a=arr: np.save(f, a, allow_pickle=False))
                 parts[part] = _describe(arr)
         # The record last: read_split reads only an entry whose record exists.
         record = {"v": _SPLIT_VERSION, "sources": list(source_digests), "parts": parts}
-        _atomic_write(record_file, lambda f: f.write(json.dumps(record).encode()))
+        atomic_write(record_file, lambda f: f.write(json.dumps(record).encode()))
     except OSError as exc:
         _warn_unwritable(f"the parsed {name} {split} split", cache_dir, exc)

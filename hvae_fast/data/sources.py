@@ -16,12 +16,12 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
 
+from hvae_fast import fsutil
 from hvae_fast.errors import HVAEError
 
 from . import cache, parsers
@@ -163,30 +163,29 @@ def _download(spec: DatasetSpec, split: str, root: Path, src: Source) -> Path:
     failure the temp file goes, and so do the folders this call created (when still empty)."""
     dest = root / src.filename
     created = [d for d in (root, *root.parents) if not d.exists()]
+    digest = []
+
+    def fetch(out):
+        try:
+            _fetch(src.url, out)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, EOFError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise HVAEError(_missing_message(
+                spec, root, src, f"downloading it from {src.url} failed: {one_line(reason)}")) from None
+
     try:
         try:
             root.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{src.filename}.", suffix=".part", dir=root)
-        except OSError as exc:
+            # fetched into a temporary file, checked, then renamed to its name
+            fsutil.atomic_write(dest, fetch, check=lambda tmp: digest.append(_verify_download(spec, split, src,
+                                                                                              tmp, dest)))
+        except OSError as exc:  # the folder: creating it, the temporary file or the rename
             raise HVAEError(
                 f"{spec.name}: source file {src.filename} is missing and cannot be downloaded into "
                 f"{os.path.abspath(root)} ({one_line(exc)}). Fix: pass --data-dir DIR (or set "
                 f"HVAE_DATA_DIR) to a writable folder, or put the publisher's file ({src.url}) at "
                 f"{os.path.abspath(dest)}"
             ) from None
-        tmp = Path(tmp_name)
-        try:
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    _fetch(src.url, out)
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, EOFError) as exc:
-                reason = getattr(exc, "reason", None) or exc
-                raise HVAEError(_missing_message(
-                    spec, root, src, f"downloading it from {src.url} failed: {one_line(reason)}")) from None
-            digest = _verify_download(spec, split, src, tmp, dest)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
     except BaseException:
         for d in created:  # deepest first; a folder that is not empty stays
             try:
@@ -194,7 +193,7 @@ def _download(spec: DatasetSpec, split: str, root: Path, src: Source) -> Path:
             except OSError:
                 break
         raise
-    cache.remember_digest(dest, digest)
+    cache.remember_digest(dest, digest[0])
     return dest
 
 

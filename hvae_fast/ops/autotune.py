@@ -39,6 +39,7 @@ import torch
 
 from .backends import Backend, check_ou_args
 from ..errors import HVAEError
+from ..fsutil import atomic_write_text
 
 log = logging.getLogger("hvae_fast.ops.autotune")
 
@@ -149,9 +150,8 @@ class DecisionCache:
             envs.setdefault(self.env, {}).update(self.decisions)
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"format": FORMAT, "environments": envs}, indent=1, sort_keys=True))
-                os.replace(tmp, self.path)
+                atomic_write_text(json.dumps({"format": FORMAT, "environments": envs}, indent=1, sort_keys=True),
+                                  self.path)
             except OSError as exc:  # a read-only cache costs a measurement per process, never the run
                 log.warning("cannot write the auto-backend cache %s (%s): decisions last this process only",
                             self.path, exc)

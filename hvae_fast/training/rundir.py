@@ -15,10 +15,10 @@ Run directory layout::
     checkpoint-best.pt       the best validation ELBO so far
     samples-<step>.png       sample grids from the unsmoothed generative model
 
-Every file is written through ``atomic_write``: a temporary file with a unique name (tempfile,
-created O_EXCL, so never through a planted link) in the same folder, fsync, rename, fsync of the
-folder; a crash or a full disk leaves the previous file intact and the temporary file is removed
-(the next `train` in the folder removes those a dead writer left). A run file that is a symbolic
+Every file is written through ``atomic_write`` (``hvae_fast.fsutil.atomic_write``): a temporary
+file with a unique name (tempfile, created O_EXCL, so never through a planted link) in the same
+folder, fsync, rename, fsync of the folder; a crash or a full disk leaves the previous file intact
+and the temporary file is removed (the next `train` in the folder removes those a dead writer left). A run file that is a symbolic
 link is refused, never written through; the lock and metrics.jsonl are opened with O_NOFOLLOW.
 Checkpoints hold only tensors, numbers, strings, lists and dicts, are read with
 ``torch.load(weights_only=True)`` and their fields' types are checked before use.
@@ -26,7 +26,6 @@ Checkpoints hold only tensors, numbers, strings, lists and dicts, are read with
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -35,12 +34,12 @@ import os
 import re
 import shlex
 import stat
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .. import data as data_mod
+from .. import fsutil
 from ..config import RunConfig, load_config
 from ..errors import HVAEError
 from ..fsutil import try_flock, write_pid
@@ -114,46 +113,14 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (other threads may be
-    creating files)."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path, write) -> None:
-    """``write(binary file)`` into a new uniquely named temporary file beside ``path``, fsync, rename
-    over ``path``. On any failure the temporary file is removed and ``path`` is left as it was; an
-    OSError (also one inside torch.save) becomes WriteFailed. A symbolic link at ``path`` is refused."""
+    """``fsutil.atomic_write`` of a run or sweep file: a symbolic link at ``path`` is refused, and an
+    OSError (also one inside torch.save) becomes WriteFailed, the old file kept."""
     path = Path(path)
     refuse_link(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    except OSError as exc:
-        raise WriteFailed(path, exc) from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; the file gets the mode open() would give
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsutil.atomic_write(path, write)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         err = _os_error(exc)
         if err is None:
             raise
