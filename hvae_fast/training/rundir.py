@@ -222,13 +222,9 @@ def trim_metrics(out: Path, step: int) -> int:
     return len(lines) - len(keep)
 
 
-def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one PNG grid at ``path`` (str or Path), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.image as mpimg
-
+def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one grid [C, H', W'] in [0, 1] on the CPU,
+    ``nrow`` images a row with 2-pixel white borders."""
     x = images.detach().float().cpu()
     if x.min() < 0:
         x = (x + 1) / 2
@@ -240,9 +236,24 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     for i in range(n):
         r, q = divmod(i, ncol)
         grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
+    return grid
+
+
+def save_grid(grid: torch.Tensor, path) -> None:
+    """An image_grid [C, H, W] as a PNG at ``path`` (str or Path), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+
+    c, arr = grid.shape[0], grid.permute(1, 2, 0).numpy()
     gray = dict(cmap="gray", vmin=0, vmax=1) if c == 1 else {}
     atomic_write(path, lambda f: mpimg.imsave(f, arr[:, :, 0] if c == 1 else arr, format="png", **gray))
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one PNG grid at ``path`` (str or Path), atomically."""
+    save_grid(image_grid(images, nrow), path)
 
 
 # -- the folder ----------------------------------------------------------------------------------
