@@ -14,6 +14,9 @@ Run directory layout::
                              and at the end
     checkpoint-best.pt       the best validation ELBO so far
     samples-<step>.png       sample grids from the unsmoothed generative model
+    tb/                      TensorBoard events, when tensorboard is installed (training/tracking.py)
+    wandb.json, wandb/       with --wandb: the W&B run's id (a resume continues that run) and W&B's
+                             own files (unless $WANDB_DIR puts them elsewhere)
 
 Every file is written through ``atomic_write``: a temporary file with a unique name (tempfile,
 created O_EXCL, so never through a planted link) in the same folder, fsync, rename, fsync of the
@@ -55,13 +58,14 @@ METRICS = "metrics.jsonl"
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "stream", "rng_cpu", "skipped", "best_valid", "config")
 # Files a `train` run writes before its first checkpoint-latest.pt: a folder holding any of them is
 # the remains of an earlier attempt, never a fresh --out.
-RUN_FILES = ("config.json", METRICS, "checkpoint-best.pt", "tb")
+RUN_FILES = ("config.json", METRICS, "checkpoint-best.pt", "tb", "wandb.json", "wandb")
 # Fields that may differ between a run's saved config and a resume request.
 RESUMABLE_CHANGES = {("train", "steps"), ("device",), ("ou", "backend"), ("train", "eval_every"),
                      ("train", "log_every"), ("train", "checkpoint_every"), ("train", "sample_every"),
-                     ("train", "checkpoint_minutes"), ("train", "compile")}
+                     ("train", "checkpoint_minutes"), ("train", "compile"), ("train", "wandb"),
+                     ("train", "wandb_group")}
 # The temporary names atomic_write gives the files the project writes in a run folder.
-_TEMP = re.compile(r"\.(checkpoint-\w+\.pt|config\.json|samples-[\w-]+\.png|eval-\w+\.json)\.tmp-\w+")
+_TEMP = re.compile(r"\.(checkpoint-\w+\.pt|config\.json|wandb\.json|samples-[\w-]+\.png|eval-\w+\.json)\.tmp-\w+")
 
 
 def resolve_device(name: str) -> torch.device:
