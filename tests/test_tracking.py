@@ -160,3 +160,18 @@ def test_wandb_flags_are_checked_before_a_run_starts(flags, needle, capsys):
     assert main(["train", "binarized-mnist", *flags, "--print-config"]) == 2
     assert needle in capsys.readouterr().err
 
+
+# -- sweeps -------------------------------------------------------------------------------------------
+
+def test_a_sweep_groups_its_points_under_its_name(tmp_path):
+    from hvae_fast.experiments import sweep
+
+    def train_cmd(*base):
+        spec = sweep.make_spec(["train", "binarized-mnist", *base], [sweep.parse_axis("grid", "seed=0,1")])
+        return sweep.Point(tmp_path / "grid-1", {"seed": "0"}, spec).train_cmd()
+
+    for base in (["--wandb", "proj"], ["--wandb=proj"]):
+        cmd = train_cmd(*base)
+        assert cmd.count("--wandb-group") == 1 and cmd[cmd.index("--wandb-group") + 1] == "grid-1"
+    assert train_cmd("--wandb", "proj", "--wandb-group", "mine").count("--wandb-group") == 1  # the user's group
+    assert "--wandb-group" not in train_cmd()  # no W&B, no group
