@@ -98,9 +98,10 @@ def wandb_records(path):
 
 def offline_run(path) -> dict:
     """{"run": its RunRecord, "config": {key: value}, "history": [{key: value}]} of a .wandb file."""
-    run, config, history = None, {}, []
+    run, config, history, kinds = None, {}, [], set()
     for r in wandb_records(path):
         kind = r.WhichOneof("record_type")
+        kinds.add(kind)
         if kind == "run":
             run = r.run
             config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
@@ -108,6 +109,7 @@ def offline_run(path) -> dict:
             config.update({i.key: json.loads(i.value_json) for i in r.config.update})
         elif kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    assert "exit" in kinds, (path, kinds)  # the whole run, to its end
     return {"run": run, "config": config, "history": history}
 
 
@@ -116,6 +118,9 @@ def test_wandb_offline_logs_records_samples_and_config_and_resume_continues_the_
     run = tmp_path / "run"
     cfg = tiny_config(steps=20, sample_every=10, wandb="hvae-test", wandb_group="grid-1")
     interrupted_then_resumed(wandb_offline, cfg, run, shared_data)
+    # run.finish() returns before W&B's service has written all of the run's file; its teardown
+    # waits for it (a `train` process does the same at exit).
+    sys.modules["wandb"].teardown()
     state = json.loads((run / tracking.WANDB_STATE).read_text())
     assert state["project"] == "hvae-test"
     # Two attempts, two offline folders of the same W&B run (`wandb sync` joins them).

@@ -158,8 +158,8 @@ class WandB:
                             f"check `wandb login` and the network, or set WANDB_MODE=offline") from None
         self.run.config.update(cfg.to_dict(), allow_val_change=True)  # a resume may change --steps
         # W&B drops records at a step below its run's own (the steps a resumed run had logged before
-        # its last stop): skip them here instead of a warning for each.
-        self.floor = int(getattr(self.run, "step", 0) or 0)
+        # its last stop, known online only): skip them here instead of a warning for each.
+        self.floor = int(getattr(self.run, "starting_step", 0) or 0)
 
     def start(self, cfg: RunConfig, resumed_at: int | None) -> None:
         pass  # the config went in with the run
