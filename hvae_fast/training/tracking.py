@@ -146,15 +146,18 @@ class WandB:
         except (OSError, ValueError) as exc:
             log.warning("%s is unreadable (%s): starting a new W&B run", state, exc)
             prev = {}
-        same = isinstance(prev, dict) and prev.get("project") == t.wandb and isinstance(prev.get("id"), str)
-        run_id = prev["id"] if same else secrets.token_hex(4)  # W&B's own ids: 8 characters
+        prev = prev if isinstance(prev, dict) else {}
+        rid = prev.get("id")
+        same = prev.get("project") == t.wandb and isinstance(rid, str) and rid.isascii() and rid.isalnum()
+        run_id = rid if same else secrets.token_hex(4)  # W&B's own ids: 8 characters
         # Written before the run starts: a process killed inside wandb.init still resumes this id.
         atomic_write_text(json.dumps({"id": run_id, "project": t.wandb}) + "\n", state)
         try:
             self.run = wandb.init(project=t.wandb, group=t.wandb_group or None, name=out.name, id=run_id,
                                   resume="allow", dir=None if os.environ.get("WANDB_DIR") else str(out))
         except Exception as exc:
-            raise HVAEError(f"W&B could not start run {run_id} in project {t.wandb}: {str(exc).splitlines()[0]}; "
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HVAEError(f"W&B could not start run {run_id} in project {t.wandb}: {why}; "
                             f"check `wandb login` and the network, or set WANDB_MODE=offline") from None
         self.run.config.update(cfg.to_dict(), allow_val_change=True)  # a resume may change --steps
         # W&B drops records at a step below its run's own (the steps a resumed run had logged before
