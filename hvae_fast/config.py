@@ -27,6 +27,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Methods whose training smooths generator layers with the OU semigroup (lvae, biva: models/baselines.py).
 OU_METHODS = ("hvae", "lvae", "biva")
 ELBO_METHODS = ("vae", "hvae", "lvae", "biva")  # methods trained on the ELBO's per-layer KL terms
+# Characters W&B refuses in a project name (checked here, before a run starts, not by wandb.init later).
+WANDB_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")
 
 
 def _f(default, help: str = "", **meta):
@@ -126,6 +128,11 @@ class TrainConfig:
                         "with a GradScaler); likelihood, KL terms, latent samples and validation stay float32")
     compile: bool = _f(False, "run each training step (model forward, loss, backward) under torch.compile; the "
                        "first step compiles (minutes on CPU)")
+    # Experiment trackers (training/tracking.py); TensorBoard needs no flag: RUN_DIR/tb when installed.
+    wandb: str = _f("", "also log records, sample grids and the config to this Weights & Biases project (pip install "
+                    "hvae-fast[wandb]); WANDB_MODE=offline keeps the run in RUN_DIR/wandb for `wandb sync`; "
+                    "empty: off", metavar="PROJECT")
+    wandb_group: str = _f("", "the W&B run group (a sweep groups its points under its name)", metavar="GROUP")
 
 
 SECTIONS = {"model": ModelConfig, "ou": OUConfig, "train": TrainConfig}
@@ -272,6 +279,14 @@ class RunConfig:
             raise HVAEError(f"--iw-samples-train is IWAE's k; --method {self.method} does not use it: drop it or "
                             f"pass --method iwae")
         self._validate_rho_steering()
+        bad = [c for c in WANDB_FORBIDDEN if c in t.wandb]
+        if bad or len(t.wandb) > 128:
+            why = f"it holds {' '.join(bad)}" if bad else "over 128 characters"
+            raise HVAEError(f"--wandb {t.wandb!r} is not a W&B project name ({why}): pass a name of at most 128 "
+                            f"characters without {' '.join(WANDB_FORBIDDEN)}")
+        if t.wandb_group and not t.wandb:
+            raise HVAEError("--wandb-group groups W&B runs; W&B logging is off: pass --wandb PROJECT too, or drop "
+                            "--wandb-group")
         if self.model.arch == "mlp" and len(self.model.latent_sizes) != len(self.model.hidden_sizes):
             raise HVAEError("--latent-sizes and --hidden-sizes need one entry per stochastic layer, got "
                             f"{as_flag_value(self.model.latent_sizes)} and {as_flag_value(self.model.hidden_sizes)}: pass both, "

@@ -79,6 +79,8 @@ def _other_value(f):
         return as_flag_value((d[0] + 1,) + d[1:])
     if isinstance(d, float):
         return str(d / 2 if d > 0 else 0.5)
+    if isinstance(d, str):  # a free name (--wandb PROJECT)
+        return d + "x"
     return str(d + 1)
 
 

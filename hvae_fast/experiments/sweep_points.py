@@ -95,6 +95,10 @@ class Point:
     def train_cmd(self, resume: bool = False) -> list[str]:
         # FLAG=VALUE for a value starting with '-', which argparse would otherwise read as a flag
         pts = [a for k, v in self.values.items() for a in ([f"{flag(k)}={v}"] if v.startswith("-") else [flag(k), v])]
+        # A W&B project's sweep points go in one group named after the sweep, unless a group is given.
+        given = {a.split("=")[0] for a in self.spec["base"]} | {flag(k) for k in self.values}
+        if "--wandb" in given and "--wandb-group" not in given:
+            pts += ["--wandb-group", self.dir.parent.name]
         nproc = self.spec.get("nproc_per_point", 1)
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
         return [sys.executable, *launcher, "-m", "hvae_fast", *self.spec["base"], *pts, "--out", str(self.dir),

@@ -14,6 +14,9 @@ Run directory layout::
                              and at the end
     checkpoint-best.pt       the best validation ELBO so far
     samples-<step>.png       sample grids from the unsmoothed generative model
+    tb/                      TensorBoard events, when tensorboard is installed (training/tracking.py)
+    wandb.json, wandb/       with --wandb: the W&B run's id (a resume continues that run) and W&B's
+                             own files (unless $WANDB_DIR puts them elsewhere)
 
 Every file is written through ``atomic_write`` (``hvae_fast.fsutil.atomic_write``): a temporary
 file with a unique name (tempfile, created O_EXCL, so never through a planted link) in the same
@@ -54,13 +57,14 @@ METRICS = "metrics.jsonl"
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "stream", "rng_cpu", "skipped", "best_valid", "config")
 # Files a `train` run writes before its first checkpoint-latest.pt: a folder holding any of them is
 # the remains of an earlier attempt, never a fresh --out.
-RUN_FILES = ("config.json", METRICS, "checkpoint-best.pt", "tb")
+RUN_FILES = ("config.json", METRICS, "checkpoint-best.pt", "tb", "wandb.json", "wandb")
 # Fields that may differ between a run's saved config and a resume request.
 RESUMABLE_CHANGES = {("train", "steps"), ("device",), ("ou", "backend"), ("train", "eval_every"),
                      ("train", "log_every"), ("train", "checkpoint_every"), ("train", "sample_every"),
-                     ("train", "checkpoint_minutes"), ("train", "compile")}
+                     ("train", "checkpoint_minutes"), ("train", "compile"), ("train", "wandb"),
+                     ("train", "wandb_group")}
 # The temporary names atomic_write gives the files the project writes in a run folder.
-_TEMP = re.compile(r"\.(checkpoint-\w+\.pt|config\.json|samples-[\w-]+\.png|eval-\w+\.json)\.tmp-\w+")
+_TEMP = re.compile(r"\.(checkpoint-\w+\.pt|config\.json|wandb\.json|samples-[\w-]+\.png|eval-\w+\.json)\.tmp-\w+")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,13 +193,9 @@ def trim_metrics(out: Path, step: int) -> int:
     return len(lines) - len(keep)
 
 
-def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one PNG grid at ``path`` (str or Path), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.image as mpimg
-
+def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one grid [C, H', W'] in [0, 1] on the CPU,
+    ``nrow`` images a row with 2-pixel white borders."""
     x = images.detach().float().cpu()
     if x.min() < 0:
         x = (x + 1) / 2
@@ -207,9 +207,24 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     for i in range(n):
         r, q = divmod(i, ncol)
         grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
+    return grid
+
+
+def save_grid(grid: torch.Tensor, path) -> None:
+    """An image_grid [C, H, W] as a PNG at ``path`` (str or Path), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+
+    c, arr = grid.shape[0], grid.permute(1, 2, 0).numpy()
     gray = dict(cmap="gray", vmin=0, vmax=1) if c == 1 else {}
     atomic_write(path, lambda f: mpimg.imsave(f, arr[:, :, 0] if c == 1 else arr, format="png", **gray))
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+    """images [N, C, H, W] in [0, 1] (or [-1, 1] for RGB) -> one PNG grid at ``path`` (str or Path), atomically."""
+    save_grid(image_grid(images, nrow), path)
 
 
 # -- the folder ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training loop: optimizer and schedule, clipping, non-finite skips, safe checkpoints and
 exact resume, metrics, periodic validation and sample grids. The run folder it writes (its layout,
-lock, atomic writes and checkpoint checks) is rundir.py's.
+lock, atomic writes and checkpoint checks) is rundir.py's; the experiment trackers it also logs to
+(TensorBoard, W&B) are tracking.py's.
 
 Under torchrun (distributed.py) rank 0 holds the lock, logs and writes every file; a checkpoint of a
 run of W processes also holds "world_size" and, in "ranks", every process's RNG and data-stream
@@ -40,9 +41,10 @@ from ..models.likelihoods import bits_per_dim
 from ..models.model import count_parameters
 from ..models.objectives import kl_weight, training_loss
 from .build import Training, build_training, lr_lambda  # noqa: F401 (the README's Python API imports them here)
+from . import tracking
 from .rho_control import RhoController
-from .rundir import (LATEST, append_metrics, atomic_save, atomic_write_text, check_run_dir, load_checkpoint,
-                     load_run, lock_run_dir, resolve_device, save_image_grid, trim_metrics)
+from .rundir import (LATEST, append_metrics, atomic_save, atomic_write_text, check_run_dir, image_grid, load_checkpoint,
+                     load_run, lock_run_dir, resolve_device, save_grid, save_image_grid, trim_metrics)
 
 __all__ = ["Trainer", "TrainingInterrupted", "Training", "build_training", "load_run", "save_image_grid"]
 
@@ -183,9 +185,11 @@ class Trainer:
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
         self.data_dir = data_dir
-        self.tb = self._lock = None
+        self._lock = None
+        self.trackers = []  # tracking.py's, on the main process
         self._closed = False
         self.pace = None  # the run's measured pace (Pace), from fit's start
+        tracking.check(self.cfg)  # a missing wandb fails here, before the run folder is touched
         self.world, self.device = distributed.setup(resolve_device(cfg.device))
         self.progress = progress and self.world.main
         try:
@@ -237,7 +241,10 @@ class Trainer:
                     trim_metrics(self.out, self.step)
             if state is None:
                 self.save()  # the initial weights: from here on the folder is a run that resumes
-            self.tb = self._tensorboard() if self.world.main else None
+            if self.world.main:
+                self.trackers = tracking.open_trackers(self.out, self.cfg)
+                for tracker in self.trackers:
+                    tracker.start(self.cfg, self.step if state is not None else None)
         except BaseException:
             self.close()
             raise
@@ -278,20 +285,13 @@ class Trainer:
         cmd = shlex.join(cmd + (["--data-dir", str(self.data_dir)] if self.data_dir else []))
         return (distributed.launch_command(self.world) + "hvae_fast " if self.world.size > 1 else "hvae-fast ") + cmd
 
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard is optional
-            return None
-        return SummaryWriter(str(self.out / "tb"))
-
     def close(self, finished: bool = False) -> None:
-        """Flush TensorBoard, release the run directory and leave the process group (``finished``:
+        """Close the trackers, release the run directory and leave the process group (``finished``:
         every process ended the run normally, so they can wait for each other first)."""
         self._closed = True
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            t.close(finished)
         if self._lock is not None:
             self._lock.close()  # closing the file drops the flock
             self._lock = None
@@ -361,17 +361,13 @@ class Trainer:
         log.info("resumed %s at step %d", self.out / "checkpoint-latest.pt", self.step)
 
     # -- metrics --------------------------------------------------------------------------------
-    def _log(self, record: dict) -> None:
+    def _log(self, record: dict, tracked: dict | None = None) -> None:
+        """``record`` to metrics.jsonl and the trackers (these get ``tracked`` on top)."""
         if not self.world.main:
             return
         append_metrics(self.out, record)
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step",):
-                    self.tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
-                elif isinstance(v, list):
-                    for i, vi in enumerate(v):
-                        self.tb.add_scalar(f"{record.get('split', 'train')}/{k}/{i + 1}", vi, record["step"])
+        for t in self.trackers:
+            t.log({**record, **(tracked or {})})
 
     @torch.no_grad()
     def _unsmoothed_stats(self, x) -> dict:
@@ -428,12 +424,15 @@ class Trainer:
         self._valid_pending = False
         if self.pace is not None:
             self.pace.validated(time.monotonic() - started)
-        self._log({"split": "valid", "step": self.step, **res})
+        best = res["elbo"] > self.best_valid
+        if best:
+            self.best_valid = res["elbo"]
+        # The trackers' hparams metric (tracking.HPARAM_METRICS): the best validation ELBO so far.
+        self._log({"split": "valid", "step": self.step, **res}, {"best_elbo": self.best_valid})
         if not self.progress and self.world.main:
             log.info("validation at step %d: ELBO %.2f (%s)", self.step, res["elbo"],
                      format_duration(time.monotonic() - started))
-        if res["elbo"] > self.best_valid:
-            self.best_valid = res["elbo"]
+        if best:
             self.save("checkpoint-best.pt")
         return True
 
@@ -441,9 +440,11 @@ class Trainer:
         if not self.world.main:
             return None
         gen = torch.Generator(device=self.device).manual_seed(0)
-        imgs = self.model.sample(64, generator=gen)
+        grid = image_grid(self.model.sample(64, generator=gen))
         path = self.out / name
-        save_image_grid(imgs, path)
+        save_grid(grid, path)
+        for t in self.trackers:
+            t.image("samples", grid, self.step)
         return path
 
     # -- the loop -------------------------------------------------------------------------------
