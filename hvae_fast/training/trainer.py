@@ -89,7 +89,7 @@ def scale_notes(cfg: RunConfig, device: torch.device, n_params: int) -> list:
     t = cfg.train
     notes = [f"{cfg.preset} ({cfg.method}) on {device}: {n_params / 1e6:.2f}M parameters, "
              f"{t.steps} steps of batch {t.batch_size}"]
-    if device.type == "cpu" and cfg.dataset == "cifar10":
+    if device.type == "cpu" and cfg.dataset == "cifar10" and cfg.method != "ladder":  # the ladder's are CPU-sized
         notes.append(f"{cfg.preset} is sized for a GPU (weeks on a CPU): for a CPU run pass a small --steps "
                      f"(e.g. --steps 500) or train a CPU-sized preset: `hvae-fast train binarized-mnist` (mnist-mlp-40x4)")
     return notes
