@@ -278,6 +278,12 @@ class RunConfig:
             raise HVAEError(f"--iw-samples-train is IWAE's k; --method {self.method} does not use it: drop it or "
                             f"pass --method iwae")
         self._validate_rho_steering()
+        m = self.model
+        if self.method == "ladder" and (m.arch != "resnet" or m.skip or m.latent_stride != 1):
+            raise HVAEError(f"--method ladder is convolutional with its own layout (--latents-per-scale): it needs "
+                            f"--arch resnet, --no-skip and --latent-stride 1, got {m.arch}, skip {m.skip}, latent "
+                            f"stride {m.latent_stride}: pass those, or --preset mnist-vdvae-ladder-6 / "
+                            f"cifar10-vdvae-ladder-6")
         if self.model.arch == "mlp" and len(self.model.latent_sizes) != len(self.model.hidden_sizes):
             raise HVAEError("--latent-sizes and --hidden-sizes need one entry per stochastic layer, got "
                             f"{as_flag_value(self.model.latent_sizes)} and {as_flag_value(self.model.hidden_sizes)}: pass both, "

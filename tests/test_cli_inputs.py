@@ -197,6 +197,8 @@ TRAIN = ["train", "binarized-mnist"]
     (TRAIN + ["--method", "lvae", "--ou-inference"], ["--ou-inference applies to --method hvae only", "lvae"]),
     (TRAIN + ["--method", "biva", "--ou-inference"], ["--ou-inference applies to --method hvae only", "biva"]),
     (TRAIN + ["--method", "ladder", "--ou-inference"], ["--ou-inference applies to --method hvae only", "ladder"]),
+    (TRAIN + ["--method", "ladder", "--preset", "mnist-mlp-40x4"], ["--method ladder is convolutional", "got mlp"]),
+    (TRAIN + ["--method", "ladder", "--latents-per-scale", "1,-1"], ["each entry of --latents-per-scale", ">= 0"]),
     (TRAIN + ["--latents-per-scale", "1,2"], ["--latents-per-scale applies to --method ladder only", "method is hvae"]),
     (TRAIN + ["--iw-samples-train", "5"], ["--iw-samples-train applies to --method iwae only", "method is hvae"]),
     (TRAIN + ["--method", "iwae", "--free-bits", "1"], ["--free-bits applies to --method vae/hvae/lvae/biva/ladder",
