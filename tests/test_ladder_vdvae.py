@@ -206,11 +206,14 @@ def test_presets_are_cpu_sized_plain_ladders_and_take_every_smoothing_flag():
         assert m.depth == depth == cfg.model.num_layers and m.latent_shapes[-1] == top
         assert count_parameters(m) < 200_000, name
     assert count_parameters(build_model("ladder", preset_config("mnist-vdvae-ladder-6").model, (1, 28, 28))) == 36_641
+    model = preset_config("mnist-vdvae-ladder-6").model
     for ou in [OUConfig(rho=0.8, samples=3, target="ratio", backend="torch", recompute=True),
                OUConfig(rho=1.0, rho_schedule="linear:0.5:1:100"), OUConfig(rho=0.9, rho_control=25.0)]:
-        assert RunConfig(method="ladder", ou=ou).validate().smooths()
+        assert RunConfig(method="ladder", model=model, ou=ou).validate().smooths()
     with pytest.raises(HVAEError, match="--ou-inference smooths the stacked VAE's inference network"):
-        RunConfig(method="ladder", ou=OUConfig(smooth_inference=True)).validate()
+        RunConfig(method="ladder", model=model, ou=OUConfig(smooth_inference=True)).validate()
+    with pytest.raises(HVAEError, match="--method ladder is convolutional"):
+        RunConfig(method="ladder").validate()  # the default model is an MLP
 
 
 @pytest.fixture(scope="module")
