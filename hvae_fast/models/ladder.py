@@ -73,6 +73,9 @@ class Block(nn.Module):
 
 
 class TopDownLadder(StackedVAE):
+    """The VDVAE-style ladder of the module docstring; ``state`` (``prior``, ``decode``,
+    ``generator_head``) is the top-down state u_{i+1} [N, W, h, w] the layer below reads."""
+
     def __init__(self, cfg: ModelConfig, image_shape):
         super().__init__(cfg, image_shape)  # the shared shape checks first
         if cfg.arch != "resnet" or cfg.skip or cfg.latent_stride != 1:
