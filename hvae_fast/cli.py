@@ -98,6 +98,7 @@ def _counts(lo: int):
 
 _SIZE_FIELDS = {"mlp": ("latent_sizes", "hidden_sizes")}  # other archs: _RESNET_SIZE_FIELDS
 _RESNET_SIZE_FIELDS = ("num_layers", "channels", "blocks", "data_blocks", "latent_channels")
+_LADDER_SIZE_FIELDS = ("latents_per_scale", "channels", "blocks", "latent_channels")
 
 
 def _check_model_fits(cfg) -> str:
@@ -109,7 +110,7 @@ def _check_model_fits(cfg) -> str:
     from .data import image_shape
     from .models.model import build_model
 
-    names = _SIZE_FIELDS.get(cfg.model.arch, _RESNET_SIZE_FIELDS)
+    names = _LADDER_SIZE_FIELDS if cfg.method == "ladder" else _SIZE_FIELDS.get(cfg.model.arch, _RESNET_SIZE_FIELDS)
     fields = {f.name: f for f in dataclasses.fields(cfg.model)}
     sizes = " ".join(f"{flag_of(fields[n])} {as_flag_value(getattr(cfg.model, n))}" for n in names if n in fields)
     try:
@@ -163,7 +164,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """The RunConfig of a `train` command: preset, --config or the saved config on --resume; flags on top."""
-    from .config import DEFAULT_PRESET, PRESETS, config_fields, flag_of, load_config, preset_config
+    from .config import DEFAULT_PRESET, LADDER_PRESET, PRESETS, config_fields, flag_of, load_config, preset_config
     from .data import DATASETS
 
     if args.dataset is not None and args.dataset not in DATASETS:
@@ -187,7 +188,7 @@ def config_from_args(args):
     else:
         if args.dataset is None:
             raise HVAEError(f"train needs a DATASET ({', '.join(DATASETS)}) or --config FILE")
-        name = args.preset or DEFAULT_PRESET[args.dataset]
+        name = args.preset or (method_flag == "ladder" and LADDER_PRESET.get(args.dataset)) or DEFAULT_PRESET[args.dataset]
         cfg = preset_config(name, args.dataset)
         p = PRESETS[name]
         if p.dataset.replace("binarized-", "") != args.dataset.replace("binarized-", ""):
@@ -307,7 +308,7 @@ def cmd_presets(args) -> int:
         n = count_parameters(build_model(p.method or "hvae", p.model, image_shape(p.dataset)))
         paper = f"{p.paper_params / 1e6:.2f}M" if p.paper_params else "-"
         default = " (default)" if DEFAULT_PRESET.get(p.dataset) == name else ""
-        rows.append((name, p.dataset + default, f"{n / 1e6:.2f}M", paper, p.description))
+        rows.append((name, p.dataset + default, f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}", paper, p.description))
     w = [max(len(r[i]) for r in rows + [("preset", "dataset", "params", "paper", "")]) for i in range(4)]
     print(f"{'preset':<{w[0]}}  {'dataset':<{w[1]}}  {'params':>{w[2]}}  {'paper':>{w[3]}}  description")
     for r in rows:

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 
 from .errors import HVAEError
 
-METHODS = ("vae", "hvae", "iwae", "lvae", "biva")
+METHODS = ("vae", "hvae", "iwae", "lvae", "biva", "ladder")
 # MLP activations by name; nets.py maps each to its module (tests/test_model.py checks the two agree).
 ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "softplus")
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Methods whose training smooths generator layers with the OU semigroup (lvae, biva: models/baselines.py).
-OU_METHODS = ("hvae", "lvae", "biva")
-ELBO_METHODS = ("vae", "hvae", "lvae", "biva")  # methods trained on the ELBO's per-layer KL terms
+# Methods whose training smooths generator layers with the OU semigroup (lvae, biva: models/baselines.py;
+# ladder, the VDVAE-style top-down ladder: models/ladder.py).
+OU_METHODS = ("hvae", "lvae", "biva", "ladder")
+ELBO_METHODS = ("vae", "hvae", "lvae", "biva", "ladder")  # methods trained on the ELBO's per-layer KL terms
 # Characters W&B refuses in a project name (checked here, before a run starts, not by wandb.init later).
 WANDB_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")
 
@@ -60,6 +61,11 @@ class ModelConfig:
     data_blocks: int = _f(16, "ResNet: blocks in the nets next to x, q(z_1|x) and p(x|z_1)", lo=0)
     latent_channels: int = _f(8, "ResNet: maps per stochastic layer", lo=1)
     latent_stride: int = _f(1, "ResNet: latents at the feature resolution / this", lo=1)
+    latents_per_scale: tuple = _f((1, 2, 3), "ladder: stochastic layers at each resolution, the image's first, "
+                                  "halving between entries; leading 0s start the ladder below the image's resolution "
+                                  "(its depth is their sum; it reads --channels, --blocks per resolution in the "
+                                  "encoder and --latent-channels, not --num-layers)",
+                                  lo=0, methods=("ladder",), metavar="N,N,...")
     skip: bool = _f(False, "HVAE+: stochastic skip connections: each generator layer and p(x|z_1) also read the "
                     "latent samples of every layer above")
     likelihood: str = _f("bernoulli", flag=False, why="follows the dataset (bernoulli: binary images, "
@@ -287,6 +293,12 @@ class RunConfig:
         if t.wandb_group and not t.wandb:
             raise HVAEError("--wandb-group groups W&B runs; W&B logging is off: pass --wandb PROJECT too, or drop "
                             "--wandb-group")
+        m = self.model
+        if self.method == "ladder" and (m.arch != "resnet" or m.skip or m.latent_stride != 1):
+            raise HVAEError(f"--method ladder is convolutional with its own layout (--latents-per-scale): it needs "
+                            f"--arch resnet, --no-skip and --latent-stride 1, got {m.arch}, skip {m.skip}, latent "
+                            f"stride {m.latent_stride}: pass those, or --preset mnist-vdvae-ladder-6 / "
+                            f"cifar10-vdvae-ladder-6")
         if self.model.arch == "mlp" and len(self.model.latent_sizes) != len(self.model.hidden_sizes):
             raise HVAEError("--latent-sizes and --hidden-sizes need one entry per stochastic layer, got "
                             f"{as_flag_value(self.model.latent_sizes)} and {as_flag_value(self.model.hidden_sizes)}: pass both, "
@@ -295,7 +307,7 @@ class RunConfig:
 
     def smooths(self) -> bool:
         """Whether training OU-smooths the generator layers: always for hvae (at rho = 1 too); for the
-        ladders (lvae, biva) when rho < 1 or a schedule or controller steers it, so that at a constant
+        ladders (lvae, biva, ladder) when rho < 1 or a schedule or controller steers it, so that at a constant
         rho = 1 (their presets' setting) they train as the plain baselines, without the K-sample pass."""
         from .training.rho_control import parse_schedule
 
@@ -376,6 +388,12 @@ def _resnet(layers, channels, blocks, data_blocks, latent_channels, latent_strid
                        latent_stride=latent_stride, likelihood=likelihood, **kw)
 
 
+def _ladder(latents_per_scale, channels, blocks, latent_channels, likelihood):
+    # num_layers is not read by the ladder; set to its depth so that config.json does not mislead.
+    return ModelConfig(arch="resnet", latents_per_scale=tuple(latents_per_scale), num_layers=sum(latents_per_scale),
+                       channels=channels, blocks=blocks, latent_channels=latent_channels, likelihood=likelihood)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -398,6 +416,7 @@ _CIFAR_TRAIN = TrainConfig(steps=300_000, batch_size=64, lr=2e-3, optimizer="ada
 
 # The ladder presets train the paper's unsmoothed baselines; --rho below 1 smooths them (RunConfig.smooths).
 _PLAIN = OUConfig(rho=1.0)
+_LADDER_TRAIN = TrainConfig(steps=100_000, batch_size=32, lr=1e-3, warmup_steps=500)
 
 
 def _cifar(layers, skip=False, params=None, desc=""):
@@ -454,6 +473,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            _mlp([64, 32, 16, 8, 4], [512, 256, 128, 64, 32]), _PLAIN, _MNIST_TRAIN, method="lvae"),
     Preset("mnist-mlp-biva-5", "mnist", "dynamic MNIST BIVA, latents 64-32-16-8-4 (BU+TD below the top), 2 layers of 512..32 units",
            _mlp([64, 32, 16, 8, 4], [512, 256, 128, 64, 32]), _PLAIN, _MNIST_TRAIN, method="biva"),
+    # The VDVAE-style ladder (issue 22, models/ladder.py), sized for a CPU: bottleneck blocks of 32 / 48
+    # maps, the latents at half the image's resolution and below (the image enters and leaves by a
+    # strided conv), and VDVAE's small batch.
+    Preset("mnist-vdvae-ladder-6", "binarized-mnist", "static MNIST VDVAE-style top-down ladder: 6 latents, 3 of 4x14x14 "
+           "and 3 of 4x7x7, bottleneck blocks of 32 maps (1 per resolution in the encoder)",
+           _ladder((0, 3, 3), 32, 1, 4, "bernoulli"), _PLAIN, _LADDER_TRAIN, method="ladder"),
+    Preset("cifar10-vdvae-ladder-6", "cifar10", "CIFAR-10 VDVAE-style top-down ladder: 6 latents, 2 each of 8x16x16, "
+           "8x8x8 and 8x4x4, bottleneck blocks of 48 maps (1 per resolution in the encoder)",
+           _ladder((0, 2, 2, 2), 48, 1, 8, "logistic"), _PLAIN, _LADDER_TRAIN, method="ladder"),
 
 ]}
 
@@ -464,6 +492,10 @@ DEFAULT_PRESET = {
     "omniglot": "omniglot-resnet",
     "cifar10": "cifar10-resnet-3-skip",
 }
+
+# ... and with --method ladder, that dataset's VDVAE-style ladder.
+LADDER_PRESET = {"binarized-mnist": "mnist-vdvae-ladder-6", "mnist": "mnist-vdvae-ladder-6",
+                 "cifar10": "cifar10-vdvae-ladder-6"}
 
 
 def preset_config(name: str, dataset: str | None = None) -> RunConfig:

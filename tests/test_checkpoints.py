@@ -311,6 +311,8 @@ def test_scale_notes_point_a_cpu_run_of_a_gpu_preset_to_a_cpu_sized_one():
     assert len(notes) == 2 and "--steps" in notes[1] and "mnist-mlp-40x4" in notes[1]
     assert len(scale_notes(cifar, torch.device("cuda"), 9_950_000)) == 1
     assert len(scale_notes(preset_config("mnist-mlp-40x4"), torch.device("cpu"), 806_144)) == 1
+    ladder = scale_notes(preset_config("cifar10-vdvae-ladder-6"), torch.device("cpu"), 160_164)  # CPU-sized
+    assert len(ladder) == 1 and "160,164 parameters" in ladder[0]
 
 
 def test_fit_logs_scale_eta_and_status_lines(tmp_path, shared_data, caplog, monkeypatch):

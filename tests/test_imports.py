@@ -201,8 +201,9 @@ def test_the_model_rooms_import_only_downwards():
     assert short["hvae_fast.models.smoothing"] == {"errors", "ops.backends"}
     assert short["hvae_fast.models.baselines"] == {"config", "distributions", "errors", "models.nets", "models.smoothing",
                                                    "models.stack"}
-    assert short["hvae_fast.models.model"] == {"models.baselines", "config", "distributions", "errors", "models.smoothing",
-                                               "models.stack"}
+    assert short["hvae_fast.models.ladder"] == {"config", "distributions", "errors", "models.smoothing", "models.stack"}
+    assert short["hvae_fast.models.model"] == {"models.baselines", "models.ladder", "config", "distributions", "errors",
+                                               "models.smoothing", "models.stack"}
     assert short["hvae_fast.ops.ou"] == {"ops.autotune", "ops.backends", "distributions", "errors", "kernels.backend",
                                          "ops.native"}
     # ou hands it the candidate backends; fsutil writes its cache file

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from hvae_fast.models.baselines import BIVA, LadderVAE
+from hvae_fast.models.ladder import TopDownLadder
 from hvae_fast.config import METHODS, PRESETS, ModelConfig
 from hvae_fast.distributions import Terms, gaussian_logprob, repeat_batch, split_gaussian, std_normal_logprob
 from hvae_fast.errors import HVAEError
@@ -54,12 +55,17 @@ def test_registry_builds_every_method_from_one_base():
     assert tuple(MODELS) == METHODS  # the config's methods and the registry agree
     assert MODELS["vae"] is MODELS["hvae"] is MODELS["iwae"] is HierarchicalVAE
     assert (MODELS["lvae"], MODELS["biva"]) == (LadderVAE, BIVA)
+    assert MODELS["ladder"] is TopDownLadder
     cfg = ModelConfig(arch="mlp", latent_sizes=(4, 3), hidden_sizes=(8, 8))
     for method in METHODS:
+        if method == "ladder":  # convolutional only (tests/test_ladder_vdvae.py)
+            with pytest.raises(HVAEError, match="--method ladder is convolutional"):
+                build_model(method, cfg, (1, 6, 6))
+            continue
         m = build_model(method, cfg, (1, 6, 6))
         assert type(m) is MODELS[method] and isinstance(m, StackedVAE) and m.depth == 2
         assert m.image_shape == (1, 6, 6) and m.z_shapes == [(4,), (3,)]
-    with pytest.raises(HVAEError, match="unknown method 'vdvae': choose one of vae, hvae, iwae, lvae, biva"):
+    with pytest.raises(HVAEError, match="unknown method 'vdvae': choose one of vae, hvae, iwae, lvae, biva, ladder"):
         build_model("vdvae", cfg, (1, 6, 6))
 
 

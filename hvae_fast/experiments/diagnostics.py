@@ -93,7 +93,7 @@ def _load_into(model, path: Path) -> None:
 
 def _checkpoint_models(args):
     """Yield (cfg, model, device, step, label) for every checkpoint the command names. Every model
-    (the stacked VAE, LVAE, BIVA) exposes its generator layers the same way (``StackedVAE``'s
+    (the stacked VAE, LVAE, BIVA, the VDVAE-style ladder) exposes its generator layers the same way (``StackedVAE``'s
     generator_head, generator_inputs, generator_parameters), so the diagnostics read them all."""
     cfg, model, dev, step = load_run(args.run_dir, args.device, args.which)
     if model.depth < 2:
@@ -261,7 +261,7 @@ def gradvar(loss_fn, groups, names, batches, rhos, Ks, draws: int, seed: int = 0
 
 def model_loss_fn(model, backend, target: str = "mean-std", method: str = "hvae"):
     """loss_fn(x, rho, K) of `gradvar`: the negative OU-smoothed ELBO (batch mean) of a model of
-    ``method`` (hvae for the stacked VAE, whatever its run's method; lvae; biva), or with rho None the
+    ``method`` (hvae for the stacked VAE, whatever its run's method; lvae; biva; ladder), or with rho None the
     negative ELBO (the plain VAE estimator)."""
     from ..models.model import OUSmoothing
 
@@ -299,7 +299,7 @@ def cmd_gradvar(args) -> int:
         check_fits(4.0 * max(Ks) * result["batch_size"] * widest, dev,
                    f"--K {max(Ks)} OU samples of {result['batch_size']} examples", "lower --K")
         groups = [model.generator_parameters(i) for i in range(model.depth - 1)]
-        method = cfg.method if cfg.method in ("lvae", "biva") else "hvae"  # vae/iwae runs are stacked VAEs too
+        method = cfg.method if cfg.method in ("lvae", "biva", "ladder") else "hvae"  # vae/iwae runs are stacked VAEs too
         loss = model_loss_fn(model, get_backend("torch", dev), cfg.ou.target, method)
         with out_of_memory(f"with --K {max(Ks)} OU samples per example at batch size {result['batch_size']}: "
                            "lower --K (or --batch-size)"):

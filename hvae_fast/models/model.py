@@ -15,7 +15,7 @@ by ``smoothing.smoothed_logprob``, the helper the ladders use too; the OU backen
 ``ou``. ``forward(x, ou, k)`` draws k posterior samples per example (IWAE).
 
 Also the model registry: ``MODELS`` maps every method to its class (vae, hvae and iwae share
-``HierarchicalVAE``; lvae and biva are in baselines.py) and ``build_model`` is the one entry point.
+``HierarchicalVAE``; lvae and biva are in baselines.py, ladder in ladder.py) and ``build_model`` is the one entry point.
 Imports run down: model -> baselines -> smoothing, stack (the shared base) -> distributions (Terms,
 Gaussians).
 """
@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baselines import BIVA, LadderVAE
+from .ladder import TopDownLadder
 from ..config import ModelConfig
 from ..distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
 from ..errors import HVAEError
@@ -138,12 +139,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-MODELS = {"vae": HierarchicalVAE, "hvae": HierarchicalVAE, "iwae": HierarchicalVAE, "lvae": LadderVAE, "biva": BIVA}
+MODELS = {"vae": HierarchicalVAE, "hvae": HierarchicalVAE, "iwae": HierarchicalVAE, "lvae": LadderVAE, "biva": BIVA,
+          "ladder": TopDownLadder}
 
 
 def build_model(method: str, cfg: ModelConfig, image_shape) -> nn.Module:
     """The model for ``method`` on images of ``image_shape`` (C, H, W): the vanilla stack for
-    vae/hvae/iwae (they differ in the objective), LadderVAE for lvae, BIVA for biva."""
+    vae/hvae/iwae (they differ in the objective), LadderVAE for lvae, BIVA for biva, TopDownLadder
+    (the VDVAE-style ladder, ladder.py) for ladder."""
     if method not in MODELS:
         raise HVAEError(f"unknown method {method!r}: choose one of {', '.join(MODELS)}")
     return MODELS[method](cfg, image_shape)

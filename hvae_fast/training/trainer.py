@@ -161,9 +161,10 @@ def scale_notes(cfg: RunConfig, device: torch.device, n_params: int) -> list:
     """Lines for the log before training: the run's scale, and a pointer to a CPU-sized run when a
     GPU-sized preset is about to train on the CPU."""
     t = cfg.train
-    notes = [f"{cfg.preset} ({cfg.method}) on {device}: {n_params / 1e6:.2f}M parameters, "
+    size = f"{n_params / 1e6:.2f}M" if n_params >= 1e6 else f"{n_params:,}"
+    notes = [f"{cfg.preset} ({cfg.method}) on {device}: {size} parameters, "
              f"{t.steps} steps of batch {t.batch_size}"]
-    if device.type == "cpu" and cfg.dataset == "cifar10":
+    if device.type == "cpu" and cfg.dataset == "cifar10" and cfg.method != "ladder":  # the ladder's are CPU-sized
         notes.append(f"{cfg.preset} is sized for a GPU (weeks on a CPU): for a CPU run pass a small --steps "
                      f"(e.g. --steps 500) or train a CPU-sized preset: `hvae-fast train binarized-mnist` (mnist-mlp-40x4)")
     return notes
