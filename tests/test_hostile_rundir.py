@@ -167,6 +167,47 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, shared_data
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 48 MiB file system (tmpfs: room for a run of the 9 MB mnist-mlp-40x4 checkpoints), where this machine lets the test mount one (root with
+    CAP_SYS_ADMIN); skipped elsewhere. Unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let the test mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_keeps_the_last_checkpoint_and_resumes(small_disk, shared_data, capsys):
+    out = small_disk / "run"
+    assert main(cli_train(out, shared_data, steps=2)) == 0
+    before = (out / "checkpoint-latest.pt").read_bytes()
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # fill the file system to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    capsys.readouterr()
+    assert main(cli_train(out, shared_data, "--resume", steps=4)) == 2
+    err = one_line_error(capsys)
+    assert "No space left on device" in err and "free disk space" in err, err
+    assert (out / "checkpoint-latest.pt").read_bytes() == before  # the last good checkpoint, whole
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no temporary file left taking space
+    filler.unlink()  # space freed: the same command resumes and finishes
+    assert main(cli_train(out, shared_data, "--resume", steps=4)) == 0
+    assert torch.load(out / "checkpoint-latest.pt", weights_only=True)["step"] == 4
+
+
 # -- item 12: resume leaves metrics.jsonl as an uninterrupted run's ---------------------------------------
 
 def _records(run):
