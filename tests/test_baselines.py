@@ -382,8 +382,8 @@ def test_mnist_baseline_presets_build():
 
 
 def test_unknown_baseline_and_skip_rejected():
-    with pytest.raises(HVAEError, match="unknown method 'ladder'"):
-        build_model("ladder", ARCHS["mlp"], IMG)
+    with pytest.raises(HVAEError, match="unknown method 'nvae'"):
+        build_model("nvae", ARCHS["mlp"], IMG)
     with pytest.raises(HVAEError):
         build_model("lvae", ModelConfig(arch="resnet", num_layers=2, channels=8, blocks=1, data_blocks=1,
                                         skip=True), IMG)
