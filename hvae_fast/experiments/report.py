@@ -308,6 +308,18 @@ def _pair_order(g) -> tuple:
     return (0 if steered(g) else 1 if g.get("method") == "hvae" else 2, g.get("rho") or 0.0)
 
 
+def _diff_stats(diffs: dict) -> dict:
+    """{METRIC_diff_mean, METRIC_diff_std (sample std; None for one value)} of each non-empty list
+    of differences in ``diffs`` (metric -> values)."""
+    out = {}
+    for m, xs in diffs.items():
+        if xs:
+            mean = sum(xs) / len(xs)
+            out[f"{m}_diff_mean"] = mean
+            out[f"{m}_diff_std"] = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return out
+
+
 def paired_differences(summary, rows, keys, label) -> tuple[list, list]:
     """(per-seed rows, per-pair rows): for each pair of groups of ``summary`` trained on the same
     data, preset and budget, and each seed both ran, A - B of PAIRED_METRICS (A before B in
@@ -333,14 +345,7 @@ def paired_differences(summary, rows, keys, label) -> tuple[list, list]:
                         row.update({f"{m}_a": ra[m], f"{m}_b": rb[m], f"{m}_diff": ra[m] - rb[m]})
                         diffs[m].append(ra[m] - rb[m])
                 per_seed.append(row)
-            summ = {**pair, "n": len(seeds)}
-            for m, xs in diffs.items():
-                if xs:
-                    mean = sum(xs) / len(xs)
-                    summ[f"{m}_diff_mean"] = mean
-                    summ[f"{m}_diff_std"] = (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-                                             if len(xs) > 1 else None)
-            per_pair.append(summ)
+            per_pair.append({**pair, "n": len(seeds), **_diff_stats(diffs)})
     return per_seed, per_pair
 
 
@@ -374,14 +379,7 @@ def versus_best_fixed(summary, rows, keys, label) -> tuple[list, list]:
             per_seed.append(row)
         if not diffs["elbo"]:
             continue
-        summ = {"steered": label(g), "n": len(diffs["elbo"]), "elbo_wins": wins}
-        for m, xs in diffs.items():
-            if xs:
-                mean = sum(xs) / len(xs)
-                summ[f"{m}_diff_mean"] = mean
-                summ[f"{m}_diff_std"] = (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-                                         if len(xs) > 1 else None)
-        per_group.append(summ)
+        per_group.append({"steered": label(g), "n": len(diffs["elbo"]), "elbo_wins": wins, **_diff_stats(diffs)})
     return per_seed, per_group
 
 

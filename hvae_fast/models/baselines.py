@@ -55,7 +55,6 @@ MLP (``arch="mlp"``): the authors' code has no MLP models (its MNIST ones are co
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -65,7 +64,7 @@ from ..config import ModelConfig
 from ..distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
 from ..errors import HVAEError
 from .nets import GatedResBlock, WNConv
-from .smoothing import OUSmoothing, check_ladder_ou, smoothed_logprob
+from .smoothing import OUSmoothing, check_ladder_ou, smooth_ladder_layers
 from .stack import StackedVAE
 
 
@@ -195,11 +194,7 @@ class _Baseline(StackedVAE):
         RNG: with one seed, the smoothed and the plain forward share their posterior samples."""
         check_ladder_ou(ou, type(self).__name__)
         terms, layers = self._top_down(repeat_batch(x, k))
-        if ou is not None:
-            for i, z_above, q_above, z, state in layers:
-                terms.log_p[i] = smoothed_logprob(ou, partial(self.generator_head, i), z_above, q_above, z,
-                                                  self.cfg.min_scale, state)
-        return terms
+        return terms if ou is None else smooth_ladder_layers(ou, terms, layers, self.generator_head, self.cfg.min_scale)
 
 
 class LadderVAE(_Baseline):

@@ -39,7 +39,6 @@ is the state of the real samples above, repeated for every k, not smoothed, and 
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..distributions import Terms, gaussian_logprob, normal_like, repeat_batch, split_gaussian, std_normal_logprob
 from ..errors import HVAEError
-from .smoothing import OUSmoothing, check_ladder_ou, smoothed_logprob
+from .smoothing import OUSmoothing, check_ladder_ou, smooth_ladder_layers
 from .stack import StackedVAE
 
 
@@ -194,8 +193,4 @@ class TopDownLadder(StackedVAE):
         drawn after every posterior draw, so a smoothed and a plain forward from one seed share samples."""
         check_ladder_ou(ou, type(self).__name__)
         terms, layers = self._top_down(repeat_batch(x, k))
-        if ou is not None:
-            for i, z_above, q_above, z, state in layers:
-                terms.log_p[i] = smoothed_logprob(ou, partial(self.generator_head, i), z_above, q_above, z,
-                                                  self.cfg.min_scale, state)
-        return terms
+        return terms if ou is None else smooth_ladder_layers(ou, terms, layers, self.generator_head, self.cfg.min_scale)

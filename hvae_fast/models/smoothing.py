@@ -1,4 +1,5 @@
-"""OU smoothing of one generator layer: the one helper the stacked VAE and the ladders (LVAE, BIVA) share.
+"""OU smoothing of one generator layer: the one helper the stacked VAE and the ladders (LVAE, BIVA,
+the VDVAE-style ladder) share, and the loop over a ladder's generator layers (smooth_ladder_layers).
 
 A generator layer maps the posterior sample z_{i+1} it reads (and, in some models, context the
 layer also reads: HVAE+'s skipped latents, a ladder's top-down state) to the Gaussian head of
@@ -15,6 +16,7 @@ posterior samples), repeated for every k. The OU backend does the two fused ops
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -74,3 +76,13 @@ def smoothed_logprob(ou: OUSmoothing, block: Callable, z_above, q_above, z, min_
         mean_raw, scale_raw = run(zp, *context)
     return ou.backend.gaussian_head_logprob(mean_raw.unflatten(0, (K, B)), scale_raw.unflatten(0, (K, B)), z,
                                             ou.target, min_scale)
+
+
+def smooth_ladder_layers(ou: OUSmoothing, terms, layers, generator_head: Callable, min_scale: float):
+    """A ladder's ``terms`` with each generator layer's log p replaced by ``smoothed_logprob``.
+    ``layers``: what its top-down pass recorded per generator layer, (i, z_{i+1}, (mu, sigma) of the
+    posterior that drew z_{i+1}, z_i, the unsmoothed state the layer reads); ``generator_head(i, z',
+    *state)``: that layer's block. Runs after the pass, so the OU seeds follow every posterior draw."""
+    for i, z_above, q_above, z, state in layers:
+        terms.log_p[i] = smoothed_logprob(ou, partial(generator_head, i), z_above, q_above, z, min_scale, state)
+    return terms
