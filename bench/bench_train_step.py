@@ -32,7 +32,7 @@ import torch
 
 from hvae_fast.config import preset_config
 from hvae_fast.models.objectives import training_loss
-from hvae_fast.training.trainer import build_training
+from hvae_fast.training.build import build_training, clip_gradients
 
 IMAGE_SHAPES = {"binarized-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 QUICK = os.environ.get("HVAE_BENCH_QUICK", "").strip() == "1"  # CI: does every benchmark run (bench/conftest.py)
@@ -83,7 +83,7 @@ class Step:
         finite = bool(torch.isfinite(loss))
         if finite:
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            gn = clip_gradients(self.model, self.grad_clip)
             finite = bool(torch.isfinite(gn))
         if finite:
             self.opt.step()

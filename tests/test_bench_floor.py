@@ -78,3 +78,18 @@ def test_the_bench_report_prints_steps_against_floor_and_peers():
     targets = "\n".join(br.floor_targets(g, gpu=False))
     assert "`hvae-fast-hvae-torch` (p) <= 1.5x its GEMM floor, ahead of the eager and compiled peers: **MET**" in targets
     assert "`hvae-fast-vae` (p) <= 1.5x its GEMM floor" in targets and "**NOT MET** (2.25x floor" in targets
+
+
+def test_the_step_profile_splits_each_phase_into_gemm_ou_other_ops_and_overhead():
+    from profile_step import PHASES, ProfiledStep, breakdown, table
+
+    r = breakdown(ProfiledStep("mnist-mlp-40x4", "hvae-torch", False, "cpu"), steps=2)
+    for p in PHASES:
+        d = r[p]
+        assert min(d.values()) >= 0
+        assert abs(d["gemm"] + d["ou"] + d["other ops"] + d["overhead"] - d["total"]) < 1e-6 * max(1.0, d["total"])
+    assert r["forward"]["gemm"] > 0 and r["backward"]["gemm"] > 0  # the model's products land in their phases
+    assert r["forward"]["ou"] > 0  # the OU op of the smoothed generators
+    assert r["optimizer"]["gemm"] == 0 and r["optimizer"]["other ops"] > 0
+    assert r["step_ms_unprofiled"] > 0
+    assert "| **step** |" in table({"x": r})

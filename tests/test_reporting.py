@@ -124,3 +124,17 @@ def test_a_step_target_shows_the_rounds_spread_beside_its_verdict(tmp_path):
         line = next(x for x in tg.splitlines() if "(cifar10-resnet-4)" in x)
         lo, hi = (f"{auto['stats'][k] * 1e3:.0f}" for k in ("min", "max"))
         assert line.endswith(f"ms; rounds {lo}-{hi} vs 2185-2316 ms{note}): **NOT MET**"), line
+
+
+def test_an_optimizer_group_divides_each_row_by_torchs_per_tensor_loop_of_its_kind(tmp_path):
+    def b(name, median):
+        return {"group": "optimizer-mnist-mlp-40x4", "name": name, "extra_info": {},
+                "stats": {"median": median, "min": median, "max": median, "rounds": 5}}
+
+    (tmp_path / "r.json").write_text(json.dumps({"benchmarks": [
+        b("adam-single", 0.004), b("adam-fused", 0.001), b("clip-single", 0.002), b("clip-foreach", 0.001)]}))
+    rows = {r["name"]: r for r in bench.records(bench.load(tmp_path / "r.json"))}
+    assert rows["adam-fused"]["baseline"] == "adam-single" and rows["adam-fused"]["ratio_to_baseline"] == 0.25
+    assert rows["clip-foreach"]["baseline"] == "clip-single" and rows["clip-foreach"]["ratio_to_baseline"] == 0.5
+    text = bench.report(tmp_path / "r.json")
+    assert "| `adam-fused` | 1.00 | 0.25x |" in text and "| `clip-foreach` | 1.00 | 0.50x |" in text

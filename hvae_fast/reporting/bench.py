@@ -2,7 +2,7 @@
 (``--csv FILE``: also the numbers behind it, one row per benchmark).
 
 One table per benchmark group (``step-<preset>``: baseline ``vae``; ``op-<op>-<mode>-<size>``:
-baseline ``torch``, eager PyTorch) with the median time, the ratio to the baseline measured in the
+baseline ``torch``, eager PyTorch; ``optimizer-<preset>``: baseline torch's per-tensor loop) with the median time, the ratio to the baseline measured in the
 same run, peak memory and its ratio (steps), and achieved bandwidth (ops, GPU runs). Then the
 project's performance targets, each printed as met / not met / not measured (never asserted):
 
@@ -51,7 +51,11 @@ def _mib(n) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
 
-def _baseline_name(group: str) -> str:
+def _baseline_name(group: str, name: str = "") -> str:
+    """The row each row of a group is divided by; in ``optimizer-`` groups torch's per-tensor loop
+    of the same kind (``adam-single`` for the Adam rows, ``clip-single`` for the clip rows)."""
+    if group.startswith("optimizer-"):
+        return name.split("-")[0] + "-single" if name else "single"
     return "vae" if group.startswith("step-") else "torch"
 
 
@@ -118,7 +122,6 @@ def floor_targets(g: dict, gpu: bool) -> list:
 
 
 def table(group: str, benches: dict, gpu: bool) -> list:
-    base = benches.get(_baseline_name(group))
     step = group.startswith("step-")
     head = ["name", "median ms", f"x {_baseline_name(group)}"]
     if step:
@@ -131,7 +134,7 @@ def table(group: str, benches: dict, gpu: bool) -> list:
     for name in sorted(benches, key=_order):
         b = benches[name]
         ei = b.get("extra_info", {})
-        t = _median(b)
+        t, base = _median(b), benches.get(_baseline_name(group, name))
         row = [f"`{name}`", _fmt_ms(t), _fmt_ratio(t / _median(base) if base else None)]
         if step:
             mem, bmem = ei.get("peak_mem_bytes"), (base or {}).get("extra_info", {}).get("peak_mem_bytes")
@@ -155,12 +158,12 @@ def records(data: dict) -> list[dict]:
     the torch-backend HVAE step and the peak memory's ratio to the VAE's."""
     out = []
     for grp, benches in sorted(groups(data).items(), key=lambda kv: _group_sort_key(kv[0])):
-        base, torch_step = benches.get(_baseline_name(grp)), benches.get("hvae-torch")
+        torch_step = benches.get("hvae-torch")
         for name in sorted(benches, key=_order):
-            b, ei = benches[name], benches[name].get("extra_info", {})
+            b, ei, base = benches[name], benches[name].get("extra_info", {}), benches.get(_baseline_name(grp, name))
             st = b["stats"]
             row = {"group": grp, "name": name, "median_s": _median(b), "min_s": st["min"], "max_s": st["max"],
-                   "rounds": st["rounds"], "baseline": _baseline_name(grp),
+                   "rounds": st["rounds"], "baseline": _baseline_name(grp, name),
                    "ratio_to_baseline": _median(b) / _median(base) if base else None}
             if grp.startswith("step-"):
                 bmem = (base or {}).get("extra_info", {}).get("peak_mem_bytes")

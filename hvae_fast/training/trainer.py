@@ -40,7 +40,7 @@ from .evaluate import evaluate
 from ..models.likelihoods import bits_per_dim
 from ..models.model import count_parameters
 from ..models.objectives import kl_weight, training_loss
-from .build import Training, build_training, lr_lambda  # noqa: F401 (the README's Python API imports them here)
+from .build import Training, build_training, clip_gradients, lr_lambda  # noqa: F401 (the README's Python API imports them here)
 from . import tracking
 from .rho_control import RhoController
 from .rundir import (LATEST, append_metrics, atomic_save, atomic_write_text, check_run_dir, image_grid, load_checkpoint,
@@ -492,7 +492,7 @@ class Trainer:
         if finite:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)  # clip the true gradient, not the scaled one
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            gn = clip_gradients(self.model, t.grad_clip)
             finite = bool(torch.isfinite(gn))
             if not finite and self.scaler.is_enabled():
                 # fp16 overflow: skip the step and halve the loss scale (GradScaler's own policy);
