@@ -3,6 +3,7 @@ has the project's shapes, and the bench report prints every step against both.""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -48,6 +49,63 @@ def test_the_floor_counts_and_runs_its_flops():
     f = Floor([lin, conv], "cpu")
     assert f.flops == 3 * 2 * 10 * 20 * 30 + 2 * 2 * (2 * 8 * 8 * 4 * 3 * 9)
     f()  # shapes agree: the replay runs
+
+
+def test_the_floor_replays_a_transposed_conv_with_the_gradients_autograd_computes():
+    m = torch.nn.ConvTranspose2d(6, 5, 4, stride=2, padding=1)
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    (prod,) = record_products(m, lambda: m(x))
+    assert prod == Product("conv_transpose2d", (2, 6, 8, 8), (6, 5, 4, 4), True, (2, 2), (1, 1))
+    y = m(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # the replay's two backward products (floor.py) are the true weight and input gradients
+    dw = torch.nn.grad.conv2d_weight(dy, m.weight.shape, x.detach(), stride=2, padding=1)
+    dx = torch.nn.functional.conv2d(dy, m.weight.detach(), stride=2, padding=1)
+    assert torch.allclose(dw, m.weight.grad, atol=1e-4) and torch.allclose(dx, x.grad, atol=1e-5)
+    f = Floor([prod], "cpu")
+    assert f.flops == 3 * 2 * (2 * 8 * 8 * 6 * 5 * 16)
+    f()
+
+
+def test_the_resnet_floor_records_the_decoders_transposed_conv():
+    cfg = preset_config("cifar10-resnet-4")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, channels=8, blocks=1, data_blocks=1))
+    model = build_model("vae", cfg.model, (3, 32, 32))
+    x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 127.5 - 1
+    prods = record_products(model, lambda: training_loss(model, x, "vae", None, 1.0, 0.0, 1)[0].backward())
+    kinds = [p.kind for p in prods]
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(prods) == len(convs) and kinds.count("conv_transpose2d") == 1
+
+
+def test_the_peers_logistic_mixture_is_the_projects_in_another_layout():
+    """peer.dmol (channel-major) against likelihoods.dmol_logprob (component-major) on the same numbers."""
+    from peer import dmol
+
+    from hvae_fast.models.likelihoods import dmol_logprob
+
+    g = torch.Generator().manual_seed(0)
+    B, M, H, W = 3, 4, 5, 6
+    params = torch.randn(B, 10 * M, H, W, generator=g, dtype=torch.float64)
+    x = torch.randint(0, 256, (B, 3, H, W), generator=g).double() / 127.5 - 1
+    x[0, :, 0, 0], x[1, :, 0, 0] = -1.0, 1.0  # the edge levels
+    logits, rest = params[:, :M], params[:, M:]
+    # project: means [M*3] then log-scales [M*3] then coeffs [M*3], each component-major ([M, 3]);
+    # peer: 9 channel groups of M ([3, M] per kind)
+    peer_rest = rest.view(B, 3, M, 3, H, W).transpose(2, 3).reshape(B, 9 * M, H, W)
+    ours = dmol_logprob(params, x, M)
+    theirs = dmol(torch.cat([logits, peer_rest], 1), x, M)
+    assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-6)
+
+
+def test_the_resnet_peer_has_the_presets_shapes():
+    cfg = preset_config("cifar10-resnet-4")
+    model = build_model("hvae", cfg.model, (3, 32, 32))
+    x = torch.randint(0, 256, (1, 3, 32, 32)).float() / 127.5 - 1
+    peer = PeerStep(cfg, x, True)
+    assert count_parameters(peer.model) == count_parameters(model)
+    assert torch.isfinite(peer.model.loss(x))
 
 
 def test_the_peer_has_the_presets_shapes_and_trains():
