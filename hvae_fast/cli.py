@@ -498,9 +498,12 @@ def register(sub) -> None:
                      "warm-up step) on synthetic CIFAR-10-shaped inputs. On CUDA: torch.cuda.max_memory_allocated. "
                      f"On CPU: {CPU_MEASURE}, counted with saved_tensors_hooks (allocator-independent), "
                      "next to the process peak RSS (monotone over the process)."))
-    m.add_argument("--models", type=_models, default=MODELS, help="comma-separated subset of vae,iwae,hvae,lvae,biva")
+    m.add_argument("--models", type=_models, default=("vae", "iwae", "hvae", "lvae", "biva"),
+                   help="comma-separated subset of vae,iwae,hvae,lvae,biva (the paper's Table 6, the default), "
+                        "lvae-ou,biva-ou (the ladders OU-smoothed at --rho), ladder,ladder-ou (the VDVAE-style ladder, "
+                        "cifar10-vdvae-ladder-6, unsmoothed / smoothed)")
     m.add_argument("--depths", type=_counts(1), default=(4, 6), help="stochastic layers of vae/iwae/hvae (default 4,6)")
-    m.add_argument("--baseline-depths", type=_counts(1), default=(15,), help="stochastic layers of lvae/biva (default 15)")
+    m.add_argument("--baseline-depths", type=_counts(1), default=(15,), help="stochastic layers of lvae/biva and their -ou rows (default 15)")
     m.add_argument("--batch-size", type=_count(1), default=64, help="default 64")
     m.add_argument("--samples", type=_count(1), default=5, help="OU samples K (hvae) and IWAE samples k (iwae); default 5")
     m.add_argument("--rho", type=_float, default=0.9, help="OU correlation of hvae (default 0.9)")

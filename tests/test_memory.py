@@ -111,6 +111,31 @@ def test_memory_command_small_cpu(tmp_path, capsys):
     assert by["hvae"]["backend"] == "torch" and by["vae"]["ratio_to_vae"] == 1.0
 
 
+def test_the_ladders_smoothed_rows_beside_their_plain_baselines(tmp_path, capsys):
+    """lvae/biva stay the paper's unsmoothed baselines at any --rho; their -ou rows and the VDVAE-style
+    ladder's smooth at --rho with the OU backend, and hold the K-sample pass's activations."""
+    js = tmp_path / "m.json"
+    rc = cli.main(["memory", "--device", "cpu", "--batch-size", "2", "--channels", "8", "--blocks", "1",
+                   "--baseline-depths", "3", "--models", "lvae,lvae-ou,biva,biva-ou,ladder,ladder-ou",
+                   "--backend", "torch", "--samples", "3", "--rho", "0.8", "--json", str(js)])
+    assert rc == 0
+    by = {r["model"]: r for r in json.loads(js.read_text())["rows"]}
+    assert [by[m]["layers"] for m in ("lvae", "lvae-ou", "biva", "biva-ou", "ladder", "ladder-ou")] == [3, 3, 3, 3, 6, 6]
+    for plain in ("lvae", "biva", "ladder"):
+        ou = by[plain + "-ou"]
+        assert by[plain]["backend"] == "-" and ou["backend"] == "torch"
+        assert ou["parameters"] == by[plain]["parameters"]  # smoothing adds no weights
+        assert ou["saved_bytes"] > by[plain]["saved_bytes"]  # the K = 3 samples' activations
+
+
+def test_a_smoothed_ladder_row_needs_rho_below_one():
+    from hvae_fast.errors import HVAEError
+    from hvae_fast.experiments import memory
+
+    with pytest.raises(HVAEError, match="rho below 1"):
+        memory.measure("lvae-ou", 2, batch_size=1, rho=1.0, channels=4, blocks=1, backend="torch")
+
+
 def test_memory_rejects_unknown_model():
     with pytest.raises(SystemExit):
         cli.main(["memory", "--models", "vae,gan"])

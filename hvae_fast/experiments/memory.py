@@ -12,7 +12,10 @@ optimizer, Adamax for CIFAR-10) after one warm-up step, so the optimizer state e
   vae   HierarchicalVAE, training_loss(method="vae")
   iwae  HierarchicalVAE, training_loss(method="iwae", iw_k=samples)
   hvae  HierarchicalVAE with OUSmoothing(rho=0.9, samples, backend=get_backend(--backend, device))
-  lvae / biva  their models (hvae_fast.models.baselines), ELBO
+  lvae / biva  their models (hvae_fast.models.baselines), ELBO, unsmoothed (the paper's baselines)
+  lvae-ou / biva-ou  the same ladders with OU-smoothed generator layers (rho, samples, backend as hvae)
+  ladder / ladder-ou  the VDVAE-style top-down ladder (cifar10-vdvae-ladder-6, 6 latents at its own
+        depth, which --baseline-depths does not change), unsmoothed / OU-smoothed
 
 The memory figure:
   CUDA  torch.cuda.max_memory_allocated() over the measured step, after reset_peak_memory_stats()
@@ -53,7 +56,8 @@ from ..reporting.memory_table import PAPER
 
 log = logging.getLogger("hvae_fast.experiments.memory")
 
-MODELS = ("vae", "iwae", "hvae", "lvae", "biva")
+MODELS = ("vae", "iwae", "hvae", "lvae", "biva", "lvae-ou", "biva-ou", "ladder", "ladder-ou")
+LADDERS = ("lvae", "biva", "ladder")  # measured at --baseline-depths (the VDVAE-style one at its preset's depth)
 IMAGE_SHAPE = (3, 32, 32)
 
 
@@ -211,11 +215,14 @@ def model_config(model: str, layers: int, channels: int | None = None, blocks: i
     """The RunConfig measured for ``model`` at ``layers`` stochastic layers (with optional shrinking)."""
     from ..config import preset_config
 
-    name = {"lvae": "cifar10-lvae-15", "biva": "cifar10-biva-15"}.get(model, "cifar10-resnet-4")
+    method = model.removesuffix("-ou")
+    name = {"lvae": "cifar10-lvae-15", "biva": "cifar10-biva-15", "ladder": "cifar10-vdvae-ladder-6"}.get(
+        method, "cifar10-resnet-4")
     cfg = preset_config(name)
-    cfg.method = model
+    cfg.method = method
     m = cfg.model
-    m.num_layers = layers
+    if method != "ladder":  # the VDVAE-style ladder's depth is its latents_per_scale
+        m.num_layers = layers
     if channels is not None:
         m.channels = channels
     if blocks is not None:
@@ -236,12 +243,16 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
 
     if model not in MODELS:
         raise HVAEError(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
-    if batch_size < 1 or samples < 1 or layers < 1:
+    if batch_size < 1 or samples < 1 or (layers < 1 and not model.startswith("ladder")):
         raise HVAEError("--batch-size, --samples and the depths must be >= 1")
     device = torch.device(device)
     torch.manual_seed(seed)
     cfg = model_config(model, layers, channels, blocks, data_blocks)
-    cfg.ou.rho, cfg.ou.samples, cfg.ou.backend, cfg.ou.recompute = rho, samples, backend, recompute
+    # hvae is smoothed at every rho; a ladder only as its "-ou" row (rho = 1 trains the plain baseline)
+    smoothed = model == "hvae" or model.endswith("-ou")
+    cfg.ou.rho, cfg.ou.samples, cfg.ou.backend, cfg.ou.recompute = rho if smoothed else 1.0, samples, backend, recompute
+    if model.endswith("-ou") and rho >= 1.0:
+        raise HVAEError(f"{model}: a ladder is smoothed only at rho < 1: pass --rho below 1")
     tr = build_training(cfg, device, IMAGE_SHAPE)
     net, opt, ou = tr.model, tr.opt, tr.ou
     net.train()
@@ -251,12 +262,12 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
     x = (torch.randint(0, 256, (batch_size, *IMAGE_SHAPE), generator=gen).float() / 127.5 - 1.0).to(device)
 
     def loss_fn(m):
-        return training_loss(m, x, model, ou, beta=1.0, free_bits=0.0, iw_k=samples)[0]
+        return training_loss(m, x, cfg.method, ou, beta=1.0, free_bits=0.0, iw_k=samples)[0]
 
     r = step_memory(net, loss_fn, opt, device, inputs=(x,))
     cuda = device.type == "cuda"
     paper = PAPER.get((model, layers), (None, None))
-    row = {"model": model, "layers": layers, "parameters": n_params,
+    row = {"model": model, "layers": net.depth, "parameters": n_params,
            "memory_bytes": r["cuda_peak"] if cuda else r["counted"],
            "memory_kind": "cuda max_memory_allocated" if cuda else "cpu saved+params+grads+optimizer",
            "ratio_to_vae": None, "saved_bytes": r["saved"], "param_bytes": r["params"], "grad_bytes": r["grads"],
@@ -272,11 +283,13 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
 
 
 def run_table(models=("vae", "iwae", "hvae", "lvae", "biva"), depths=(4, 6), baseline_depths=(15,), **kw) -> list:
-    """Rows for every model and depth (vae/iwae/hvae at ``depths``, lvae/biva at ``baseline_depths``),
-    with ``ratio_to_vae`` filled where the VAE of the same depth was measured."""
+    """Rows for every model and depth (vae/iwae/hvae at ``depths``, the ladders at ``baseline_depths``;
+    the VDVAE-style ladder once, at its own depth), with ``ratio_to_vae`` filled where the VAE of the
+    same depth was measured."""
     rows = []
     for m in models:
-        for d in (baseline_depths if m in ("lvae", "biva") else depths):
+        method = m.removesuffix("-ou")
+        for d in ((0,) if method == "ladder" else baseline_depths if method in LADDERS else depths):
             log.info("measuring %s with %d stochastic layers", m, d)
             rows.append(measure(m, d, **kw))
     vae = {r["layers"]: r for r in rows if r["model"] == "vae"}
