@@ -506,7 +506,7 @@ def register(sub) -> None:
     m.add_argument("--baseline-depths", type=_counts(1), default=(15,), help="stochastic layers of lvae/biva and their -ou rows (default 15)")
     m.add_argument("--batch-size", type=_count(1), default=64, help="default 64")
     m.add_argument("--samples", type=_count(1), default=5, help="OU samples K (hvae) and IWAE samples k (iwae); default 5")
-    m.add_argument("--rho", type=_float, default=0.9, help="OU correlation of hvae (default 0.9)")
+    m.add_argument("--rho", type=_float, default=0.9, help="OU correlation of hvae and the -ou rows (default 0.9)")
     m.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     m.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="OU backend of hvae (compare eager torch vs fused)")
     m.add_argument("--recompute", action="store_true", help="hvae: recompute the K-sample generator activations in backward")

@@ -126,6 +126,9 @@ def test_the_ladders_smoothed_rows_beside_their_plain_baselines(tmp_path, capsys
         assert by[plain]["backend"] == "-" and ou["backend"] == "torch"
         assert ou["parameters"] == by[plain]["parameters"]  # smoothing adds no weights
         assert ou["saved_bytes"] > by[plain]["saved_bytes"]  # the K = 3 samples' activations
+        assert ou["ratio_to_unsmoothed"] == pytest.approx(ou["memory_bytes"] / by[plain]["memory_bytes"], rel=1e-3)
+        assert by[plain]["ratio_to_unsmoothed"] is None
+    assert "x unsmoothed" in capsys.readouterr().out
 
 
 def test_a_smoothed_ladder_row_needs_rho_below_one():

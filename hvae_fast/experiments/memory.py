@@ -272,7 +272,7 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
            "memory_kind": "cuda max_memory_allocated" if cuda else "cpu saved+params+grads+optimizer",
            "ratio_to_vae": None, "saved_bytes": r["saved"], "param_bytes": r["params"], "grad_bytes": r["grads"],
            "optimizer_bytes": r["optimizer"], "counted_bytes": r["counted"], "cpu_peak_bytes": r["cpu_peak"],
-           "cpu_peak_ratio_to_vae": None, "rss_peak_bytes": r["rss_peak"],
+           "cpu_peak_ratio_to_vae": None, "rss_peak_bytes": r["rss_peak"], "ratio_to_unsmoothed": None,
            "step_seconds": round(r["seconds"], 4), "paper_memory_gb": paper[0], "paper_parameters": paper[1],
            "batch_size": batch_size, "samples": samples, "backend": backend_name, "recompute": recompute,
            "device": str(device)}
@@ -285,15 +285,20 @@ def measure(model: str, layers: int, batch_size: int = 64, samples: int = 5, dev
 def run_table(models=("vae", "iwae", "hvae", "lvae", "biva"), depths=(4, 6), baseline_depths=(15,), **kw) -> list:
     """Rows for every model and depth (vae/iwae/hvae at ``depths``, the ladders at ``baseline_depths``;
     the VDVAE-style ladder once, at its own depth), with ``ratio_to_vae`` filled where the VAE of the
-    same depth was measured."""
+    same depth was measured and ``ratio_to_unsmoothed`` where a "-ou" row's plain ladder was."""
     rows = []
     for m in models:
         method = m.removesuffix("-ou")
         for d in ((0,) if method == "ladder" else baseline_depths if method in LADDERS else depths):
-            log.info("measuring %s with %d stochastic layers", m, d)
+            log.info("measuring %s", m if method == "ladder" else f"{m} with {d} stochastic layers")
             rows.append(measure(m, d, **kw))
     vae = {r["layers"]: r for r in rows if r["model"] == "vae"}
+    unsmoothed = {(r["model"], r["layers"]): r for r in rows if r["model"] in LADDERS}
     for r in rows:
+        r["ratio_to_unsmoothed"] = None
+        u = unsmoothed.get((r["model"].removesuffix("-ou"), r["layers"])) if r["model"].endswith("-ou") else None
+        if u is not None:
+            r["ratio_to_unsmoothed"] = round(r["memory_bytes"] / u["memory_bytes"], 3)
         v = vae.get(r["layers"])
         if v is not None:
             r["ratio_to_vae"] = round(r["memory_bytes"] / v["memory_bytes"], 3)

@@ -13,7 +13,7 @@ PAPER = {("vae", 4): (2.12, 12.4e6), ("vae", 6): (2.45, 16.8e6), ("iwae", 4): (8
          ("hvae", 4): (3.74, 12.4e6), ("hvae", 6): (4.6, 16.8e6)}
 COLUMNS = ["model", "layers", "parameters", "memory_bytes", "memory_kind", "ratio_to_vae", "saved_bytes",
            "param_bytes", "grad_bytes", "optimizer_bytes", "counted_bytes", "cpu_peak_bytes", "cpu_peak_ratio_to_vae",
-           "rss_peak_bytes", "step_seconds",
+           "rss_peak_bytes", "ratio_to_unsmoothed", "step_seconds",
            "paper_memory_gb", "paper_parameters", "batch_size", "samples", "backend", "device"]
 CSV_COLUMNS = COLUMNS + ["paper_ratio_to_vae"]  # the CSV adds the paper's ratio to the VAE of the same depth
 CPU_MEASURE = ("saved-for-backward tensors (deduplicated by storage) + parameters + gradients + optimizer state")
@@ -32,9 +32,13 @@ def _gib(b):
 
 
 def format_table(rows: list) -> str:
-    """The table as aligned text: one line per row, sizes in GiB, ratios to the VAE of the same depth."""
+    """The table as aligned text: one line per row, sizes in GiB, ratios to the VAE of the same depth
+    (and, for a smoothed ladder's "-ou" row, to the same ladder unsmoothed)."""
     head = ["model", "layers", "params", "memory", "x VAE", "saved", "CPU peak", "peak x VAE", "peak RSS", "paper mem",
             "paper x VAE", "paper params"]
+    plain = any(r.get("ratio_to_unsmoothed") is not None for r in rows)
+    if plain:
+        head.append("x unsmoothed")
     out = []
     for r in rows:
         pm, pr = r["paper_memory_gb"], paper_ratio(r)
@@ -44,7 +48,8 @@ def format_table(rows: list) -> str:
                     _gib(r["cpu_peak_bytes"]),
                     "-" if r["cpu_peak_ratio_to_vae"] is None else f"{r['cpu_peak_ratio_to_vae']:.2f}",
                     _gib(r["rss_peak_bytes"]), "-" if pm is None else f"{pm}G", pr,
-                    "-" if r["paper_parameters"] is None else f"{r['paper_parameters'] / 1e6:.1f}M"])
+                    "-" if r["paper_parameters"] is None else f"{r['paper_parameters'] / 1e6:.1f}M"]
+                   + (["-" if r.get("ratio_to_unsmoothed") is None else f"{r['ratio_to_unsmoothed']:.2f}"] if plain else []))
     w = [max(len(x[i]) for x in out + [head]) for i in range(len(head))]
     lines = ["  ".join(h.rjust(w[i]) for i, h in enumerate(head))]
     lines += ["  ".join(c.rjust(w[i]) for i, c in enumerate(x)) for x in out]
@@ -64,7 +69,7 @@ def write_csv(rows: list, path: Path) -> None:
         wr = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         wr.writeheader()
         for r in rows:
-            wr.writerow({**{k: ("" if r[k] is None else r[k]) for k in COLUMNS},
+            wr.writerow({**{k: ("" if r.get(k) is None else r[k]) for k in COLUMNS},
                          "paper_ratio_to_vae": "" if paper_ratio(r) is None else paper_ratio(r)})
 
 
