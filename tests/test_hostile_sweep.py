@@ -87,7 +87,8 @@ def test_a_folder_with_files_that_are_not_a_runs_is_left_alone(tmp_path, monkeyp
     (d / "seed=0" / "notes.txt").write_text("mine")
     monkeypatch.setattr(subprocess, "Popen", no_process)
     assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0", "--", *TINY]) == 1
-    assert "holds files that are not a run's (notes.txt)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "REFUSED seed=0:" in out and "holds files that are not a run's (notes.txt)" in out
     assert (d / "seed=0" / "notes.txt").read_text() == "mine"
 
 
@@ -129,7 +130,7 @@ def test_a_planted_log_symlink_is_not_followed_and_is_named(tmp_path, suffix):
     link.symlink_to(outside)
     from hvae_fast.experiments.sweep_points import open_logs
 
-    with pytest.raises(sweep.PointBusy, match=f"the log file {link} is a symbolic link"):
+    with pytest.raises(sweep.PointRefused, match=f"the log file {link} is a symbolic link"):
         open_logs(p, "train", p.train_cmd())
     assert outside.read_text() == "mine" and link.is_symlink()
 
@@ -144,13 +145,15 @@ def test_a_sweep_with_a_planted_log_symlink_names_it_and_leaves_its_target(tmp_p
     monkeypatch.setattr(subprocess, "Popen", no_process)
     assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0", "--", *TINY]) == 1
     out = capsys.readouterr().out
-    assert f"BUSY seed=0: the log file {link} is a symbolic link" in out and "Traceback" not in out
+    assert f"REFUSED seed=0: the log file {link} is a symbolic link" in out and "Traceback" not in out
+    # named as refused, not as busy: waiting for another process would not help
+    assert "1 refused (left untouched, see the lines above: seed=0)" in out and "busy" not in out
     assert outside.read_text() == "mine"
     (d / "logs").rename(tmp_path / "planted-logs")
     (d / "logs").symlink_to(tmp_path / "planted-logs")  # the folder itself planted as a link
     before = {p.name: p.read_bytes() for p in (tmp_path / "planted-logs").iterdir() if not p.is_symlink()}
     assert main(["sweep", "s", "--root", str(tmp_path), "--grid", "seed=0", "--", *TINY]) == 1
-    assert f"BUSY seed=0: the log folder {d / 'logs'} is a symbolic link" in capsys.readouterr().out
+    assert f"REFUSED seed=0: the log folder {d / 'logs'} is a symbolic link" in capsys.readouterr().out
     after = {p.name: p.read_bytes() for p in (tmp_path / "planted-logs").iterdir() if not p.is_symlink()}
     assert outside.read_text() == "mine" and after == before
 

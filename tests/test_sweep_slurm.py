@@ -149,7 +149,7 @@ def test_a_torchrun_point_is_one_task_whose_train_starts_n_processes(tmp_path, c
     assert "differs in nproc_per_point" in capsys.readouterr().err and "nproc_per_point" not in sweep.read_spec(d)
 
 
-def test_a_point_job_with_a_planted_log_symlink_is_busy_and_leaves_its_target(tmp_path, monkeypatch):
+def test_a_point_job_with_a_planted_log_symlink_is_refused_and_leaves_its_target(tmp_path, monkeypatch):
     spec = sweep.make_spec(TINY, [sweep.parse_axis("grid", "seed=0")])
     outside = tmp_path / "outside.txt"
     outside.write_text("mine")
@@ -161,5 +161,5 @@ def test_a_point_job_with_a_planted_log_symlink_is_busy_and_leaves_its_target(tm
 
     monkeypatch.setattr(subprocess, "Popen", no_process)
     result = sweep_slurm.PointJob(tmp_path, {"seed": "0"}, spec)()
-    assert result["status"] == "busy" and "seed=0.train.log is a symbolic link" in result["message"]
+    assert result["status"] == "refused" and "seed=0.train.log is a symbolic link" in result["message"]
     assert outside.read_text() == "mine"

@@ -32,7 +32,7 @@ from pathlib import Path
 from ..errors import HVAEError
 from ..training.rundir import atomic_write_text
 # the sweep API stays importable from here (tests and scripts use sweep.Point, sweep.expand, ...)
-from .sweep_points import (EVAL_FILE, SWEEP_LOCK, Point, PointBusy, claim_run_dir, lock_sweep_dir,  # noqa: F401
+from .sweep_points import (EVAL_FILE, SWEEP_LOCK, Point, PointBusy, PointRefused, claim_run_dir, lock_sweep_dir,  # noqa: F401
                            run_points)
 from .sweep_results import (SCALARS, collect_results, metric_columns, read_eval, summarize,  # noqa: F401
                             write_results, write_table)
@@ -174,8 +174,10 @@ def finish(sweep_dir: Path, status: dict, log) -> int:
     rows = write_results(sweep_dir)
     n_failed = sum(r["status"] == "failed" for r in rows)
     busy = [name for name, s in status.items() if s == "busy"]
+    refused = [name for name, s in status.items() if s == "refused"]
     log(f"{sum(r['status'] == 'finished' for r in rows)}/{len(rows)} points finished, {n_failed} failed"
         + (f", {len(busy)} busy (left untouched: {', '.join(busy)})" if busy else "")
+        + (f", {len(refused)} refused (left untouched, see the lines above: {', '.join(refused)})" if refused else "")
         + f"; wrote {sweep_dir / 'results.csv'} and {sweep_dir / 'summary.csv'}")
     return 1 if set(status.values()) - {"finished", "skipped"} or n_failed else 0
 

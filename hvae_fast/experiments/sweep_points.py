@@ -75,7 +75,16 @@ def claim_run_dir(run_dir: Path):
 
 
 class PointBusy(HVAEError):
-    """A point's folder is not the sweep's to run now (a process holds its lock, or it holds other files)."""
+    """A point's folder is not the sweep's to run now: a process holds its lock (status "busy")."""
+
+    status = "busy"
+
+
+class PointRefused(PointBusy):
+    """A point the sweep will not run until a person looks: its folder holds files that are not a
+    run's, or its logs are symbolic links (status "refused"; re-running will not help)."""
+
+    status = "refused"
 
 
 # -- one point: train then eval ---------------------------------------------------------------------
@@ -128,7 +137,7 @@ class Point:
             if self.dir.exists():
                 names, run_files = run_dir_contents(self.dir)
                 if self.dir.is_symlink() or set(names) - set(run_files):
-                    raise PointBusy(f"{self.dir} holds files that are not a run's ({', '.join(names[:3])}): left "
+                    raise PointRefused(f"{self.dir} holds files that are not a run's ({', '.join(names[:3])}): left "
                                     f"untouched; move them away and re-run the sweep")
                 # The trainer refuses a folder without a checkpoint; nothing in it is worth keeping.
                 shutil.rmtree(self.dir)
@@ -164,22 +173,22 @@ def _open_log(path: Path):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         what = "is a symbolic link" if os.path.islink(path) else f"cannot be opened ({exc.strerror or exc})"
-        raise PointBusy(f"the log file {path} {what}; the sweep never writes through one: remove it "
+        raise PointRefused(f"the log file {path} {what}; the sweep never writes through one: remove it "
                         f"and re-run the sweep") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise PointBusy(f"the log file {path} is not a regular file: remove it and re-run the sweep")
+        raise PointRefused(f"the log file {path} is not a regular file: remove it and re-run the sweep")
     return os.fdopen(fd, "a")
 
 
 def open_logs(p: Point, stage: str, cmd: list[str]):
     """(stdout file, stderr file, stderr offset) for one attempt: appended to logs/<point>.<stage>.log
-    and .err under a header line, so a re-run keeps the logs of the attempts before it. PointBusy
+    and .err under a header line, so a re-run keeps the logs of the attempts before it. PointRefused
     (naming the file) if ``logs`` or one of the two files is a symbolic link: none is written through."""
     import shlex
 
     if p.logs.is_symlink():
-        raise PointBusy(f"the log folder {p.logs} is a symbolic link; the sweep never writes through one: "
+        raise PointRefused(f"the log folder {p.logs} is a symbolic link; the sweep never writes through one: "
                         f"remove it and re-run the sweep")
     p.logs.mkdir(parents=True, exist_ok=True)
     header = f"# {time.strftime('%Y-%m-%d %H:%M:%S')} sweep process {os.getpid()}: {shlex.join(cmd)}\n"
@@ -203,7 +212,7 @@ def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
     """Run the unfinished points, ``workers`` subprocesses at a time, threads split between them.
 
     Single-threaded polling (no thread pool), so starting children with a pre-exec hook is safe.
-    Returns {point name: "finished" | "skipped" | "failed" | "busy"}.
+    Returns {point name: "finished" | "skipped" | "failed" | "busy" | "refused"}.
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -228,8 +237,8 @@ def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
             out, err, offset = open_logs(p, stage, cmd)
         except PointBusy as exc:
             done += 1
-            status[p.name] = "busy"
-            log(f"[{done}/{total}] BUSY {p.name}: {exc}")
+            status[p.name] = exc.status
+            log(f"[{done}/{total}] {exc.status.upper()} {p.name}: {exc}")
             return False
         with out, err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, preexec_fn=preexec)
@@ -244,11 +253,11 @@ def run_points(points: list[Point], workers: int = 1, log=print) -> dict:
                 stages = p.stages(log)
             except PointBusy as exc:
                 done += 1
-                status[p.name] = "busy"
-                log(f"[{done}/{total}] BUSY {p.name}: {exc}")
+                status[p.name] = exc.status
+                log(f"[{done}/{total}] {exc.status.upper()} {p.name}: {exc}")
                 continue
             log(f"[{done + len(running) + 1}/{total}] start {p.name}" + (" (resume)" if resumed else ""))
-            launch(p, stages, time.monotonic())  # a point whose logs are links is counted busy there
+            launch(p, stages, time.monotonic())  # a point whose logs are links is counted refused there
         time.sleep(0.1)
         for proc in [q for q in running if q.poll() is not None]:
             p, stage, stages, t0, offset = running.pop(proc)

@@ -124,21 +124,21 @@ class PointJob:
         return self._code
 
     def __call__(self) -> dict:
-        """{"status": finished | skipped | failed | busy | interrupted, "message"}."""
+        """{"status": finished | skipped | failed | busy | refused | interrupted, "message"}."""
         p = Point(self.sweep_dir, self.values, self.spec)
         if p.finished():
             return {"status": "skipped", "message": ""}
         try:
             stages = p.stages(print)
         except PointBusy as exc:
-            return {"status": "busy", "message": str(exc)}
+            return {"status": exc.status, "message": str(exc)}
         threads = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("OMP_NUM_THREADS")
         env = dict(os.environ, **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {}))
         for stage, cmd in stages:
             try:
                 out, err, offset = open_logs(p, stage, cmd)
             except PointBusy as exc:  # a log file that is a symbolic link: not written through
-                return {"status": "busy", "message": str(exc)}
+                return {"status": exc.status, "message": str(exc)}
             with out, err:
                 self._proc, self._code = subprocess.Popen(cmd, stdout=out, stderr=err, env=env,
                                                           preexec_fn=_child_setup), None
