@@ -6,7 +6,7 @@ are the patterns of NOT_RESULTS (names, sizes, references). Every other number m
 precision it is quoted with, a value in some CSV or JSON file under docs/results/ (any depth):
 its value, its magnitude (prose says "by 8.3 nats" of a difference of -8.3), or the value in the
 quoted unit (G = GiB of bytes or the paper's G, M = millions or MiB, k = thousands, % = a fraction,
-ms = seconds).
+ms, min and h = seconds).
 Nothing is skipped: a number without data fails the test, with its sentence.
 
 `hvae-fast report` writes those files (report.md's "Data" section lists them); copy a report
@@ -33,8 +33,8 @@ NOT_RESULTS = {
     r"\b10,000(?= validation| images)": "the size of the validation split",
 }
 UNITS = {"": (1.0,), "%": (100.0,), "k": (1e-3,), "M": (1e-6, 2.0**-20), "MiB": (2.0**-20,), "G": (2.0**-30, 1e-9, 1.0),
-         "x": (1.0,), "ms": (1e3,), "s": (1.0,)}
-NUMBER = re.compile(r"(?<![\w.])(-?)(\d+(?:,\d{3})*(?:\.\d+)?)(MiB|ms|%|k|M|G|x|\s(?:MiB|ms|s)\b)?(?![\w])")
+         "x": (1.0,), "ms": (1e3,), "s": (1.0,), "min": (1 / 60,), "h": (1 / 3600,)}
+NUMBER = re.compile(r"(?<![\w.])(-?)(\d+(?:,\d{3})*(?:\.\d+)?)(MiB|ms|%|k|M|G|x|\s(?:MiB|ms|s|min|h)\b)?(?![\w])")
 
 
 def results_text() -> list[tuple[str, str]]:

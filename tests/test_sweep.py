@@ -374,3 +374,23 @@ def test_critical_search_runs_points_per_group_and_writes_critical_json(tmp_path
     assert sorted((r["rho"], r["seed"]) for r in rows) == sorted((r, s) for r in (0.25, 0.375, 0.5) for s in (0, 1))
     started.clear()
     assert main(argv) == 0 and started == []  # re-running resumes: every point is already there
+
+
+def test_train_seconds_adds_each_logged_intervals_steps_over_its_rate(tmp_path):
+    from hvae_fast.experiments.sweep_results import train_seconds
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert train_seconds(run) is None  # no metrics.jsonl
+    recs = [{"split": "train", "step": 50, "steps_per_s": 10.0},
+            {"split": "train", "step": 100, "steps_per_s": 20.0},
+            {"split": "valid", "step": 100, "elbo": -100.0},
+            {"split": "train", "step": 100, "steps_per_s": 50.0},  # re-logged after a resume: this one counts
+            {"split": "train", "step": 150, "steps_per_s": 25.0},
+            {"split": "train", "step": 200}]  # no rate: its steps fall to the next rated record
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert train_seconds(run) == pytest.approx(50 / 10 + 50 / 50 + 50 / 25)
+    (tmp_path / "elsewhere.jsonl").write_text((run / "metrics.jsonl").read_text())
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    assert train_seconds(run) is None  # a planted link is not read

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import OU_METHODS
 from ..errors import HVAEError
+from ..reporting.curves import read_records
 from ..training.rundir import atomic_write_text
 from .sweep_spec import expand, parse_point_name, point_name, read_spec, typed
 
@@ -126,10 +127,33 @@ def read_critical(sweep_dir: Path) -> list | None:
                                                    "(its finished runs are kept)")
 
 
+def train_seconds(run: Path) -> float | None:
+    """The run's training time in seconds, validation and start-up excluded: over its logged train
+    records, each one's steps since the one before divided by the rate it measured (steps_per_s).
+    None without a readable metrics.jsonl or any rate. A resumed run's re-logged steps count once."""
+    path = run / "metrics.jsonl"
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        recs = read_records(path)
+    except (HVAEError, OSError):
+        return None
+    rated = {r["step"]: r["steps_per_s"] for r in recs if r.get("split") == "train" and _int(r.get("step"))
+             and _num(r.get("steps_per_s")) and r["steps_per_s"] > 0}
+    if not rated:
+        return None
+    total, prev = 0.0, 0
+    for step in sorted(rated):
+        total += (step - prev) / rated[step]
+        prev = step
+    return total
+
+
 def collect_results(sweep_dir) -> list[dict]:
     """One row per point, rebuilt from the run directories: the swept flags (typed), the run's
-    dataset/preset/method/rho/steps, status, and eval's figures (per-layer lists flattened as
-    ``kl_layer_i`` and ``active_units_layer_i``, bottom = 1, plus ``active_units_total``)."""
+    dataset/preset/method/rho/steps, status, eval's figures (per-layer lists flattened as
+    ``kl_layer_i`` and ``active_units_layer_i``, bottom = 1, plus ``active_units_total``) and, for a
+    finished point, ``train_seconds`` (see train_seconds)."""
     sweep_dir = Path(sweep_dir)
     spec = read_spec(sweep_dir)
     points = {} if spec.get("critical") else {point_name(v): v for v in expand(spec["axes"])}
@@ -166,6 +190,7 @@ def collect_results(sweep_dir) -> list[dict]:
             if "active_units" in ev:
                 row["active_units_total"] = sum(ev["active_units"])
             row["kl_per_layer"], row["active_units"] = ev.get("kl_per_layer"), ev.get("active_units")
+            row["train_seconds"] = train_seconds(run)
         elif failed.exists():
             row.update(status="failed", **read_failure(failed))
         else:
@@ -180,7 +205,7 @@ def metric_columns(rows) -> list[str]:
     for r in rows:
         for k, v in r.items():
             if k not in cols and (k in SCALARS or k.startswith(("kl_layer_", "active_units_layer_"))
-                                  or k == "active_units_total") and isinstance(v, (int, float)):
+                                  or k in ("active_units_total", "train_seconds")) and isinstance(v, (int, float)):
                 cols.append(k)
     return cols
 
