@@ -262,3 +262,35 @@ def test_each_steered_run_is_paired_with_the_best_fixed_rho_of_its_own_seed(tmp_
     md = (out / "report.md").read_text()
     assert "| sweep=grid, rho=0.7, rho_control=25, method=hvae | 0 | sweep=grid, rho=0.6, rho_control=0, method=hvae (2) | -99.00 | -100.00 | +1.00 |" in md
     assert "ahead on 1 of 2 | | | -0.50 ± 2.12 |" in md
+
+
+def test_each_smoothed_ladder_run_is_paired_with_the_unsmoothed_ladder_of_its_seed(tmp_path):
+    """versus_unsmoothed (issue 22.4): upper-half active units (the top floor(L/2) = 2 of 4 layers,
+    listed bottom first) and ELBO against the same ladder at rho 1; the goal needs both >= 2x the
+    units and an ELBO no worse. rho 0.8 meets it on seed 0 (6 vs 2 units, +1 nat) and not on seed 1
+    (6 vs 4 units); the controller keeps 8 vs 2 units on seed 0 but is 3 nats behind. The controller's
+    fixed arms are both constant-rho ladders, the unsmoothed one included (2 arms)."""
+    d = make_sweep(tmp_path, "lad", [("list", "rho=1.0;0.8;0.8"), ("list", "rho_control=0;0;25"), ("grid", "seed=0,1")])
+    runs = {(1.0, 0, 0): (-100.0, [9, 9, 1, 1]), (1.0, 0, 1): (-100.0, [9, 9, 2, 2]),
+            (0.8, 0, 0): (-99.0, [9, 9, 3, 3]), (0.8, 0, 1): (-99.5, [9, 9, 3, 3]),
+            (0.8, 25, 0): (-103.0, [9, 9, 4, 4]), (0.8, 25, 1): (-101.0, [9, 9, 2, 2])}
+    for (rho, ctl, seed), (e, au) in runs.items():
+        fake_point(d, f"rho={rho},rho_control={ctl},seed={seed}", rho=rho, method="lvae", ou={"rho_control": ctl},
+                   elbo=e, active_units=au)
+    out = tmp_path / "out"
+    report.make_report(d, out)
+    rows = json.loads((out / "versus_unsmoothed.json").read_text())
+    got = [(r["smoothed"], r["seed"], r["elbo_diff"], r["active_units_upper_half_smoothed"],
+            r["active_units_upper_half_unsmoothed"], r["goal"]) for r in rows]
+    assert got == [("rho=0.8, rho_control=25", 0, -3.0, 8, 2, False), ("rho=0.8, rho_control=25", 1, -1.0, 4, 4, False),
+                   ("rho=0.8, rho_control=0", 0, 1.0, 6, 2, True), ("rho=0.8, rho_control=0", 1, 0.5, 6, 4, False)], got
+    assert all(r["unsmoothed"] == "rho=1.0, rho_control=0" for r in rows)
+    summ = {g["smoothed"]: g for g in json.loads((out / "versus_unsmoothed_summary.json").read_text())}
+    assert summ["rho=0.8, rho_control=0"]["goal_met_on"] == 1 and summ["rho=0.8, rho_control=0"]["n"] == 2
+    assert summ["rho=0.8, rho_control=0"]["active_units_upper_half_diff_mean"] == 3.0
+    best = json.loads((out / "best_fixed.json").read_text())
+    assert [(r["seed"], r["best_fixed"], r["fixed_arms"]) for r in best] == [
+        (0, "rho=0.8, rho_control=0", 2), (1, "rho=0.8, rho_control=0", 2)]
+    md = (out / "report.md").read_text()
+    assert "## OU smoothing against the unsmoothed model" in md
+    assert "| rho=0.8, rho_control=0 | rho=1.0, rho_control=0 | 0 | +1.00 | 6 vs 2 | 3.00 | met |" in md

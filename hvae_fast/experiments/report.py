@@ -25,6 +25,7 @@ import math
 import os
 from pathlib import Path
 
+from ..config import OU_METHODS
 from ..errors import HVAEError
 from ..reporting.curves import ema, plot_runs, read_metrics
 from ..reporting.outputs import check_output_folder
@@ -42,6 +43,11 @@ DATA_FILES = {  # what report writes beside report.md, as NAME.csv and NAME.json
     "best_fixed": "per steered run: the fixed-rho HVAE run with the best validation ELBO on the same seed, and the "
                   "steered minus that run of ELBO, IW bound, top-layer KL and active units",
     "best_fixed_summary": "per steered group: mean, std and n of those differences, and on how many seeds it was ahead",
+    "versus_unsmoothed": "per seed, each OU-smoothed run (fixed or steered rho) against the same model unsmoothed "
+                         "(a ladder at rho 1, the VAE for the HVAE): ELBO difference, active units of the upper half "
+                         "of the hierarchy and their ratio, and whether it keeps >= 2x those units at an ELBO no worse",
+    "versus_unsmoothed_summary": "per smoothed group: mean, std and n of those differences, and on how many seeds it "
+                                 "met that goal",
     "paper_tables": "the paper's Tables 3 and 4, every row, with this project's matching groups or 'not run'",
     "steering_curves": "per group and logged step: rho and the top-layer KL (train, mean over seeds, and its EMA)",
     "curves": "per point and logged step: the training and validation records plotted in curves.png",
@@ -299,13 +305,19 @@ def steering_verdict(summary, reference_rho: float = 0.7) -> list[str]:
     return out
 
 
-PAIRED_METRICS = ("elbo", "iw_bound", "top_kl", "active_units_total")
+PAIRED_METRICS = ("elbo", "iw_bound", "top_kl", "active_units_total", "active_units_upper_half")
+UPPER_HALF_GOAL = 2.0  # issue 22.4: smoothing keeps >= 2x the unsmoothed model's upper-half active units ...
+
+
+def smoothed(g) -> bool:
+    """Whether a group trained OU-smoothed: every HVAE, a ladder below rho 1 or steered."""
+    return g.get("method") == "hvae" or steered(g) or (g.get("rho") is not None and g["rho"] < 1)
 
 
 def _pair_order(g) -> tuple:
-    """Steered groups first, then fixed-rho HVAE groups by rho, then the other methods: a pair's
-    difference is the earlier group minus the later."""
-    return (0 if steered(g) else 1 if g.get("method") == "hvae" else 2, g.get("rho") or 0.0)
+    """Steered groups first, then fixed-rho smoothed groups by rho, then the unsmoothed ones and the
+    other methods: a pair's difference is the earlier group minus the later."""
+    return (0 if steered(g) else 1 if smoothed(g) else 2, g.get("rho") or 0.0)
 
 
 def _diff_stats(diffs: dict) -> dict:
@@ -351,18 +363,20 @@ def paired_differences(summary, rows, keys, label) -> tuple[list, list]:
 
 def versus_best_fixed(summary, rows, keys, label) -> tuple[list, list]:
     """(per-seed rows, per-steered-group rows): each steered group's run on a seed against the
-    fixed-rho HVAE run with the best validation ELBO on that same seed (same data, preset and
-    budget), A - B of PAIRED_METRICS. Picking the best fixed rho per seed after the fact favours
+    fixed-rho run of its method with the best validation ELBO on that same seed (same data, preset
+    and budget), A - B of PAIRED_METRICS. Picking the best fixed rho per seed after the fact favours
     the fixed arm, so a steered run ahead of it is ahead of every fixed rho tried on that seed."""
     finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
 
     def members(g):
         return {r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)}
 
-    fixed = [(g, members(g)) for g in summary if not steered(g) and g.get("method") == "hvae"]
+    # the fixed arms of a steered group: its own method's groups at a constant rho (a ladder's rho 1,
+    # the unsmoothed ladder, included)
+    fixed = [(g, members(g)) for g in summary if not steered(g) and g.get("method") in OU_METHODS]
     per_seed, per_group = [], []
     for g in (g for g in summary if steered(g)):
-        same = [(f, m) for f, m in fixed if all(f.get(k) == g.get(k) for k in ("dataset", "preset", "steps"))]
+        same = [(f, m) for f, m in fixed if all(f.get(k) == g.get(k) for k in ("dataset", "preset", "steps", "method"))]
         diffs = {m: [] for m in PAIRED_METRICS}
         wins = 0
         for seed, ra in sorted(members(g).items()):
@@ -381,6 +395,70 @@ def versus_best_fixed(summary, rows, keys, label) -> tuple[list, list]:
             continue
         per_group.append({"steered": label(g), "n": len(diffs["elbo"]), "elbo_wins": wins, **_diff_stats(diffs)})
     return per_seed, per_group
+
+
+def versus_unsmoothed(summary, rows, keys, label) -> tuple[list, list]:
+    """(per-seed rows, per-group rows): each smoothed group's run on a seed against the same model
+    unsmoothed on that seed (same data, preset, budget; a ladder method at constant rho 1, the VAE for
+    the HVAE). Per seed the ELBO difference, the upper-half active units of both and their ratio, and
+    ``goal``: at least UPPER_HALF_GOAL x those units at an ELBO no worse (issue 22.4)."""
+    finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
+
+    def members(g):
+        return {r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)}
+
+    def plain_of(g):
+        for p in summary:
+            if smoothed(p) or any(p.get(k) != g.get(k) for k in ("dataset", "preset", "steps")):
+                continue
+            if p.get("method") == ("vae" if g.get("method") == "hvae" else g.get("method")):
+                return p
+        return None
+
+    per_seed, per_group = [], []
+    for g in sorted((g for g in summary if smoothed(g)), key=_pair_order):
+        p = plain_of(g)
+        if p is None:
+            continue
+        mg, mp = members(g), members(p)
+        diffs, met = {m: [] for m in ("elbo", "active_units_upper_half")}, 0
+        for seed in sorted(set(mg) & set(mp)):
+            a, b = mg[seed], mp[seed]
+            ua, ub = a.get("active_units_upper_half"), b.get("active_units_upper_half")
+            if not all(isinstance(v, (int, float)) for v in (a.get("elbo"), b.get("elbo"), ua, ub)):
+                continue
+            ratio = ua / ub if ub else (math.inf if ua else 1.0)
+            goal = ratio >= UPPER_HALF_GOAL and a["elbo"] >= b["elbo"]
+            met += goal
+            diffs["elbo"].append(a["elbo"] - b["elbo"])
+            diffs["active_units_upper_half"].append(ua - ub)
+            per_seed.append({"smoothed": label(g), "unsmoothed": label(p), "seed": seed, "elbo_smoothed": a["elbo"],
+                             "elbo_unsmoothed": b["elbo"], "elbo_diff": a["elbo"] - b["elbo"],
+                             "active_units_upper_half_smoothed": ua, "active_units_upper_half_unsmoothed": ub,
+                             "active_units_upper_half_ratio": ratio, "goal": goal})
+        if diffs["elbo"]:
+            per_group.append({"smoothed": label(g), "unsmoothed": label(p), "n": len(diffs["elbo"]), "goal_met_on": met,
+                              **_diff_stats(diffs)})
+    return per_seed, per_group
+
+
+def versus_unsmoothed_table(per_seed, per_group) -> list[str]:
+    """Markdown of versus_unsmoothed."""
+    if not per_seed:
+        return []
+    out = [f"Each OU-smoothed run against the same model unsmoothed, on the same seed; the goal: at least "
+           f"{UPPER_HALF_GOAL:g}x the active units of the upper half of the hierarchy (the top floor(L/2) layers) at an "
+           f"ELBO no worse:", "",
+           "| smoothed | unsmoothed | seed | ELBO diff | upper-half active units | ratio | goal |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in per_seed:
+        out.append(f"| {r['smoothed']} | {r['unsmoothed']} | {r['seed']} | {r['elbo_diff']:+.2f} | "
+                   f"{r['active_units_upper_half_smoothed']:g} vs {r['active_units_upper_half_unsmoothed']:g} | "
+                   f"{r['active_units_upper_half_ratio']:.2f} | {'met' if r['goal'] else 'not met'} |")
+    for g in per_group:
+        out.append(f"| {g['smoothed']}: mean ± std | | n = {g['n']} | {_pm(g, 'elbo_diff')} | "
+                   f"{_pm(g, 'active_units_upper_half_diff', '+.1f')} more | | met on {g['goal_met_on']} of {g['n']} |")
+    return out
 
 
 def versus_best_fixed_table(per_seed, per_group) -> list[str]:
@@ -499,10 +577,14 @@ def make_report(sweep_dirs, output=None, threshold: float = 1.0) -> Path:
         plot_runs([run_dir[id(r)] for r in plotted], out / "curves.png", labels=names)
         md += ["## Training curves", "", "![training curves](curves.png)", ""]
     per_seed, per_pair = paired_differences(summary, rows, keys, label)
+    plain_seed, plain_group = versus_unsmoothed(summary, rows, keys, label)
+    if plain_seed:
+        md += ["## OU smoothing against the unsmoothed model", "", *versus_unsmoothed_table(plain_seed, plain_group), ""]
     data = write_data(out, {
         "runs": rows,
         "groups": summary, "paired": per_seed, "paired_summary": per_pair, "paper_tables": tables_data,
         "best_fixed": best_seed, "best_fixed_summary": best_group,
+        "versus_unsmoothed": plain_seed, "versus_unsmoothed_summary": plain_group,
         "steering_curves": steer[1] if steer else [],
         "curves": curve_rows([run_dir[id(r)] for r in plotted], names)})
     if critical:

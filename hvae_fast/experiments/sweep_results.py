@@ -152,8 +152,9 @@ def train_seconds(run: Path) -> float | None:
 def collect_results(sweep_dir) -> list[dict]:
     """One row per point, rebuilt from the run directories: the swept flags (typed), the run's
     dataset/preset/method/rho/steps, status, eval's figures (per-layer lists flattened as
-    ``kl_layer_i`` and ``active_units_layer_i``, bottom = 1, plus ``active_units_total``) and, for a
-    finished point, ``train_seconds`` (see train_seconds)."""
+    ``kl_layer_i`` and ``active_units_layer_i``, bottom = 1, plus ``active_units_total`` and
+    ``active_units_upper_half``, those of the top floor(L/2) layers) and, for a finished point,
+    ``train_seconds`` (see train_seconds)."""
     sweep_dir = Path(sweep_dir)
     spec = read_spec(sweep_dir)
     points = {} if spec.get("critical") else {point_name(v): v for v in expand(spec["axes"])}
@@ -188,7 +189,10 @@ def collect_results(sweep_dir) -> list[dict]:
             for i, au in enumerate(ev.get("active_units", []), 1):
                 row[f"active_units_layer_{i}"] = au
             if "active_units" in ev:
-                row["active_units_total"] = sum(ev["active_units"])
+                au = ev["active_units"]
+                row["active_units_total"] = sum(au)
+                # issue 22's measure of collapse: the top floor(L/2) layers (layers are listed bottom first)
+                row["active_units_upper_half"] = sum(au[len(au) - len(au) // 2:])
             row["kl_per_layer"], row["active_units"] = ev.get("kl_per_layer"), ev.get("active_units")
             row["train_seconds"] = train_seconds(run)
         elif failed.exists():
@@ -204,8 +208,9 @@ def metric_columns(rows) -> list[str]:
     cols = []
     for r in rows:
         for k, v in r.items():
-            if k not in cols and (k in SCALARS or k.startswith(("kl_layer_", "active_units_layer_"))
-                                  or k in ("active_units_total", "train_seconds")) and isinstance(v, (int, float)):
+            counted = k in SCALARS or k.startswith(("kl_layer_", "active_units_layer_")) or k in (
+                "active_units_total", "active_units_upper_half", "train_seconds")
+            if k not in cols and counted and isinstance(v, (int, float)):
                 cols.append(k)
     return cols
 
