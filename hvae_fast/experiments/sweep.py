@@ -32,8 +32,8 @@ from pathlib import Path
 from ..errors import HVAEError
 from ..training.rundir import atomic_write_text
 # the sweep API stays importable from here (tests and scripts use sweep.Point, sweep.expand, ...)
-from .sweep_points import (EVAL_FILE, SWEEP_LOCK, Point, PointBusy, PointRefused, claim_run_dir, lock_sweep_dir,  # noqa: F401
-                           run_points)
+from .sweep_points import (EVAL_FILE, SWEEP_LOCK, Point, PointBusy, PointRefused, claim_run_dir,  # noqa: F401
+                           lock_sweep_dir, run_points)
 from .sweep_results import (SCALARS, collect_results, metric_columns, read_eval, summarize,  # noqa: F401
                             write_results, write_table)
 from .sweep_slurm import add_executor_args

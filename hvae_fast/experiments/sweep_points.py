@@ -137,8 +137,8 @@ class Point:
             if self.dir.exists():
                 names, run_files = run_dir_contents(self.dir)
                 if self.dir.is_symlink() or set(names) - set(run_files):
-                    raise PointRefused(f"{self.dir} holds files that are not a run's ({', '.join(names[:3])}): left "
-                                    f"untouched; move them away and re-run the sweep")
+                    raise PointRefused(f"{self.dir} holds files that are not a run's ({', '.join(names[:3])}): "
+                                       f"left untouched; move them away and re-run the sweep")
                 # The trainer refuses a folder without a checkpoint; nothing in it is worth keeping.
                 shutil.rmtree(self.dir)
                 log(f"removed {self.dir}: it was left before its first checkpoint; restarting the point")
@@ -174,7 +174,7 @@ def _open_log(path: Path):
     except OSError as exc:
         what = "is a symbolic link" if os.path.islink(path) else f"cannot be opened ({exc.strerror or exc})"
         raise PointRefused(f"the log file {path} {what}; the sweep never writes through one: remove it "
-                        f"and re-run the sweep") from None
+                           f"and re-run the sweep") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise PointRefused(f"the log file {path} is not a regular file: remove it and re-run the sweep")
@@ -189,7 +189,7 @@ def open_logs(p: Point, stage: str, cmd: list[str]):
 
     if p.logs.is_symlink():
         raise PointRefused(f"the log folder {p.logs} is a symbolic link; the sweep never writes through one: "
-                        f"remove it and re-run the sweep")
+                           f"remove it and re-run the sweep")
     p.logs.mkdir(parents=True, exist_ok=True)
     header = f"# {time.strftime('%Y-%m-%d %H:%M:%S')} sweep process {os.getpid()}: {shlex.join(cmd)}\n"
     out = _open_log(p.logs / f"{p.name}.{stage}.log")
