@@ -332,13 +332,18 @@ def _diff_stats(diffs: dict) -> dict:
     return out
 
 
+def seed_members(rows, keys):
+    """group -> {seed: run}: the finished runs of ``rows`` that share the group's ``keys``."""
+    finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
+    return lambda g: {r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)}
+
+
 def paired_differences(summary, rows, keys, label) -> tuple[list, list]:
     """(per-seed rows, per-pair rows): for each pair of groups of ``summary`` trained on the same
     data, preset and budget, and each seed both ran, A - B of PAIRED_METRICS (A before B in
     _pair_order); and per pair the mean, std and n of each difference. ``keys`` tell the groups
     apart (a run belongs to the group whose ``keys`` it shares); ``label(group)`` names one."""
-    finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
-    members = [{r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)} for g in summary]
+    members = list(map(seed_members(rows, keys), summary))
     order = sorted(range(len(summary)), key=lambda i: _pair_order(summary[i]))
     per_seed, per_pair = [], []
     for ia, a in enumerate(order):
@@ -366,10 +371,7 @@ def versus_best_fixed(summary, rows, keys, label) -> tuple[list, list]:
     fixed-rho run of its method with the best validation ELBO on that same seed (same data, preset
     and budget), A - B of PAIRED_METRICS. Picking the best fixed rho per seed after the fact favours
     the fixed arm, so a steered run ahead of it is ahead of every fixed rho tried on that seed."""
-    finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
-
-    def members(g):
-        return {r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)}
+    members = seed_members(rows, keys)
 
     # the fixed arms of a steered group: its own method's groups at a constant rho (a ladder's rho 1,
     # the unsmoothed ladder, included)
@@ -402,10 +404,7 @@ def versus_unsmoothed(summary, rows, keys, label) -> tuple[list, list]:
     unsmoothed on that seed (same data, preset, budget; a ladder method at constant rho 1, the VAE for
     the HVAE). Per seed the ELBO difference, the upper-half active units of both and their ratio, and
     ``goal``: at least UPPER_HALF_GOAL x those units at an ELBO no worse (issue 22.4)."""
-    finished = [r for r in rows if r.get("status") == "finished" and "seed" in r]
-
-    def members(g):
-        return {r["seed"]: r for r in finished if all(str(r.get(k)) == str(g.get(k)) for k in keys)}
+    members = seed_members(rows, keys)
 
     def plain_of(g):
         for p in summary:
