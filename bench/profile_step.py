@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -51,24 +52,16 @@ class ProfiledStep:
 
     def __call__(self, label: bool = False):
         s = self.s
-        with record_function("phase:forward") if label else _null():
+        with record_function("phase:forward") if label else nullcontext():
             loss = s.forward()
-        with record_function("phase:zero_grad") if label else _null():
+        with record_function("phase:zero_grad") if label else nullcontext():
             s.opt.zero_grad(set_to_none=True)
-        with record_function("phase:backward") if label else _null():
+        with record_function("phase:backward") if label else nullcontext():
             loss.backward()
-        with record_function("phase:clip") if label else _null():
+        with record_function("phase:clip") if label else nullcontext():
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip, foreach=self.foreach_clip)
-        with record_function("phase:optimizer") if label else _null():
+        with record_function("phase:optimizer") if label else nullcontext():
             s.opt.step()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def breakdown(step: ProfiledStep, steps: int) -> dict:
