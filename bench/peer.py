@@ -125,7 +125,10 @@ class PeerStep:
         self.opt = (torch.optim.Adamax if t.optimizer == "adamax" else torch.optim.Adam)(self.model.parameters(), lr=t.lr)
         self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         self.x = x
-        self.step = torch.compile(self._step) if compiled else self._step
+        # dynamic=False: every PeerStep compiles the same code object, so a second preset or variant in
+        # one process would otherwise recompile with symbolic shapes, which inductor's convolution
+        # lowering cannot always decide (torch 2.13: "cannot determine truth value of Relational").
+        self.step = torch.compile(self._step, dynamic=False) if compiled else self._step
 
     def _step(self):
         loss = self.model.loss(self.x)

@@ -138,6 +138,19 @@ def test_the_bench_report_prints_steps_against_floor_and_peers():
     assert "`hvae-fast-vae` (p) <= 1.5x its GEMM floor" in targets and "**NOT MET** (2.25x floor" in targets
 
 
+def test_the_bench_csv_carries_each_steps_ratio_to_its_floor_and_peers():
+    def b(name, s):
+        return {"group": "floor-p", "name": name, "stats": {"median": s, "min": s, "max": s, "rounds": 3},
+                "extra_info": {}}
+
+    data = {"benchmarks": [b("floor-hvae", 0.010), b("peer-hvae", 0.020), b("peer-compiled-hvae", 0.016),
+                           b("hvae-fast-hvae-cpp", 0.014), b("floor-vae", 0.004)]}
+    rows = {r["name"]: r for r in br.records(data)}
+    r = rows["hvae-fast-hvae-cpp"]
+    assert (r["ratio_to_floor"], r["ratio_to_eager_peer"], r["ratio_to_compiled_peer"]) == (1.4, 0.7, 0.875)
+    assert rows["floor-vae"]["ratio_to_floor"] == 1.0 and rows["floor-vae"]["ratio_to_eager_peer"] is None
+
+
 def test_the_step_profile_splits_each_phase_into_gemm_ou_other_ops_and_overhead():
     from profile_step import PHASES, ProfiledStep, breakdown, table
 

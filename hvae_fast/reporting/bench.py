@@ -155,7 +155,8 @@ def table(group: str, benches: dict, gpu: bool) -> list:
 def records(data: dict) -> list[dict]:
     """One flat row per benchmark, the numbers behind the tables (times in seconds, memory in
     bytes): median, min, max, rounds, the ratio to its group's baseline and, in a step group, to
-    the torch-backend HVAE step and the peak memory's ratio to the VAE's."""
+    the torch-backend HVAE step and the peak memory's ratio to the VAE's; in a floor group, to the
+    same method's GEMM floor, eager peer and compiled peer."""
     out = []
     for grp, benches in sorted(groups(data).items(), key=lambda kv: _group_sort_key(kv[0])):
         torch_step = benches.get("hvae-torch")
@@ -171,6 +172,10 @@ def records(data: dict) -> list[dict]:
                            peak_mem_bytes=ei.get("peak_mem_bytes"), peak_rss_bytes=ei.get("peak_rss_bytes"),
                            mem_ratio_to_vae=ei["peak_mem_bytes"] / bmem if ei.get("peak_mem_bytes") and bmem else None,
                            batch=ei.get("batch"))
+            if grp.startswith("floor-"):
+                refs = [_median(r) if r else None for r in _floor_refs(name, benches)]
+                row.update({f"ratio_to_{k}": _median(b) / r if r else None
+                            for k, r in zip(("floor", "eager_peer", "compiled_peer"), refs)})
             out.append(row)
     return out
 
