@@ -299,7 +299,11 @@ def test_a_damaged_failed_json_is_one_line_naming_it(tmp_path, capsys, content):
 
 
 @pytest.mark.parametrize("content", [[], [1], [{"low": "0.5", "high": 0.6, "threshold": 1, "iterations": 4, "runs": 8}],
-                                     {"low": 0.5}, "nonsense"])
+                                     {"low": 0.5}, "nonsense",
+                                     [{"low": 0.5, "high": 0.6, "threshold": 1, "iterations": 1, "runs": 2,
+                                       "history": [{"rho": "0.55", "top_kl_mean": 0.0}]}],
+                                     [{"low": 0.5, "high": 0.6, "threshold": 1, "iterations": 1, "runs": 2,
+                                       "history": "0.55"}]])
 def test_a_damaged_critical_json_is_one_line_for_report(tmp_path, capsys, content):
     d = finished_sweep(tmp_path)
     (d / "critical.json").write_text(json.dumps(content) if content != "nonsense" else content)

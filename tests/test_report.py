@@ -141,6 +141,23 @@ def test_report_marks_the_interval_of_a_critical_search(tmp_path):
     assert "largest rho" not in md
 
 
+@pytest.mark.parametrize("kls, says", [
+    ((0.0, 0.0), "**no transition found**: the top layer collapsed at every rho tried (0.5625, 0.625); a critical "
+                 "rho, if any, lies below 0.5625"),
+    ((5.0, 5.0), "**no transition found**: the top layer stayed above the threshold at every rho tried (0.5625, "
+                 "0.625); a critical rho, if any, lies above 0.625"),
+    ((0.0, 5.0), "critical rho in **[0.5625, 0.625]**"),
+])
+def test_a_critical_search_that_never_crossed_the_threshold_says_so(tmp_path, kls, says):
+    d = phase_sweep(tmp_path, critical={"threshold": 1.0, "rho_low": 0.5, "rho_high": 0.75, "iterations": 2})
+    low, high = {(0.0, 0.0): (0.5, 0.5625), (5.0, 5.0): (0.625, 0.75), (0.0, 5.0): (0.5625, 0.625)}[kls]
+    hist = [{"rho": 0.625, "top_kl_mean": kls[0], "n": 2}, {"rho": 0.5625, "top_kl_mean": kls[1], "n": 2}]
+    (d / "critical.json").write_text(json.dumps([{"group": {}, "low": low, "high": high, "threshold": 1.0,
+                                                  "iterations": 2, "runs": 4, "history": hist}]))
+    md = report.make_report(d).read_text()
+    assert says in md and ("critical rho in" in md) == (kls == (0.0, 5.0))
+
+
 def test_depth_by_width_grid_from_latent_sizes(tmp_path):
     d = make_sweep(tmp_path, "grid", [("grid", "latent-sizes=10;40;10,10;40,40"), ("grid", "seed=0,1")])
     for sizes, au in (("10", 5), ("40", 12), ("10-10", 9), ("40-40", 20)):

@@ -113,8 +113,11 @@ def _critical_problem(found) -> str | None:
     keys = ("low", "high", "threshold", "iterations", "runs")
     if not (isinstance(found, list) and found and all(
             isinstance(c, dict) and all(_num(c.get(k)) for k in keys) and isinstance(c.get("group", {}), dict)
+            and isinstance(c.get("history", []), list)
+            and all(isinstance(h, dict) and _num(h.get("rho")) and _num(h.get("top_kl_mean")) for h in c.get("history", []))
             for c in found)):
-        return f"not a list of {{{', '.join(keys)}: numbers, group: object}}"
+        return (f"not a list of {{{', '.join(keys)}: numbers, group: object, history: a list of {{rho, top_kl_mean: "
+                f"numbers}}}}")
     return None
 
 
