@@ -60,7 +60,8 @@ def _pm(row, m, fmt=".2f") -> str:
     mean, std = row.get(f"{m}_mean"), row.get(f"{m}_std")
     if mean is None:
         return "-"
-    return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
+    # a std has no sign: a '+' format (signed differences) applies to the mean only
+    return f"{mean:{fmt}}" + (f" ± {std:{fmt.replace('+', '')}}" if std is not None else "")
 
 
 def _label(row, keys, exclude=()) -> str:

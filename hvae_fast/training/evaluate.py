@@ -14,25 +14,34 @@ def active_units(model, batches, device, samples: int = 10, threshold: float = 0
     """Active units per layer, bottom to top (Burda et al. 2016).
 
     Unit u of layer i is active if Cov_x(E_{q(z_i|x)}[u]) > threshold. For z_1 the expectation is
-    the posterior mean mu_1(x); for a higher layer it also integrates over the sampled layers below,
-    E_q[z_i] = E_{z_{<i}}[mu_i(z_{i-1})], which we estimate by averaging the posterior mean of z_i
-    over ``samples`` independent draws of the hierarchy per x. The variance over x is taken over
-    every example in ``batches`` (two-pass, in float64). Conv latents count each C*H*W element.
+    the posterior mean mu_1(x); for a higher layer it also integrates over the other sampled layers
+    it reads (the ones below in the stacked model, the ones above in a ladder, whose posteriors
+    share the top-down pass), which we estimate from ``samples`` >= 2 independent draws of the
+    hierarchy per x. The variance over x of the per-x average alone would count that sampling noise
+    too (Var(mu | x) / samples: a collapsed ladder layer, q = p(z_i | z_{i+1}), looks active when
+    its prior's mean moves with the sample above), so the within-x variance over ``samples`` is
+    subtracted: the one-way random-effects estimator, unbiased for Cov_x(E[u | x]). Over every
+    example in ``batches`` (two-pass, in float64). Conv latents count each C*H*W element.
     ``reduce`` sums a tensor over the processes that share the examples (data-parallel training).
     """
+    if samples < 2:
+        raise ValueError(f"active_units needs samples >= 2 to separate the posterior's own noise, got {samples}")
     reduce = reduce or (lambda t: t)
-    means = None
+    means = within = None
     for x in batches:
         x = x.to(device)
         t = model(repeat_batch(x, samples))
-        per_layer = [m.view(samples, x.shape[0], -1).double().mean(0) for m in t.q_mean]
+        draws = [m.view(samples, x.shape[0], -1).double() for m in t.q_mean]
+        per_layer = [d.mean(0) for d in draws]
+        noise = [d.var(0, unbiased=True).sum(0) for d in draws]  # summed over this batch's examples
         means = [[p] for p in per_layer] if means is None else [a + [p] for a, p in zip(means, per_layer)]
+        within = noise if within is None else [w + v for w, v in zip(within, noise)]
     out = []
-    for layer in means:
+    for layer, w in zip(means, within):
         m = torch.cat(layer, 0)
         n = reduce(m.new_tensor(m.shape[0]))
         mean = reduce(m.sum(0)) / n
-        var = reduce(((m - mean) ** 2).sum(0)) / n
+        var = reduce(((m - mean) ** 2).sum(0)) / n - reduce(w) / n / samples
         out.append(int((var > threshold).sum().item()))
     return out
 
