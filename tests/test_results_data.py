@@ -1,6 +1,7 @@
 """Every number the Results pages quote comes from a committed results file (issue 21.2).
 
-The text checked: docs/results.md when it exists, and the README's "## Results" section. Code
+The text checked: docs/results.md when it exists, and the README's "## Results" and "## OU
+smoothing for ladder VAEs" sections. Code
 blocks, inline code and link targets are commands and paths, not results, and are left out; so
 are the patterns of NOT_RESULTS (names, sizes, references). Every other number must equal, at the
 precision it is quoted with, a value in some CSV or JSON file under docs/results/ (any depth):
@@ -37,13 +38,18 @@ UNITS = {"": (1.0,), "%": (100.0,), "k": (1e-3,), "M": (1e-6, 2.0**-20), "MiB": 
 NUMBER = re.compile(r"(?<![\w.])(-?)(\d+(?:,\d{3})*(?:\.\d+)?)(MiB|ms|%|k|M|G|x|\s(?:MiB|ms|s|min|h)\b)?(?![\w])")
 
 
+# The README's sections that quote measured results.
+RESULTS_SECTIONS = ("Results", "OU smoothing for ladder VAEs")
+
+
 def results_text() -> list[tuple[str, str]]:
     """(page, text) of the Results pages."""
     pages = []
     readme = (REPO / "README.md").read_text()
-    m = re.search(r"^## Results\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
-    if m:
-        pages.append(("README.md", m.group(1)))
+    for section in RESULTS_SECTIONS:
+        m = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
+        if m:
+            pages.append(("README.md", m.group(1)))
     if (REPO / "docs" / "results.md").exists():
         pages.append(("docs/results.md", (REPO / "docs" / "results.md").read_text()))
     return pages
