@@ -121,16 +121,15 @@ def plot_phase(summary, critical, threshold: float, output: Path) -> tuple[Path,
             ax.axvspan(c["low"], c["high"], color="grey", alpha=0.25)
         name = _label(c.get("group", {}), list(c.get("group", {})))
         how = f"bisection on top-layer KL > {c['threshold']:g} nats, {c['iterations']} iterations, {c['runs']} runs"
-        tried = sorted(h["rho"] for h in c.get("history") or [])
-        above = [h["top_kl_mean"] > c["threshold"] for h in c.get("history") or []]
+        history = c.get("history") or []
+        above = {h["top_kl_mean"] > c["threshold"] for h in history}
         # Every midpoint on one side of the threshold: the bracket is the searched range's end, not a transition.
-        if above and not any(above):
-            notes.append(f"- {name}: **no transition found**: the top layer collapsed at every rho tried "
-                         f"({', '.join(f'{r:g}' for r in tried)}); a critical rho, if any, lies below {c['high']:g} ({how})")
-        elif above and all(above):
-            notes.append(f"- {name}: **no transition found**: the top layer stayed above the threshold at every rho "
-                         f"tried ({', '.join(f'{r:g}' for r in tried)}); a critical rho, if any, lies above "
-                         f"{c['low']:g} ({how})")
+        if len(above) == 1:
+            tried = ", ".join(f"{r:g}" for r in sorted(h["rho"] for h in history))
+            side, bound = (("stayed above the threshold", f"above {c['low']:g}") if above == {True}
+                           else ("collapsed", f"below {c['high']:g}"))
+            notes.append(f"- {name}: **no transition found**: the top layer {side} at every rho tried ({tried}); "
+                         f"a critical rho, if any, lies {bound} ({how})")
         else:
             notes.append(f"- {name}: critical rho in **[{c['low']:g}, {c['high']:g}]** ({how})")
     axes[0].set(title="top-layer KL (nats, validation)", xlabel="rho")

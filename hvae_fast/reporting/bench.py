@@ -85,9 +85,11 @@ def _group_sort_key(g: str) -> tuple:
 
 
 def _floor_refs(name: str, benches: dict) -> tuple:
-    """(floor, eager peer, compiled peer) results of the same method as ``name`` in a floor group."""
+    """Median seconds of the (floor, eager peer, compiled peer) of the same method as ``name`` in a
+    floor group; None for one that did not run."""
     method = "hvae" if name.endswith("hvae") or "-hvae-" in name else "vae"
-    return tuple(benches.get(f"{kind}-{method}") for kind in ("floor", "peer", "peer-compiled"))
+    refs = (benches.get(f"{kind}-{method}") for kind in ("floor", "peer", "peer-compiled"))
+    return tuple(_median(r) if r else None for r in refs)
 
 
 def floor_table(group: str, benches: dict) -> list:
@@ -97,7 +99,7 @@ def floor_table(group: str, benches: dict) -> list:
     order = ["floor", "peer-compiled", "peer", "hvae-fast"]
     for name in sorted(benches, key=lambda n: ([i for i, o in enumerate(order) if n.startswith(o)] + [9])[0:1] + [n]):
         t = _median(benches[name])
-        refs = [_median(r) if r else None for r in _floor_refs(name, benches)]
+        refs = _floor_refs(name, benches)
         lines.append("| " + " | ".join([f"`{name}`", _fmt_ms(t)] + [_fmt_ratio(t / r if r else None) for r in refs]) + " |")
     return lines + [""]
 
@@ -109,7 +111,7 @@ def floor_targets(g: dict, gpu: bool) -> list:
         benches = g[grp]
         for name in sorted(n for n in benches if n.startswith("hvae-fast-")):
             t = _median(benches[name])
-            floor, peer, comp = (_median(r) if r else None for r in _floor_refs(name, benches))
+            floor, peer, comp = _floor_refs(name, benches)
             label = (f"{'GPU' if gpu else 'CPU'}: `{name}` ({grp.removeprefix('floor-')}) <= {FLOOR_TARGET}x its GEMM "
                      f"floor, ahead of the eager and compiled peers")
             if None in (floor, peer, comp):
@@ -173,7 +175,7 @@ def records(data: dict) -> list[dict]:
                            mem_ratio_to_vae=ei["peak_mem_bytes"] / bmem if ei.get("peak_mem_bytes") and bmem else None,
                            batch=ei.get("batch"))
             if grp.startswith("floor-"):
-                refs = [_median(r) if r else None for r in _floor_refs(name, benches)]
+                refs = _floor_refs(name, benches)
                 row.update({f"ratio_to_{k}": _median(b) / r if r else None
                             for k, r in zip(("floor", "eager_peer", "compiled_peer"), refs)})
             out.append(row)
